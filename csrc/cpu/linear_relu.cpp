@@ -1,0 +1,63 @@
+// CPU kernels for linear_relu (float32, float64): BLAS GEMM with the bias folded in (addmm),
+// then ReLU in place; backward gates the gradient by the saved output in one pass and feeds it
+// to two GEMMs and a column sum.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "lightnet_ops/conv_params.h"
+
+namespace lightnet_ops {
+namespace {
+
+void check_cpu_dtype(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
+              ": the cpu backend supports float32 and float64, got ", t.scalar_type(),
+              " (use backend=\"reference\" for other dtypes)");
+}
+
+at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_linear(input, weight, bias);
+  check_cpu_dtype(input, "linear_relu");
+  at::Tensor out = (bias.has_value() && bias->defined()) ? at::addmm(*bias, input, weight.t())
+                                                         : at::mm(input, weight.t());
+  return out.relu_();  // clamp_min keeps NaN, like F.relu
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at::Tensor& grad_output,
+                                                                        const at::Tensor& input,
+                                                                        const at::Tensor& weight,
+                                                                        const at::Tensor& output,
+                                                                        std::array<bool, 3> output_mask) {
+  check_linear(input, weight, c10::nullopt);
+  check_cpu_dtype(input, "linear_relu_backward");
+  TORCH_CHECK(grad_output.sizes() == output.sizes() && output.dim() == 2 && output.size(0) == input.size(0) &&
+                  output.size(1) == weight.size(0),
+              "linear_relu_backward: grad_output ", grad_output.sizes(), " and output ", output.sizes(),
+              " must both be [", input.size(0), ", ", weight.size(0), "]");
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && output.scalar_type() == input.scalar_type(),
+              "linear_relu_backward: grad_output/output dtypes must match input dtype ", input.scalar_type());
+  const auto g = grad_output.contiguous();
+  const auto o = output.contiguous();
+  auto gated = at::empty_like(g, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_relu_backward_cpu", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* op = o.const_data_ptr<scalar_t>();
+    scalar_t* dst = gated.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.numel(), 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) dst[i] = relu_passes_grad(op[i]) ? gp[i] : scalar_t(0);
+    });
+  });
+  const auto empty = at::empty({0}, input.options());
+  return {output_mask[0] ? at::mm(gated, weight) : empty, output_mask[1] ? at::mm(gated.t(), input) : empty,
+          output_mask[2] ? gated.sum(0) : empty};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lightnet_ops, CPU, m) {
+  m.impl("linear_relu", &linear_relu_cpu);
+  m.impl("linear_relu_backward", &linear_relu_backward_cpu);
+}
+
+}  // namespace lightnet_ops

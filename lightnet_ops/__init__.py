@@ -1,0 +1,27 @@
+"""lightnet_ops: fused Conv2d+ReLU+MaxPool2d and Linear+ReLU ops for PyTorch.
+
+Layers, top to bottom: modules (nn.Module) -> functional -> autograd (hand-written backward)
+-> backends (cpu | cuda | triton | reference) -> torch.ops.lightnet_ops.* -> kernels.
+"""
+
+from __future__ import annotations
+
+from . import _ops  # loads the compiled extension if it is built
+from .autograd import Conv2dReLUMaxPool2dFunction, LinearReLUFunction
+from .backend_registry import BackendUnavailableError
+from .backend_registry import available_backends as backends
+from .functional import conv2d_relu_maxpool2d, linear_relu
+from .modules import Conv2dReLUMaxPool2d, LinearReLU
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "Conv2dReLUMaxPool2d",
+    "Conv2dReLUMaxPool2dFunction",
+    "LinearReLU",
+    "LinearReLUFunction",
+    "backends",
+    "conv2d_relu_maxpool2d",
+    "linear_relu",
+]

@@ -1,0 +1,96 @@
+"""autograd.Functions for the fused ops. Forward calls the backend's forward op; backward calls
+its hand-written backward op (never autograd through stock ops). The backend is passed as an
+already-resolved name (see registry.resolve)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import backend_registry as registry
+
+
+def _grad_or_none(t: torch.Tensor, needed: bool) -> Optional[torch.Tensor]:
+    return t if needed else None
+
+
+class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
+    """max_pool2d(relu(conv2d(input, weight, bias))) keeping only a uint8 argmax for backward."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        input: torch.Tensor,             # (N, C, H, W)
+        weight: torch.Tensor,            # (K, C, R, S)
+        bias: Optional[torch.Tensor],    # (K) or None
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        pool_kernel_size: Sequence[int],
+        pool_stride: Sequence[int],
+        backend: str,
+    ) -> torch.Tensor:                   # (N, K, PH, PW)
+        impl = registry.get(backend)
+        out, argmax = impl.conv_forward(input, weight, bias, stride, padding, dilation, pool_kernel_size,
+                                        pool_stride, True)
+        ctx.save_for_backward(input, weight, argmax)
+        ctx.params = (stride, padding, dilation, pool_kernel_size, pool_stride)
+        ctx.has_bias = bias is not None
+        ctx.backend = backend
+        ctx.mark_non_differentiable(argmax)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        input, weight, argmax = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_bias = need_bias and ctx.has_bias
+        impl = registry.get(ctx.backend)
+        grad_input, grad_weight, grad_bias = impl.conv_backward(
+            grad_output, input, weight, argmax, *ctx.params, [need_input, need_weight, need_bias]
+        )
+        return (
+            _grad_or_none(grad_input, need_input),
+            _grad_or_none(grad_weight, need_weight),
+            _grad_or_none(grad_bias, need_bias),
+            None, None, None, None, None, None,
+        )
+
+
+class LinearReLUFunction(torch.autograd.Function):
+    """relu(linear(input, weight, bias)) for 2-D input; saves the output as the ReLU gate."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        input: torch.Tensor,             # (M, in_features)
+        weight: torch.Tensor,            # (out_features, in_features)
+        bias: Optional[torch.Tensor],    # (out_features) or None
+        backend: str,
+    ) -> torch.Tensor:                   # (M, out_features)
+        impl = registry.get(backend)
+        out = impl.linear_forward(input, weight, bias)
+        ctx.save_for_backward(input, weight, out)
+        ctx.has_bias = bias is not None
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        input, weight, out = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_bias = need_bias and ctx.has_bias
+        impl = registry.get(ctx.backend)
+        grad_input, grad_weight, grad_bias = impl.linear_backward(
+            grad_output, input, weight, out, [need_input, need_weight, need_bias]
+        )
+        return (
+            _grad_or_none(grad_input, need_input),
+            _grad_or_none(grad_weight, need_weight),
+            _grad_or_none(grad_bias, need_bias),
+            None,
+        )

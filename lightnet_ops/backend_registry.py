@@ -1,0 +1,176 @@
+"""Backend registry: which implementation of the four ops runs for a given backend name and
+tensor.
+
+Backends:
+  ``cpu``        C++ kernels from the extension (CPU tensors, float32/float64)
+  ``cuda``       CUDA kernels from the extension (CUDA tensors, float32/float16/bfloat16/float64)
+  ``triton``     Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
+  ``reference``  pure PyTorch composition (any device, any floating dtype; always available)
+  ``auto``       CUDA tensors -> cuda, else triton, else reference;
+                 CPU tensors  -> cpu for float32/float64, else reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import _ops, reference
+
+BACKEND_NAMES = ("cpu", "cuda", "triton", "reference")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The four entry points of one backend; same signatures as ``torch.ops.lightnet_ops.*``."""
+
+    name: str
+    conv_forward: Callable
+    conv_backward: Callable
+    linear_forward: Callable
+    linear_backward: Callable
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend is not built / not installed / cannot run on the given tensor."""
+
+
+def _extension_backend(name: str) -> Backend:
+    ops = torch.ops.lightnet_ops
+    return Backend(
+        name,
+        ops.conv2d_relu_maxpool2d,
+        ops.conv2d_relu_maxpool2d_backward,
+        ops.linear_relu,
+        ops.linear_relu_backward,
+    )
+
+
+REFERENCE = Backend(
+    "reference",
+    reference.conv2d_relu_maxpool2d,
+    reference.conv2d_relu_maxpool2d_backward,
+    reference.linear_relu,
+    reference.linear_relu_backward,
+)
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    try:
+        from . import _triton_ops  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - report any import failure to the user
+        return f"the Triton kernels failed to import: {type(e).__name__}: {e}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_backend() -> Backend:
+    from . import _triton_ops
+
+    return _triton_ops.BACKEND
+
+
+def cpu_available() -> bool:
+    return _ops.has_kernel("conv2d_relu_maxpool2d", "CPU")
+
+
+def cuda_available() -> bool:
+    """The extension was built with CUDA kernels (a GPU is needed to run them)."""
+    return _ops.has_kernel("conv2d_relu_maxpool2d", "CUDA")
+
+
+def triton_available() -> bool:
+    return _triton_import_error() is None
+
+
+def available_backends() -> list[str]:
+    """What this install can run, e.g. ``["cpu", "reference", "triton"]``.
+
+    ``cuda`` is listed when the extension has CUDA kernels and a GPU is visible; ``triton`` when
+    Triton imports and either a GPU is visible or the interpreter is on (TRITON_INTERPRET=1)."""
+    names = []
+    if cpu_available():
+        names.append("cpu")
+    if cuda_available() and torch.cuda.is_available():
+        names.append("cuda")
+    names.append("reference")
+    if triton_available() and (torch.cuda.is_available() or triton_interpreter_on()):
+        names.append("triton")
+    return names
+
+
+def _check_device(backend: str, device: torch.device) -> None:
+    ok = {
+        "cpu": device.type == "cpu",
+        "cuda": device.type == "cuda",
+        "triton": device.type == "cuda" or (device.type == "cpu" and triton_interpreter_on()),
+        "reference": True,
+    }[backend]
+    if not ok:
+        if backend == "triton" and device.type == "cpu":
+            raise BackendUnavailableError(
+                "backend='triton' runs on CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 before "
+                "triton is imported (Triton's interpreter), or use backend='cpu'"
+            )
+        raise BackendUnavailableError(f"backend={backend!r} cannot run on a tensor on {device}")
+
+
+def resolve(backend: str, tensor: torch.Tensor) -> Backend:
+    """The backend that runs ops on `tensor` for the requested name (see module docstring)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    device = tensor.device
+    if backend == "auto":
+        if device.type == "cuda":
+            backend = "cuda" if cuda_available() else ("triton" if triton_available() else "reference")
+        elif device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and cpu_available():
+            backend = "cpu"
+        else:
+            backend = "reference"
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKEND_NAMES}")
+    _check_device(backend, device)
+    if backend == "reference":
+        return REFERENCE
+    if backend == "triton":
+        err = _triton_import_error()
+        if err is not None:
+            raise BackendUnavailableError(f"backend='triton' is unavailable: {err}")
+        return _triton_backend()
+    if not _ops.EXTENSION_AVAILABLE:
+        raise BackendUnavailableError(
+            f"backend={backend!r} needs the compiled extension lightnet_ops._C, which did not load "
+            f"({_ops.EXTENSION_ERROR}); {_ops.BUILD_HINT}; or use backend='reference'"
+        )
+    if backend == "cuda" and not cuda_available():
+        raise BackendUnavailableError(
+            "backend='cuda': the extension was built without CUDA kernels; rebuild with a CUDA-enabled torch "
+            "and nvcc on PATH (or CUDA_HOME set), LIGHTNET_OPS_CUDA=1 forces it"
+        )
+    if backend == "cpu" and tensor.dtype not in (torch.float32, torch.float64):
+        raise BackendUnavailableError(
+            f"backend='cpu' supports float32 and float64, got {tensor.dtype}; use backend='reference' "
+            "(or 'auto', which falls back to it)"
+        )
+    return _extension_backend(backend)
+
+
+def get(name: str) -> Backend:
+    """The Backend for an already-resolved concrete name (no availability or device checks)."""
+    if name == "reference":
+        return REFERENCE
+    if name == "triton":
+        return _triton_backend()
+    return _extension_backend(name)

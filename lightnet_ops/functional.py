@@ -1,0 +1,92 @@
+"""Functional API of the fused ops: argument normalisation, validation, unbatched input, backend
+choice, and the choice between the autograd path (keeps a uint8 argmax) and the inference path
+(writes only the output)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backend_registry as registry
+from ._shapes import IntPair, check_linear, conv_pool_shape, pair
+from .autograd import Conv2dReLUMaxPool2dFunction, LinearReLUFunction
+
+
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def conv2d_relu_maxpool2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    pool_kernel_size: IntPair = 2,
+    pool_stride: Optional[IntPair] = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``F.max_pool2d(F.relu(F.conv2d(input, weight, bias, stride, padding, dilation)), pool_kernel_size, pool_stride)``
+    in one op.
+
+    Args:
+        input: (N, C, H, W) or unbatched (C, H, W).
+        weight: (K, C, R, S); groups=1.
+        bias: (K) or None.
+        stride, padding, dilation: conv parameters, int or pair.
+        pool_kernel_size: max-pool window, int or pair (at most 255 elements).
+        pool_stride: max-pool stride; None means pool_kernel_size. Pool padding is 0, floor mode.
+        backend: "auto", "cpu", "cuda", "triton" or "reference" (see lightnet_ops.backend_registry).
+
+    Returns:
+        (N, K, PH, PW), or (K, PH, PW) for unbatched input.
+    """
+    stride_, padding_, dilation_ = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    pool_k = pair(pool_kernel_size, "pool_kernel_size")
+    pool_s = pool_k if pool_stride is None else pair(pool_stride, "pool_stride")
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"conv2d_relu_maxpool2d: input must be a Tensor, got {type(input).__name__}")
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    conv_pool_shape(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s)
+    impl = registry.resolve(backend, input)
+    if _needs_grad(input, weight, bias):
+        out = Conv2dReLUMaxPool2dFunction.apply(
+            input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, impl.name
+        )
+    else:
+        out, _ = impl.conv_forward(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, False)
+    return out.squeeze(0) if unbatched else out
+
+
+def linear_relu(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``F.relu(F.linear(input, weight, bias))`` in one op.
+
+    Args:
+        input: (*, in_features).
+        weight: (out_features, in_features).
+        bias: (out_features) or None.
+        backend: "auto", "cpu", "cuda", "triton" or "reference".
+
+    Returns:
+        (*, out_features).
+    """
+    check_linear(input, weight, bias)
+    impl = registry.resolve(backend, input)
+    lead = input.shape[:-1]
+    x2d = input.reshape(-1, input.shape[-1])
+    if _needs_grad(input, weight, bias):
+        out = LinearReLUFunction.apply(x2d, weight, bias, impl.name)
+    else:
+        out = impl.linear_forward(x2d, weight, bias)
+    return out.reshape(*lead, weight.shape[0])

@@ -1,0 +1,48 @@
+"""Shared test setup.
+
+Without a GPU, Triton kernels run through Triton's interpreter on CPU tensors; it must be switched
+on before triton is imported, so this happens here, first. On a GPU machine the real Triton runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import lightnet_ops as lo  # noqa: E402
+from lightnet_ops import backend_registry  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def backend_cases() -> list[tuple[str, str]]:
+    """(backend, device) pairs this machine can test: every built backend on every device it runs on.
+
+    A compiled backend that failed to build is still listed, so its tests fail rather than vanish."""
+    cases = [("reference", "cpu"), ("cpu", "cpu")]
+    if backend_registry.triton_interpreter_on():
+        cases.append(("triton", "cpu"))
+    if HAS_CUDA:
+        cases += [("reference", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]
+    return cases
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_report_header(config):
+    return [
+        f"lightnet_ops backends: {lo.backends()}; extension: "
+        f"{'loaded' if lo._ops.EXTENSION_AVAILABLE else lo._ops.EXTENSION_ERROR}; "
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}; cuda={HAS_CUDA}"
+    ]
