@@ -11,6 +11,7 @@ from .autograd import Conv2dReLUMaxPool2dFunction, LinearReLUFunction
 from .backend_registry import BackendUnavailableError
 from .backend_registry import available_backends as backends
 from .functional import conv2d_relu_maxpool2d, linear_relu
+from .models import LightNet, StockLightNet
 from .modules import Conv2dReLUMaxPool2d, LinearReLU
 
 __version__ = "0.1.0"
@@ -20,7 +21,9 @@ __all__ = [
     "Conv2dReLUMaxPool2d",
     "Conv2dReLUMaxPool2dFunction",
     "LinearReLU",
+    "LightNet",
     "LinearReLUFunction",
+    "StockLightNet",
     "backends",
     "conv2d_relu_maxpool2d",
     "linear_relu",
