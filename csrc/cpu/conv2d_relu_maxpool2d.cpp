@@ -1,18 +1,92 @@
 // CPU kernels for conv2d_relu_maxpool2d (float32, float64).
 //
-// Forward: ATen's convolution (no bias) into a scratch buffer, then one fused pass that adds the
-// bias, max-pools, applies ReLU and writes the pooled output plus the one-byte argmax.
-// Backward: the pooled gradient is routed through the argmax (ReLU-zeroed entries carry the
-// sentinel and are skipped) into the conv-output gradient, whose sum is the bias gradient; the
-// input and weight gradients come from ATen's convolution_backward.
+// Two paths, chosen per call by `use_direct` (heuristic and measurements there):
+//
+// * Direct (small channel counts, e.g. LightNet): no conv output is ever materialised. Per sample,
+//   the input is packed once into "window-shift planes" X[c][dy][dx][f]: for every offset (dy, dx)
+//   that a (pool-window offset, filter tap) pair reads, the input sampled at that offset for each
+//   pooled position f = ph * PW + pw (zero where the read falls into the conv padding). Then every
+//   conv value of every pool window is a dot product of contiguous vectors, so the kernel computes
+//   a vector of pooled positions for a block of output channels in registers, keeps the running
+//   max and its window offset, and writes only the pooled value and the byte argmax.
+//   Backward reuses the packing: the pooled gradient, masked per window offset by the argmax
+//   (ReLU-zeroed elements carry the sentinel and drop out), is contracted with X for grad_weight
+//   and spread back through the same planes (then un-packed) for grad_input. Each pooled element
+//   feeds exactly the one conv position it selected, so no dense conv-output gradient exists.
+// * ATen (large channel counts, e.g. VGG blocks): ATen's convolution (oneDNN) without bias, then
+//   one fused pass adding the bias, max-pooling, applying ReLU and writing output + argmax.
+//   Backward routes the pooled gradient through the argmax into a dense conv-output gradient and
+//   calls ATen's convolution_backward.
+//
+// Both paths give the same argmax semantics (stock's row-major first-maximum rule, NaN wins,
+// bias added before comparing) and are deterministic: the direct backward accumulates the weight
+// and bias gradients in per-chunk partial sums over a fixed split of the batch (independent of
+// the thread count), reduced in chunk order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
 #include "lightnet_ops/conv_params.h"
+#include "lightnet_ops/cpu_conv_direct.h"
+#include "lightnet_ops/cpu_simd.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+// 64-byte vector arguments only ever appear inside inlined helpers; GCC's ABI note is irrelevant.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+// The kernel bodies, once per instruction set (see cpu_simd.h).
+namespace lightnet_ops {
+namespace cpu {
+namespace isa_default {
+using namespace ::lightnet_ops::cpu;
+constexpr int kVecBytes = 16;
+#include "lightnet_ops/cpu_conv_kernels.h"
+}  // namespace isa_default
+}  // namespace cpu
+}  // namespace lightnet_ops
+
+#if LIGHTNET_OPS_X86_DISPATCH
+LIGHTNET_OPS_TARGET_BEGIN(LIGHTNET_OPS_ISA_AVX2)
+namespace lightnet_ops {
+namespace cpu {
+namespace isa_avx2 {
+using namespace ::lightnet_ops::cpu;
+constexpr int kVecBytes = 32;
+#include "lightnet_ops/cpu_conv_kernels.h"
+}  // namespace isa_avx2
+}  // namespace cpu
+}  // namespace lightnet_ops
+LIGHTNET_OPS_TARGET_END
+
+LIGHTNET_OPS_TARGET_BEGIN(LIGHTNET_OPS_ISA_AVX512)
+namespace lightnet_ops {
+namespace cpu {
+namespace isa_avx512 {
+using namespace ::lightnet_ops::cpu;
+constexpr int kVecBytes = 64;
+#include "lightnet_ops/cpu_conv_kernels.h"
+}  // namespace isa_avx512
+}  // namespace cpu
+}  // namespace lightnet_ops
+LIGHTNET_OPS_TARGET_END
+#endif
 
 namespace lightnet_ops {
 namespace {
+
+using cpu::Direct;
+using cpu::DirectBwdArgs;
+using cpu::DirectFwdArgs;
+using cpu::Isa;
+using cpu::PoolArgs;
 
 void check_cpu_dtype(const at::Tensor& t, const char* op) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
@@ -20,62 +94,93 @@ void check_cpu_dtype(const at::Tensor& t, const char* op) {
               " (use backend=\"reference\" for other dtypes)");
 }
 
-// Bias + max-pool + ReLU over a dense conv output (N, K, P, Q), contiguous.
-template <typename scalar_t>
-void bias_relu_pool(const ConvPoolShape& s, const scalar_t* conv, const scalar_t* bias, scalar_t* out,
-                    uint8_t* argmax) {
-  const int64_t planes = s.N * s.K;
-  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const scalar_t b = bias ? bias[plane % s.K] : scalar_t(0);
-      const scalar_t* src = conv + plane * s.P * s.Q;
-      scalar_t* dst = out + plane * s.PH * s.PW;
-      uint8_t* am = argmax ? argmax + plane * s.PH * s.PW : nullptr;
-      for (int64_t ph = 0; ph < s.PH; ++ph) {
-        for (int64_t pw = 0; pw < s.PW; ++pw) {
-          const scalar_t* win = src + ph * s.pool_sh * s.Q + pw * s.pool_sw;
-          // The bias is added before comparing: rounding can make x1 + b == x2 + b for x1 > x2,
-          // and stock's first-maximum tie rule is defined on the biased values.
-          scalar_t best = win[0] + b;
-          int64_t best_off = 0;
-          for (int64_t i = 0; i < s.pool_kh; ++i) {
-            for (int64_t j = 0; j < s.pool_kw; ++j) {
-              const scalar_t v = win[i * s.Q + j] + b;
-              if (pool_takes(v, best)) {
-                best = v;
-                best_off = i * s.pool_kw + j;
-              }
-            }
-          }
-          dst[ph * s.PW + pw] = relu(best);
-          if (am) am[ph * s.PW + pw] = encode_argmax(best, best_off);
-        }
-      }
-    }
-  });
+template <typename T>
+using FwdFn = void (*)(const DirectFwdArgs<T>&, int64_t, int64_t);
+template <typename T>
+using BwdFn = void (*)(const DirectBwdArgs<T>&, int64_t, int64_t, T*, T*);
+template <typename T>
+using PoolFn = void (*)(const PoolArgs<T>&, int64_t, int64_t);
+template <typename T>
+using FiniteFn = bool (*)(const T*, int64_t);
+
+template <typename T>
+struct Kernels {
+  FwdFn<T> fwd;
+  BwdFn<T> bwd;
+  PoolFn<T> pool;
+  FiniteFn<T> finite;
+};
+
+#define LIGHTNET_OPS_KERNELS(ns, KB)                                                                  \
+  Kernels<T> {                                                                                      \
+    &cpu::ns::direct_forward_range<T, KB>, &cpu::ns::direct_backward_range<T, KB>,                  \
+        &cpu::ns::bias_relu_pool_range<T>, &cpu::ns::all_finite<T>                                  \
+  }
+
+// Output channels per register block. AVX-512 has 32 vector registers: blocks of up to 8 channels
+// (accumulator, running max and argmax per channel) fit; pick the block that wastes the fewest
+// padded channels (K = 6 -> 6, K = 16 -> 8). Narrower targets (16 registers) use 4.
+int64_t channel_block(Isa isa, int64_t K) {
+  if (isa != Isa::kAvx512) return 4;
+  int64_t best = 8;
+  for (const int64_t kb : {8, 6, 4}) {
+    if ((K + kb - 1) / kb * kb < (K + best - 1) / best * best) best = kb;
+  }
+  return best;
 }
 
-std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_cpu(const at::Tensor& input, const at::Tensor& weight,
-                                                             const c10::optional<at::Tensor>& bias,
-                                                             at::IntArrayRef stride, at::IntArrayRef padding,
-                                                             at::IntArrayRef dilation, at::IntArrayRef pool_kernel_size,
-                                                             at::IntArrayRef pool_stride, bool need_argmax) {
-  const ConvPoolShape s =
-      conv_pool_shape(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride);
-  check_cpu_dtype(input, "conv2d_relu_maxpool2d");
-  auto out = at::empty({s.N, s.K, s.PH, s.PW}, input.options());
-  auto argmax = need_argmax ? at::empty({s.N, s.K, s.PH, s.PW}, input.options().dtype(at::kByte))
-                            : at::empty({0}, input.options().dtype(at::kByte));
-  if (out.numel() == 0) return {out, argmax};
-  const auto conv = at::convolution(input, weight, c10::nullopt, stride, padding, dilation, false, {0, 0}, 1)
-                        .contiguous();
-  const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_maxpool2d_cpu", [&] {
-    bias_relu_pool<scalar_t>(s, conv.const_data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                             out.mutable_data_ptr<scalar_t>(), need_argmax ? argmax.mutable_data_ptr<uint8_t>() : nullptr);
-  });
-  return {out, argmax};
+// The kernels for this CPU (and LIGHTNET_OPS_CPU_ISA) with channel block KB.
+template <typename T>
+Kernels<T> kernels(Isa isa, int64_t KB) {
+#if LIGHTNET_OPS_X86_DISPATCH
+  if (isa == Isa::kAvx512) {
+    if (KB == 8) return LIGHTNET_OPS_KERNELS(isa_avx512, 8);
+    if (KB == 6) return LIGHTNET_OPS_KERNELS(isa_avx512, 6);
+    return LIGHTNET_OPS_KERNELS(isa_avx512, 4);
+  }
+  if (isa == Isa::kAvx2) return LIGHTNET_OPS_KERNELS(isa_avx2, 4);
+#endif
+  (void)isa;
+  (void)KB;
+  return LIGHTNET_OPS_KERNELS(isa_default, 4);
 }
+
+// Weights (K, C, R, S) -> [Kpad / KB][C * R * S][KB] (zeros for the padded channels); bias -> [Kpad].
+template <typename T>
+void pack_weight(const Direct& d, const T* w, const T* bias, T* wpk, T* bpk) {
+  for (int64_t k = 0; k < d.Kpad; ++k) {
+    const int64_t kb = k / d.KB, q = k % d.KB;
+    for (int64_t t = 0; t < d.CRS; ++t) wpk[(kb * d.CRS + t) * d.KB + q] = k < d.K ? w[k * d.CRS + t] : T(0);
+    if (bpk) bpk[k] = (k < d.K && bias) ? bias[k] : T(0);
+  }
+}
+
+// Path choice. The direct kernel recomputes nothing for non-overlapping pools and spends
+// C*R*S*KB multiply-adds per vector load, but it has no cache blocking over the packed input,
+// which is C*Dy*Dx*F elements per sample (16x the pooled plane per channel for a 3x3 filter and a
+// 2x2 pool), and it reads each packed plane once per channel block. oneDNN is far better at large
+// C*R*S and large planes, far worse at LightNet's 1 and 6 input channels. Measured on a 2-core
+// AVX-512 EPYC (scripts/time_cpu_kernels.py): LightNet conv1 (C*R*S = 9) and conv2 (54) are several
+// times faster direct; the VGG block (C*R*S = 576, 64 channels, 56x56) is faster through oneDNN.
+// Overlapping pool windows (stride < window) make the direct path recompute conv values
+// (window area / stride area times), so their budget shrinks by that factor.
+// LIGHTNET_OPS_CPU_CONV_PATH=direct|aten overrides the choice (tests cover both paths with it).
+bool use_direct(const ConvPoolShape& s, int64_t elem_size) {
+  if (const char* env = std::getenv("LIGHTNET_OPS_CPU_CONV_PATH")) {
+    const std::string v(env);
+    if (v == "direct") return true;
+    if (v == "aten") return false;
+  }
+  const int64_t dy = (s.pool_kh - 1) * s.stride_h + (s.R - 1) * s.dil_h + 1;
+  const int64_t dx = (s.pool_kw - 1) * s.stride_w + (s.S - 1) * s.dil_w + 1;
+  const int64_t pack_bytes = s.C * dy * dx * (s.PH * s.PW + 15) / 16 * 16 * elem_size;
+  const double recompute = double(s.pool_kh * s.pool_kw) / double(std::min(s.pool_kh, s.pool_sh) * std::min(s.pool_kw, s.pool_sw));
+  return double(s.C * s.R * s.S) * recompute <= 256.0 && pack_bytes <= (1 << 20);
+}
+
+// ------------------------------------------------------------------------------------------------
+// ATen path
+// ------------------------------------------------------------------------------------------------
 
 // Scatters the pooled gradient (N, K, PH, PW) through the argmax into the conv-output gradient
 // (N, K, P, Q), zero-initialised. Planes are independent, so overlapping windows (pool stride <
@@ -100,6 +205,126 @@ void route_grad(const ConvPoolShape& s, const scalar_t* grad_out, const uint8_t*
   });
 }
 
+// ------------------------------------------------------------------------------------------------
+// Ops
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+void direct_forward_launch(const ConvPoolShape& s, const at::Tensor& input, const at::Tensor& weight,
+                           const at::Tensor& bias, at::Tensor& out, at::Tensor& argmax, bool need_argmax) {
+  const Isa isa = cpu::cpu_isa();
+  const Direct d = cpu::make_direct(s, channel_block(isa, s.K));
+  std::vector<T> wpk(d.Kpad * d.CRS), bpk(d.Kpad);
+  pack_weight<T>(d, weight.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr, wpk.data(),
+                 bpk.data());
+  const DirectFwdArgs<T> a{&d, input.const_data_ptr<T>(), wpk.data(), bpk.data(), out.mutable_data_ptr<T>(),
+                     need_argmax ? argmax.mutable_data_ptr<uint8_t>() : nullptr};
+  const FwdFn<T> fn = kernels<T>(isa, d.KB).fwd;
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                                             const c10::optional<at::Tensor>& bias,
+                                                             at::IntArrayRef stride, at::IntArrayRef padding,
+                                                             at::IntArrayRef dilation, at::IntArrayRef pool_kernel_size,
+                                                             at::IntArrayRef pool_stride, bool need_argmax) {
+  const ConvPoolShape s =
+      conv_pool_shape(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride);
+  check_cpu_dtype(input, "conv2d_relu_maxpool2d");
+  auto out = at::empty({s.N, s.K, s.PH, s.PW}, input.options());
+  auto argmax = need_argmax ? at::empty({s.N, s.K, s.PH, s.PW}, input.options().dtype(at::kByte))
+                            : at::empty({0}, input.options().dtype(at::kByte));
+  if (out.numel() == 0) return {out, argmax};
+  const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
+  if (use_direct(s, input.element_size())) {
+    const auto x = input.contiguous();
+    const auto w = weight.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_maxpool2d_cpu_direct", [&] {
+      direct_forward_launch<scalar_t>(s, x, w, b, out, argmax, need_argmax);
+    });
+    return {out, argmax};
+  }
+  const auto conv = at::convolution(input, weight, c10::nullopt, stride, padding, dilation, false, {0, 0}, 1)
+                        .contiguous();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_maxpool2d_cpu", [&] {
+    const PoolArgs<scalar_t> a{&s, conv.const_data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                               out.mutable_data_ptr<scalar_t>(),
+                               need_argmax ? argmax.mutable_data_ptr<uint8_t>() : nullptr};
+    const PoolFn<scalar_t> fn = kernels<scalar_t>(cpu::cpu_isa(), 4).pool;
+    at::parallel_for(0, s.N * s.K, 1, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  });
+  return {out, argmax};
+}
+
+template <typename T>
+void direct_backward_launch(const ConvPoolShape& s, const at::Tensor& grad_out, const at::Tensor& input,
+                            const at::Tensor& weight, const at::Tensor& argmax, std::array<bool, 3> mask,
+                            at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  const Isa isa = cpu::cpu_isa();
+  const Direct d = cpu::make_direct(s, channel_block(isa, s.K));
+  std::vector<T> wpk(d.Kpad * d.CRS);
+  pack_weight<T>(d, weight.const_data_ptr<T>(), nullptr, wpk.data(), nullptr);
+  // A fixed split of the batch into chunks (a function of N only): the partial weight / bias
+  // gradients, reduced in chunk order, do not depend on the number of threads.
+  const int64_t chunks = std::min<int64_t>(s.N, 32);
+  const int64_t per_chunk = (s.N + chunks - 1) / std::max<int64_t>(chunks, 1);
+  const bool need_w = mask[1], need_b = mask[2];
+  std::vector<T> gw_part(need_w ? chunks * d.Kpad * d.CRS : 0, T(0));
+  std::vector<T> gb_part(need_b ? chunks * d.Kpad : 0, T(0));
+  const DirectBwdArgs<T> a{&d,
+                     input.const_data_ptr<T>(),
+                     wpk.data(),
+                     grad_out.const_data_ptr<T>(),
+                     argmax.const_data_ptr<uint8_t>(),
+                     mask[0] ? grad_input.mutable_data_ptr<T>() : nullptr,
+                     need_w,
+                     need_b};
+  const BwdFn<T> fn = kernels<T>(isa, d.KB).bwd;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      const int64_t n0 = ch * per_chunk, n1 = std::min(s.N, n0 + per_chunk);
+      if (n0 >= n1) continue;
+      fn(a, n0, n1, need_w ? gw_part.data() + ch * d.Kpad * d.CRS : nullptr,
+         need_b ? gb_part.data() + ch * d.Kpad : nullptr);
+    }
+  });
+  if (need_w) {
+    T* gw = grad_weight.mutable_data_ptr<T>();
+    for (int64_t ch = 0; ch < chunks; ++ch)
+      for (int64_t i = 0; i < s.K * d.CRS; ++i) gw[i] += gw_part[ch * d.Kpad * d.CRS + i];
+  }
+  if (need_b) {
+    T* gb = grad_bias.mutable_data_ptr<T>();
+    for (int64_t ch = 0; ch < chunks; ++ch)
+      for (int64_t k = 0; k < s.K; ++k) gb[k] += gb_part[ch * d.Kpad + k];
+  }
+}
+
+// The direct backward multiplies only the input / weight elements that a selected conv position
+// reads; stock's dense convolution_backward also multiplies the rest by a zero gradient, which
+// turns an infinite or NaN input (weight) element into NaN across grad_weight (grad_input). To
+// give the same NaNs, non-finite operands take the ATen path (one vectorised scan decides).
+bool direct_backward_matches_stock(const at::Tensor& input, const at::Tensor& weight, std::array<bool, 3> mask) {
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_maxpool2d_backward_finite", [&] {
+    const FiniteFn<scalar_t> fn = kernels<scalar_t>(cpu::cpu_isa(), 4).finite;
+    if (mask[0]) {
+      const auto w = weight.contiguous();
+      finite = fn(w.const_data_ptr<scalar_t>(), w.numel());
+    }
+    if (finite && mask[1]) {
+      const auto x = input.contiguous();
+      const scalar_t* p = x.const_data_ptr<scalar_t>();
+      std::atomic<bool> ok{true};
+      at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+        if (!fn(p + b, e - b)) ok = false;
+      });
+      finite = ok;
+    }
+  });
+  return finite;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& argmax,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef pool_kernel_size,
@@ -116,6 +341,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cp
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "conv2d_relu_maxpool2d_backward: grad_output dtype ",
               grad_output.scalar_type(), " does not match input dtype ", input.scalar_type());
   const auto empty = at::empty({0}, input.options());
+  if (use_direct(s, input.element_size()) && direct_backward_matches_stock(input, weight, output_mask)) {
+    // Outputs are accumulated into, so they start at zero (this also covers an empty batch).
+    at::Tensor grad_input = output_mask[0] ? at::zeros({s.N, s.C, s.H, s.W}, input.options()) : empty;
+    at::Tensor grad_weight = output_mask[1] ? at::zeros({s.K, s.C, s.R, s.S}, input.options()) : empty;
+    at::Tensor grad_bias = output_mask[2] ? at::zeros({s.K}, input.options()) : empty;
+    if (s.N > 0 && (output_mask[0] || output_mask[1] || output_mask[2])) {
+      const auto g = grad_output.contiguous();
+      const auto am = argmax.contiguous();
+      const auto x = input.contiguous();
+      const auto w = weight.contiguous();
+      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_maxpool2d_backward_cpu_direct", [&] {
+        direct_backward_launch<scalar_t>(s, g, x, w, am, output_mask, grad_input, grad_weight, grad_bias);
+      });
+    }
+    return {grad_input, grad_weight, grad_bias};
+  }
   auto grad_conv = at::zeros({s.N, s.K, s.P, s.Q}, input.options());
   if (grad_conv.numel() > 0) {
     const auto g = grad_output.contiguous();
