@@ -171,10 +171,10 @@ bool use_direct(const ConvPoolShape& s, int64_t elem_size) {
     if (v == "direct") return true;
     if (v == "aten") return false;
   }
-  const int64_t dy = (s.pool_kh - 1) * s.stride_h + (s.R - 1) * s.dil_h + 1;
-  const int64_t dx = (s.pool_kw - 1) * s.stride_w + (s.S - 1) * s.dil_w + 1;
-  const int64_t pack_bytes = s.C * dy * dx * (s.PH * s.PW + 15) / 16 * 16 * elem_size;
-  const double recompute = double(s.pool_kh * s.pool_kw) / double(std::min(s.pool_kh, s.pool_sh) * std::min(s.pool_kw, s.pool_sw));
+  // Packed input per sample: about the padded input (phase planes) plus a few vector tails.
+  const int64_t pack_bytes = s.C * (s.H + 2 * s.pad_h + 16) * (s.W + 2 * s.pad_w) * elem_size;
+  const double recompute =
+      double(s.pool_kh * s.pool_kw) / double(std::min(s.pool_kh, s.pool_sh) * std::min(s.pool_kw, s.pool_sw));
   return double(s.C * s.R * s.S) * recompute <= 256.0 && pack_bytes <= (1 << 20);
 }
 
@@ -264,40 +264,45 @@ void direct_backward_launch(const ConvPoolShape& s, const at::Tensor& grad_out, 
   const Direct d = cpu::make_direct(s, channel_block(isa, s.K));
   std::vector<T> wpk(d.Kpad * d.CRS);
   pack_weight<T>(d, weight.const_data_ptr<T>(), nullptr, wpk.data(), nullptr);
-  // A fixed split of the batch into chunks (a function of N only): the partial weight / bias
-  // gradients, reduced in chunk order, do not depend on the number of threads.
-  const int64_t chunks = std::min<int64_t>(s.N, 32);
-  const int64_t per_chunk = (s.N + chunks - 1) / std::max<int64_t>(chunks, 1);
+  // A fixed split of the batch into chunks (a function of the shapes only): the partial weight /
+  // bias gradients, kept per lane and reduced in lane then chunk order, do not depend on the number
+  // of threads. Up to 16 chunks (enough to balance a few cores), fewer when the partials get large.
   const bool need_w = mask[1], need_b = mask[2];
-  std::vector<T> gw_part(need_w ? chunks * d.Kpad * d.CRS : 0, T(0));
-  std::vector<T> gb_part(need_b ? chunks * d.Kpad : 0, T(0));
+  const int64_t part = ((need_w ? d.Kpad * d.CRS : 0) + (need_b ? d.Kpad : 0)) * cpu::kPartialLanes;
+  const int64_t budget = std::max<int64_t>(1, (int64_t(64) << 20) / std::max<int64_t>(1, part * int64_t(sizeof(T))));
+  const int64_t chunks = std::max<int64_t>(1, std::min({s.N, int64_t(16), budget}));
+  const int64_t per_chunk = (s.N + chunks - 1) / chunks;
+  const int64_t gw_stride = d.Kpad * d.CRS * cpu::kPartialLanes, gb_stride = d.Kpad * cpu::kPartialLanes;
+  std::vector<T> gw_part(need_w ? chunks * gw_stride : 0, T(0));
+  std::vector<T> gb_part(need_b ? chunks * gb_stride : 0, T(0));
   const DirectBwdArgs<T> a{&d,
-                     input.const_data_ptr<T>(),
-                     wpk.data(),
-                     grad_out.const_data_ptr<T>(),
-                     argmax.const_data_ptr<uint8_t>(),
-                     mask[0] ? grad_input.mutable_data_ptr<T>() : nullptr,
-                     need_w,
-                     need_b};
+                           input.const_data_ptr<T>(),
+                           wpk.data(),
+                           grad_out.const_data_ptr<T>(),
+                           argmax.const_data_ptr<uint8_t>(),
+                           mask[0] ? grad_input.mutable_data_ptr<T>() : nullptr,
+                           need_w,
+                           need_b};
   const BwdFn<T> fn = kernels<T>(isa, d.KB).bwd;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
       const int64_t n0 = ch * per_chunk, n1 = std::min(s.N, n0 + per_chunk);
       if (n0 >= n1) continue;
-      fn(a, n0, n1, need_w ? gw_part.data() + ch * d.Kpad * d.CRS : nullptr,
-         need_b ? gb_part.data() + ch * d.Kpad : nullptr);
+      fn(a, n0, n1, need_w ? gw_part.data() + ch * gw_stride : nullptr, need_b ? gb_part.data() + ch * gb_stride : nullptr);
     }
   });
-  if (need_w) {
-    T* gw = grad_weight.mutable_data_ptr<T>();
-    for (int64_t ch = 0; ch < chunks; ++ch)
-      for (int64_t i = 0; i < s.K * d.CRS; ++i) gw[i] += gw_part[ch * d.Kpad * d.CRS + i];
-  }
-  if (need_b) {
-    T* gb = grad_bias.mutable_data_ptr<T>();
-    for (int64_t ch = 0; ch < chunks; ++ch)
-      for (int64_t k = 0; k < s.K; ++k) gb[k] += gb_part[ch * d.Kpad + k];
-  }
+  const auto reduce = [&](const std::vector<T>& part_sums, int64_t stride, int64_t entries, T* dst) {
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      for (int64_t i = 0; i < entries; ++i) {
+        const T* lanes = part_sums.data() + ch * stride + i * cpu::kPartialLanes;
+        T sum = lanes[0];
+        for (int64_t l = 1; l < cpu::kPartialLanes; ++l) sum += lanes[l];
+        dst[i] += sum;
+      }
+    }
+  };
+  if (need_w) reduce(gw_part, gw_stride, s.K * d.CRS, grad_weight.mutable_data_ptr<T>());
+  if (need_b) reduce(gb_part, gb_stride, s.K, grad_bias.mutable_data_ptr<T>());
 }
 
 // The direct backward multiplies only the input / weight elements that a selected conv position

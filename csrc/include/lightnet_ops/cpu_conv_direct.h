@@ -2,29 +2,37 @@
 // the kernels themselves are in cpu_conv_kernels.h. See csrc/cpu/conv2d_relu_maxpool2d.cpp.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "lightnet_ops/conv_params.h"
 
 namespace lightnet_ops {
 namespace cpu {
 
-// One problem as the direct kernels see it. The per-sample input is packed into "window-shift
-// planes" X[c][dy][dx][f]: plane (dy, dx) holds, for every pooled position f = ph * PW + pw, the
-// input element at row ph*Mh + dy - pad_h, column pw*Mw + dx - pad_w (0 in the padding), so the
-// conv value of window offset (i, j) at filter tap (r, s) for all f is plane (i*sh + r*dh,
-// j*sw + s*dw): a contiguous vector.
+// One problem as the direct kernels see it.
+//
+// Packed input ("phase planes"): the padded input of one sample split by row phase a = y mod Mh
+// and column phase b = x mod Mw, where Mh x Mw is the input step between neighbouring pool
+// windows: Z[c][a][b][Y][X] = input[c][Y*Mh + a - pad_h][X*Mw + b - pad_w] (0 in the padding), with
+// rows of PWs >= PW elements. Pooled position (ph, pw) is f = ph * PWs + pw; the input element that
+// window offset (i, j) and filter tap (r, s) read for it lies at a fixed offset from f:
+//   dy = i*sh + r*dh, dx = j*sw + s*dw  ->  Z[c][dy % Mh][dx % Mw] + (dy / Mh) * PWs + dx / Mw + f,
+// so every conv value of every window is a dot product of contiguous vectors over f. Packing
+// copies each input element once. Lanes with pw >= PW are computed and discarded.
 struct Direct {
   int64_t C, K, H, W, R, S;
   int64_t pad_h, pad_w, sh, sw, dh, dw;
   int64_t pkh, pkw, psh, psw, PH, PW;
-  int64_t F, Fpad;   // pooled positions per plane; rounded up to 16 lanes (a multiple of every width)
-  int64_t Dy, Dx;    // input-row / input-column offsets a window reads: i*sh + r*dh, j*sw + s*dw
-  int64_t Mh, Mw;    // input step between neighbouring pool windows
-  int64_t KB, Kpad;  // output channels per register block; K rounded up to KB
-  int64_t CRS;
-  int64_t pack_elems() const { return C * Dy * Dx * Fpad; }
-  int64_t plane(int64_t c, int64_t dy, int64_t dx) const { return ((c * Dy + dy) * Dx + dx) * Fpad; }
+  int64_t Mh, Mw;     // input step between neighbouring pool windows (pool stride * conv stride)
+  int64_t PWs, PHe;   // packed row length (PW + columns windows reach beyond) and packed rows
+  int64_t Fs, Fpad;   // positions computed per plane (PH * PWs), rounded up to 16 lanes
+  int64_t Zlen;       // elements per packed phase plane, including the lanes vector reads run over
+  int64_t KB, Kpad;   // output channels per register block; K rounded up to KB
+  int64_t CRS, WIN;   // filter taps per output channel, pool window size
+  std::vector<int64_t> toff;  // [WIN][CRS]: offset in Z of tap t for window offset w (add f)
+  int64_t pack_elems() const { return C * Mh * Mw * Zlen; }
 };
 
 inline Direct make_direct(const ConvPoolShape& s, int64_t KB) {
@@ -32,15 +40,30 @@ inline Direct make_direct(const ConvPoolShape& s, int64_t KB) {
   d.C = s.C, d.K = s.K, d.H = s.H, d.W = s.W, d.R = s.R, d.S = s.S;
   d.pad_h = s.pad_h, d.pad_w = s.pad_w, d.sh = s.stride_h, d.sw = s.stride_w, d.dh = s.dil_h, d.dw = s.dil_w;
   d.pkh = s.pool_kh, d.pkw = s.pool_kw, d.psh = s.pool_sh, d.psw = s.pool_sw, d.PH = s.PH, d.PW = s.PW;
-  d.F = s.PH * s.PW;
-  d.Fpad = (d.F + 15) / 16 * 16;
-  d.Dy = (s.pool_kh - 1) * s.stride_h + (s.R - 1) * s.dil_h + 1;
-  d.Dx = (s.pool_kw - 1) * s.stride_w + (s.S - 1) * s.dil_w + 1;
   d.Mh = s.pool_sh * s.stride_h;
   d.Mw = s.pool_sw * s.stride_w;
+  const int64_t Dy = (s.pool_kh - 1) * s.stride_h + (s.R - 1) * s.dil_h + 1;  // rows a window reads
+  const int64_t Dx = (s.pool_kw - 1) * s.stride_w + (s.S - 1) * s.dil_w + 1;
+  d.PWs = s.PW + (Dx - 1) / d.Mw;
+  d.PHe = s.PH + (Dy - 1) / d.Mh;
+  d.Fs = s.PH * d.PWs;
+  d.Fpad = (d.Fs + 15) / 16 * 16;
+  const int64_t reach = (Dy - 1) / d.Mh * d.PWs + (Dx - 1) / d.Mw + d.Fpad;
+  d.Zlen = (std::max(d.PHe * d.PWs, reach) + 15) / 16 * 16;
   d.KB = KB;
   d.Kpad = (s.K + KB - 1) / KB * KB;
   d.CRS = s.C * s.R * s.S;
+  d.WIN = s.pool_kh * s.pool_kw;
+  d.toff.resize(d.WIN * d.CRS);
+  for (int64_t i = 0; i < s.pool_kh; ++i)
+    for (int64_t j = 0; j < s.pool_kw; ++j)
+      for (int64_t c = 0; c < s.C; ++c)
+        for (int64_t r = 0; r < s.R; ++r)
+          for (int64_t t = 0; t < s.S; ++t) {
+            const int64_t dy = i * s.stride_h + r * s.dil_h, dx = j * s.stride_w + t * s.dil_w;
+            d.toff[(i * s.pool_kw + j) * d.CRS + (c * s.R + r) * s.S + t] =
+                ((c * d.Mh + dy % d.Mh) * d.Mw + dx % d.Mw) * d.Zlen + dy / d.Mh * d.PWs + dx / d.Mw;
+          }
   return d;
 }
 
@@ -64,6 +87,10 @@ struct DirectBwdArgs {
   T* grad_input;          // (N, C, H, W) zero-filled, or null
   bool need_weight, need_bias;
 };
+
+// Lanes kept per entry of the direct backward's partial weight / bias gradients (the widest
+// vector): lanes are summed once per batch chunk, not once per sample.
+constexpr int64_t kPartialLanes = 16;
 
 // Arguments of the fused bias + max-pool + ReLU pass of the ATen path.
 template <typename T>

@@ -68,56 +68,55 @@ struct Simd {
 template <typename T>
 constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(T));
 
-// Packs one sample's input (C, H, W) into X[c][dy][dx][f] (see the file comment); lanes f >= F are 0.
+// Packs one sample's input (C, H, W) into the phase planes Z (see Direct); unused lanes are 0.
 template <typename T>
-LIGHTNET_OPS_INLINE void pack_input(const Direct& d, const T* in, T* X) {
+LIGHTNET_OPS_INLINE void pack_input(const Direct& d, const T* in, T* Z) {
   for (int64_t c = 0; c < d.C; ++c) {
-    for (int64_t dy = 0; dy < d.Dy; ++dy) {
-      for (int64_t dx = 0; dx < d.Dx; ++dx) {
-        T* dst = X + d.plane(c, dy, dx);
-        const int64_t x0 = dx - d.pad_w;  // input column read by pw = 0
-        int64_t lo = x0 >= 0 ? 0 : std::min(d.PW, (-x0 + d.Mw - 1) / d.Mw);
-        int64_t hi = d.W - 1 - x0 < 0 ? 0 : std::min(d.PW, (d.W - 1 - x0) / d.Mw + 1);
-        hi = std::max(hi, lo);
-        for (int64_t ph = 0; ph < d.PH; ++ph) {
-          T* row = dst + ph * d.PW;
-          const int64_t y = ph * d.Mh + dy - d.pad_h;
+    for (int64_t a = 0; a < d.Mh; ++a) {
+      for (int64_t b = 0; b < d.Mw; ++b) {
+        T* dst = Z + ((c * d.Mh + a) * d.Mw + b) * d.Zlen;
+        const int64_t x0 = b - d.pad_w;  // input column of X = 0
+        const int64_t lo = x0 >= 0 ? 0 : std::min(d.PWs, (-x0 + d.Mw - 1) / d.Mw);
+        const int64_t hi = std::max(lo, d.W - 1 - x0 < 0 ? 0 : std::min(d.PWs, (d.W - 1 - x0) / d.Mw + 1));
+        for (int64_t Y = 0; Y < d.PHe; ++Y) {
+          T* row = dst + Y * d.PWs;
+          const int64_t y = Y * d.Mh + a - d.pad_h;
           if (y < 0 || y >= d.H) {
-            std::fill(row, row + d.PW, T(0));
+            std::fill(row, row + d.PWs, T(0));
             continue;
           }
-          const T* src = in + (c * d.H + y) * d.W;
+          const T* src = in + (c * d.H + y) * d.W + x0;
           std::fill(row, row + lo, T(0));
-          if (d.Mw == 2) {  // the common pool stride: a constant stride the compiler vectorises
-            for (int64_t pw = lo; pw < hi; ++pw) row[pw] = src[pw * 2 + x0];
+          if (d.Mw == 1) {
+            std::memcpy(row + lo, src + lo, (hi - lo) * sizeof(T));
           } else {
-            for (int64_t pw = lo; pw < hi; ++pw) row[pw] = src[pw * d.Mw + x0];
+            for (int64_t X = lo; X < hi; ++X) row[X] = src[X * d.Mw];
           }
-          std::fill(row + hi, row + d.PW, T(0));
+          std::fill(row + hi, row + d.PWs, T(0));
         }
-        std::fill(dst + d.F, dst + d.Fpad, T(0));
+        std::fill(dst + d.PHe * d.PWs, dst + d.Zlen, T(0));
       }
     }
   }
 }
 
-// Adjoint of pack_input: adds dX[c][dy][dx][f] into the sample's input gradient (C, H, W);
-// reads that fell into the padding are dropped.
+// Adjoint of pack_input: writes the gradient of Z back to the sample's input gradient (C, H, W),
+// which must start at zero. Each input element sits in Z at most once; padding drops out.
 template <typename T>
-LIGHTNET_OPS_INLINE void unpack_add(const Direct& d, const T* dX, T* gi) {
+LIGHTNET_OPS_INLINE void unpack_input(const Direct& d, const T* dZ, T* gi) {
   for (int64_t c = 0; c < d.C; ++c) {
-    for (int64_t dy = 0; dy < d.Dy; ++dy) {
-      for (int64_t dx = 0; dx < d.Dx; ++dx) {
-        const T* src = dX + d.plane(c, dy, dx);
-        const int64_t x0 = dx - d.pad_w;
-        int64_t lo = x0 >= 0 ? 0 : std::min(d.PW, (-x0 + d.Mw - 1) / d.Mw);
-        int64_t hi = d.W - 1 - x0 < 0 ? 0 : std::min(d.PW, (d.W - 1 - x0) / d.Mw + 1);
-        for (int64_t ph = 0; ph < d.PH; ++ph) {
-          const int64_t y = ph * d.Mh + dy - d.pad_h;
+    for (int64_t a = 0; a < d.Mh; ++a) {
+      for (int64_t b = 0; b < d.Mw; ++b) {
+        const T* src = dZ + ((c * d.Mh + a) * d.Mw + b) * d.Zlen;
+        const int64_t x0 = b - d.pad_w;
+        const int64_t lo = x0 >= 0 ? 0 : std::min(d.PWs, (-x0 + d.Mw - 1) / d.Mw);
+        const int64_t hi = std::max(lo, d.W - 1 - x0 < 0 ? 0 : std::min(d.PWs, (d.W - 1 - x0) / d.Mw + 1));
+        for (int64_t Y = 0; Y < d.PHe; ++Y) {
+          const int64_t y = Y * d.Mh + a - d.pad_h;
           if (y < 0 || y >= d.H) continue;
-          const T* row = src + ph * d.PW;
-          T* dst = gi + (c * d.H + y) * d.W;
-          for (int64_t pw = lo; pw < hi; ++pw) dst[pw * d.Mw + x0] += row[pw];
+          const T* row = src + Y * d.PWs;
+          T* dst = gi + (c * d.H + y) * d.W + x0;
+          for (int64_t X = lo; X < hi; ++X) dst[X * d.Mw] = row[X];
         }
       }
     }
@@ -131,64 +130,59 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
   using vec = typename S::vec;
   using ivec = typename S::ivec;
   const Direct& d = *a.d;
-  std::vector<T> xbuf(d.pack_elems());
-  T* X = xbuf.data();
-  const int64_t CHW = d.C * d.H * d.W;
+  std::vector<T> zbuf(d.pack_elems());
+  std::vector<T> obuf(d.K * d.Fpad);          // output in the packed position layout
+  std::vector<uint8_t> abuf(d.K * d.Fpad);    // argmax likewise
+  T* Z = zbuf.data();
+  const int64_t CHW = d.C * d.H * d.W, F = d.PH * d.PW;
   for (int64_t n = n0; n < n1; ++n) {
-    pack_input(d, a.input + n * CHW, X);
-    T* out = a.out + n * d.K * d.F;
-    uint8_t* am = a.argmax ? a.argmax + n * d.K * d.F : nullptr;
-    for (int64_t f0 = 0; f0 < d.F; f0 += V) {
-      const int64_t cnt = std::min<int64_t>(V, d.F - f0);
+    pack_input(d, a.input + n * CHW, Z);
+    for (int64_t f0 = 0; f0 < d.Fs; f0 += V) {
+      const T* zf = Z + f0;
       for (int64_t kb = 0; kb < d.Kpad / KB; ++kb) {
         const T* wk = a.wpk + kb * d.CRS * KB;
         vec best[KB];
         ivec arg[KB];
-        for (int64_t i = 0; i < d.pkh; ++i) {
-          for (int64_t j = 0; j < d.pkw; ++j) {
-            vec acc[KB];
-            for (int q = 0; q < KB; ++q) acc[q] = S::splat(a.bpk[kb * KB + q]);
-            const T* wp = wk;
-            for (int64_t c = 0; c < d.C; ++c) {
-              for (int64_t r = 0; r < d.R; ++r) {
-                const T* xr = X + d.plane(c, i * d.sh + r * d.dh, j * d.sw) + f0;
-                for (int64_t s = 0; s < d.S; ++s, wp += KB) {
-                  const vec x = S::load(xr + s * d.dw * d.Fpad);
-                  for (int q = 0; q < KB; ++q) acc[q] += x * wp[q];
-                }
-              }
-            }
-            if (i == 0 && j == 0) {
-              for (int q = 0; q < KB; ++q) {
-                best[q] = acc[q];
-                arg[q] = S::isplat(0);
-              }
-            } else {
-              const ivec off = S::isplat(i * d.pkw + j);
-              for (int q = 0; q < KB; ++q) {
-                const ivec take = S::pool_takes(acc[q], best[q]);
-                best[q] = S::select(take, acc[q], best[q]);
-                arg[q] = S::iselect(take, off, arg[q]);
-              }
-            }
+        for (int64_t w = 0; w < d.WIN; ++w) {
+          vec acc[KB];
+          for (int q = 0; q < KB; ++q) acc[q] = S::splat(a.bpk[kb * KB + q]);
+          const int64_t* toff = d.toff.data() + w * d.CRS;
+          const T* wp = wk;
+          for (int64_t t = 0; t < d.CRS; ++t, wp += KB) {
+            const vec x = S::load(zf + toff[t]);
+            for (int q = 0; q < KB; ++q) acc[q] += x * wp[q];
           }
-        }
-        for (int q = 0; q < KB; ++q) {
-          const int64_t k = kb * KB + q;
-          if (k >= d.K) break;
-          const vec o = S::relu(best[q]);
-          if (cnt == V) {
-            S::store(out + k * d.F + f0, o);
+          if (w == 0) {
+            for (int q = 0; q < KB; ++q) {
+              best[q] = acc[q];
+              arg[q] = S::isplat(0);
+            }
           } else {
-            T tmp[V];
-            S::store(tmp, o);
-            std::memcpy(out + k * d.F + f0, tmp, cnt * sizeof(T));
-          }
-          if (am) {
-            const auto bytes = S::to_bytes(S::iselect(S::relu_passes(best[q]), arg[q], S::isplat(kArgmaxReluZero)));
-            std::memcpy(am + k * d.F + f0, &bytes, cnt);
+            const ivec off = S::isplat(w);
+            for (int q = 0; q < KB; ++q) {
+              const ivec take = S::pool_takes(acc[q], best[q]);
+              best[q] = S::select(take, acc[q], best[q]);
+              arg[q] = S::iselect(take, off, arg[q]);
+            }
           }
         }
+        for (int q = 0; q < KB && kb * KB + q < d.K; ++q) {
+          const int64_t k = kb * KB + q;
+          S::store(obuf.data() + k * d.Fpad + f0, S::relu(best[q]));
+          if (a.argmax) {
+            const auto bytes = S::to_bytes(S::iselect(S::relu_passes(best[q]), arg[q], S::isplat(kArgmaxReluZero)));
+            std::memcpy(abuf.data() + k * d.Fpad + f0, &bytes, V);
+          }
+        }
+      }
+    }
+    // Drop the lanes past each pooled row.
+    T* out = a.out + n * d.K * F;
+    uint8_t* am = a.argmax ? a.argmax + n * d.K * F : nullptr;
+    for (int64_t k = 0; k < d.K; ++k) {
+      for (int64_t ph = 0; ph < d.PH; ++ph) {
+        std::memcpy(out + k * F + ph * d.PW, obuf.data() + k * d.Fpad + ph * d.PWs, d.PW * sizeof(T));
+        if (am) std::memcpy(am + k * F + ph * d.PW, abuf.data() + k * d.Fpad + ph * d.PWs, d.PW);
       }
     }
   }
@@ -196,114 +190,96 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
 
 constexpr int kTermBlock = 3;  // filter taps per grad_weight register block (3: one 3-wide row)
 
-// Backward for samples [n0, n1); adds this range's weight / bias gradients into gw (Kpad, CRS)
-// and gb (Kpad).
+// Backward for samples [n0, n1); adds this range's weight / bias gradients, per lane, into
+// gw [Kpad][CRS][kPartialLanes] and gb [Kpad][kPartialLanes] (null when not needed).
 template <typename T, int V, int KB>
 LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, int64_t n1, T* gw, T* gb) {
   using S = Simd<T, V>;
   using vec = typename S::vec;
   using ivec = typename S::ivec;
   constexpr int TB = kTermBlock;
+  static_assert(V <= kPartialLanes, "partial sums hold at most kPartialLanes lanes");
   const Direct& d = *a.d;
-  const int64_t win = d.pkh * d.pkw;
-  const int64_t Fv = (d.F + V - 1) / V * V;  // lanes the vector loops touch (<= Fpad)
-  std::vector<T> xbuf(a.need_weight ? d.pack_elems() : 0);
-  std::vector<T> dxbuf(a.grad_input ? d.pack_elems() : 0);
-  std::vector<T> gmbuf(win * d.Kpad * d.Fpad, T(0));  // rows k >= K stay zero
-  std::vector<T> zeros(d.Fpad, T(0));
-  T* X = xbuf.data();
-  T* dX = dxbuf.data();
+  const int64_t Fv = (d.Fs + V - 1) / V * V;  // lanes the vector loops touch (<= Fpad)
+  std::vector<T> zbuf(a.need_weight ? d.pack_elems() : 0);
+  std::vector<T> dzbuf(a.grad_input ? d.pack_elems() : 0);
+  std::vector<T> gmbuf(d.WIN * d.Kpad * d.Fpad, T(0));  // rows k >= K stay zero
+  std::vector<T> gsbuf(d.Fpad, T(0));                    // one gradient plane, packed layout
+  std::vector<uint8_t> asbuf(d.Fpad, kArgmaxReluZero);   // its argmax; gaps never route
+  T* Z = zbuf.data();
+  T* dZ = dzbuf.data();
   T* Gm = gmbuf.data();  // Gm[w][k][f]: pooled gradient where argmax == w, else 0
-  const int64_t CHW = d.C * d.H * d.W;
+  const int64_t CHW = d.C * d.H * d.W, F = d.PH * d.PW;
   for (int64_t n = n0; n < n1; ++n) {
-    // Masked gradients (and the bias gradient: every live pooled element).
+    // Masked gradients, and the bias gradient (sum over every live pooled element).
     for (int64_t k = 0; k < d.K; ++k) {
-      const T* g = a.grad_out + (n * d.K + k) * d.F;
-      const uint8_t* am = a.argmax + (n * d.K + k) * d.F;
-      vec bsum = S::splat(0);
-      for (int64_t f0 = 0; f0 < d.F; f0 += V) {
-        const int64_t cnt = std::min<int64_t>(V, d.F - f0);
-        vec gv;
-        ivec av;
-        if (cnt == V) {
-          gv = S::load(g + f0);
-          av = S::from_bytes(am + f0);
-        } else {
-          T gt[V] = {};
-          uint8_t at[V];
-          std::memset(at, kArgmaxReluZero, V);
-          std::memcpy(gt, g + f0, cnt * sizeof(T));
-          std::memcpy(at, am + f0, cnt);
-          gv = S::load(gt);
-          av = S::from_bytes(at);
-        }
-        const vec zero = S::splat(0);
-        bsum += S::select(av != S::isplat(kArgmaxReluZero), gv, zero);
-        for (int64_t w = 0; w < win; ++w) S::store(Gm + (w * d.Kpad + k) * d.Fpad + f0, S::select(av == S::isplat(w), gv, zero));
+      const T* g = a.grad_out + (n * d.K + k) * F;
+      const uint8_t* am = a.argmax + (n * d.K + k) * F;
+      for (int64_t ph = 0; ph < d.PH; ++ph) {
+        std::memcpy(gsbuf.data() + ph * d.PWs, g + ph * d.PW, d.PW * sizeof(T));
+        std::memcpy(asbuf.data() + ph * d.PWs, am + ph * d.PW, d.PW);
       }
-      if (a.need_bias) gb[k] += S::hsum(bsum);
+      vec bsum = S::splat(0);
+      const vec zero = S::splat(0);
+      for (int64_t f0 = 0; f0 < Fv; f0 += V) {
+        const vec gv = S::load(gsbuf.data() + f0);
+        const ivec av = S::from_bytes(asbuf.data() + f0);
+        bsum += S::select(av != S::isplat(kArgmaxReluZero), gv, zero);
+        for (int64_t w = 0; w < d.WIN; ++w)
+          S::store(Gm + (w * d.Kpad + k) * d.Fpad + f0, S::select(av == S::isplat(w), gv, zero));
+      }
+      if (gb) S::store(gb + k * kPartialLanes, S::load(gb + k * kPartialLanes) + bsum);
     }
     if (a.need_weight) {
-      pack_input(d, a.input + n * CHW, X);
+      pack_input(d, a.input + n * CHW, Z);
       for (int64_t kb = 0; kb < d.Kpad / KB; ++kb) {
         for (int64_t t0 = 0; t0 < d.CRS; t0 += TB) {
+          const int nt = static_cast<int>(std::min<int64_t>(TB, d.CRS - t0));
           vec acc[KB][TB];
           for (int q = 0; q < KB; ++q)
             for (int tb = 0; tb < TB; ++tb) acc[q][tb] = S::splat(0);
-          for (int64_t i = 0; i < d.pkh; ++i) {
-            for (int64_t j = 0; j < d.pkw; ++j) {
-              const T* xp[TB];
-              for (int tb = 0; tb < TB; ++tb) {
-                const int64_t t = t0 + tb;
-                if (t < d.CRS) {
-                  const int64_t c = t / (d.R * d.S), r = t / d.S % d.R, s = t % d.S;
-                  xp[tb] = X + d.plane(c, i * d.sh + r * d.dh, j * d.sw + s * d.dw);
-                } else {
-                  xp[tb] = zeros.data();
-                }
-              }
-              const T* gp = Gm + ((i * d.pkw + j) * d.Kpad + kb * KB) * d.Fpad;
-              for (int64_t f0 = 0; f0 < Fv; f0 += V) {
-                vec x[TB];
-                for (int tb = 0; tb < TB; ++tb) x[tb] = S::load(xp[tb] + f0);
-                for (int q = 0; q < KB; ++q) {
-                  const vec gq = S::load(gp + q * d.Fpad + f0);
-                  for (int tb = 0; tb < TB; ++tb) acc[q][tb] += gq * x[tb];
-                }
+          for (int64_t w = 0; w < d.WIN; ++w) {
+            const T* xp[TB];
+            for (int tb = 0; tb < TB; ++tb) xp[tb] = Z + d.toff[w * d.CRS + t0 + std::min(tb, nt - 1)];
+            const T* gp = Gm + (w * d.Kpad + kb * KB) * d.Fpad;
+            for (int64_t f0 = 0; f0 < Fv; f0 += V) {
+              vec x[TB];
+              for (int tb = 0; tb < TB; ++tb) x[tb] = S::load(xp[tb] + f0);
+              for (int q = 0; q < KB; ++q) {
+                const vec gq = S::load(gp + q * d.Fpad + f0);
+                for (int tb = 0; tb < TB; ++tb) acc[q][tb] += gq * x[tb];
               }
             }
           }
-          for (int q = 0; q < KB; ++q)
-            for (int tb = 0; tb < TB && t0 + tb < d.CRS; ++tb) gw[(kb * KB + q) * d.CRS + t0 + tb] += S::hsum(acc[q][tb]);
+          for (int q = 0; q < KB; ++q) {
+            for (int tb = 0; tb < nt; ++tb) {
+              T* dst = gw + ((kb * KB + q) * d.CRS + t0 + tb) * kPartialLanes;
+              S::store(dst, S::load(dst) + acc[q][tb]);
+            }
+          }
         }
       }
     }
     if (a.grad_input) {
-      std::fill(dX, dX + d.pack_elems(), T(0));
+      std::fill(dZ, dZ + d.pack_elems(), T(0));
       for (int64_t f0 = 0; f0 < Fv; f0 += V) {
-        for (int64_t i = 0; i < d.pkh; ++i) {
-          for (int64_t j = 0; j < d.pkw; ++j) {
-            const T* gp = Gm + ((i * d.pkw + j) * d.Kpad) * d.Fpad + f0;
-            for (int64_t kb = 0; kb < d.Kpad / KB; ++kb) {
-              vec g[KB];
-              for (int q = 0; q < KB; ++q) g[q] = S::load(gp + (kb * KB + q) * d.Fpad);
-              const T* wp = a.wpk + kb * d.CRS * KB;
-              for (int64_t c = 0; c < d.C; ++c) {
-                for (int64_t r = 0; r < d.R; ++r) {
-                  T* dxr = dX + d.plane(c, i * d.sh + r * d.dh, j * d.sw) + f0;
-                  for (int64_t s = 0; s < d.S; ++s, wp += KB) {
-                    vec acc = g[0] * wp[0];
-                    for (int q = 1; q < KB; ++q) acc += g[q] * wp[q];
-                    T* p = dxr + s * d.dw * d.Fpad;
-                    S::store(p, S::load(p) + acc);
-                  }
-                }
-              }
+        T* dzf = dZ + f0;
+        for (int64_t w = 0; w < d.WIN; ++w) {
+          const int64_t* toff = d.toff.data() + w * d.CRS;
+          for (int64_t kb = 0; kb < d.Kpad / KB; ++kb) {
+            vec g[KB];
+            for (int q = 0; q < KB; ++q) g[q] = S::load(Gm + (w * d.Kpad + kb * KB + q) * d.Fpad + f0);
+            const T* wp = a.wpk + kb * d.CRS * KB;
+            for (int64_t t = 0; t < d.CRS; ++t, wp += KB) {
+              vec acc = g[0] * wp[0];
+              for (int q = 1; q < KB; ++q) acc += g[q] * wp[q];
+              T* p = dzf + toff[t];
+              S::store(p, S::load(p) + acc);
             }
           }
         }
       }
-      unpack_add(d, dX, a.grad_input + n * CHW);
+      unpack_input(d, dZ, a.grad_input + n * CHW);
     }
   }
 }
