@@ -32,7 +32,14 @@ struct Direct {
   int64_t KB, Kpad;   // output channels per register block; K rounded up to KB
   int64_t CRS, WIN;   // filter taps per output channel, pool window size
   std::vector<int64_t> toff;  // [WIN][CRS]: offset in Z of tap t for window offset w (add f)
+  // grad_input first accumulates into window-shift planes dX[c][dy][dx][f] (dy = i*sh + r*dh,
+  // dx = j*sw + s*dw), where every (window offset, tap) pair adds at the same aligned offset f, then
+  // scatters them into the input gradient.
+  int64_t Dy, Dx;
+  std::vector<int64_t> xoff;  // [WIN][CRS]: start of the pair's plane in dX
+  int64_t dx_elems() const { return C * Dy * Dx * Fpad; }
   int64_t pack_elems() const { return C * Mh * Mw * Zlen; }
+  int64_t grad_elems() const { return WIN * Kpad * Fpad; }
 };
 
 inline Direct make_direct(const ConvPoolShape& s, int64_t KB) {
@@ -54,15 +61,18 @@ inline Direct make_direct(const ConvPoolShape& s, int64_t KB) {
   d.Kpad = (s.K + KB - 1) / KB * KB;
   d.CRS = s.C * s.R * s.S;
   d.WIN = s.pool_kh * s.pool_kw;
+  d.Dy = Dy, d.Dx = Dx;
   d.toff.resize(d.WIN * d.CRS);
+  d.xoff.resize(d.WIN * d.CRS);
   for (int64_t i = 0; i < s.pool_kh; ++i)
     for (int64_t j = 0; j < s.pool_kw; ++j)
       for (int64_t c = 0; c < s.C; ++c)
         for (int64_t r = 0; r < s.R; ++r)
           for (int64_t t = 0; t < s.S; ++t) {
             const int64_t dy = i * s.stride_h + r * s.dil_h, dx = j * s.stride_w + t * s.dil_w;
-            d.toff[(i * s.pool_kw + j) * d.CRS + (c * s.R + r) * s.S + t] =
-                ((c * d.Mh + dy % d.Mh) * d.Mw + dx % d.Mw) * d.Zlen + dy / d.Mh * d.PWs + dx / d.Mw;
+            const int64_t idx = (i * s.pool_kw + j) * d.CRS + (c * s.R + r) * s.S + t;
+            d.toff[idx] = ((c * d.Mh + dy % d.Mh) * d.Mw + dx % d.Mw) * d.Zlen + dy / d.Mh * d.PWs + dx / d.Mw;
+            d.xoff[idx] = ((c * Dy + dy) * Dx + dx) * d.Fpad;
           }
   return d;
 }

@@ -68,6 +68,22 @@ struct Simd {
 template <typename T>
 constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(T));
 
+// A zero-filled scratch array whose data() is 64-byte aligned (full-vector loads at multiples of
+// the width never split a cache line).
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n, T fill = T(0)) : buf_(n + 64 / sizeof(T), fill) {
+    const auto addr = reinterpret_cast<uintptr_t>(buf_.data());
+    data_ = buf_.data() + ((64 - addr % 64) % 64) / sizeof(T);
+  }
+  T* data() { return data_; }
+
+ private:
+  std::vector<T> buf_;
+  T* data_;
+};
+
 // Packs one sample's input (C, H, W) into the phase planes Z (see Direct); unused lanes are 0.
 template <typename T>
 LIGHTNET_OPS_INLINE void pack_input(const Direct& d, const T* in, T* Z) {
@@ -100,23 +116,23 @@ LIGHTNET_OPS_INLINE void pack_input(const Direct& d, const T* in, T* Z) {
   }
 }
 
-// Adjoint of pack_input: writes the gradient of Z back to the sample's input gradient (C, H, W),
-// which must start at zero. Each input element sits in Z at most once; padding drops out.
+// Adds the window-shift planes dX[c][dy][dx][f] (see Direct) into the sample's input gradient
+// (C, H, W); reads that fell into the padding drop out.
 template <typename T>
-LIGHTNET_OPS_INLINE void unpack_input(const Direct& d, const T* dZ, T* gi) {
+LIGHTNET_OPS_INLINE void unshift_add(const Direct& d, const T* dX, T* gi) {
   for (int64_t c = 0; c < d.C; ++c) {
-    for (int64_t a = 0; a < d.Mh; ++a) {
-      for (int64_t b = 0; b < d.Mw; ++b) {
-        const T* src = dZ + ((c * d.Mh + a) * d.Mw + b) * d.Zlen;
-        const int64_t x0 = b - d.pad_w;
-        const int64_t lo = x0 >= 0 ? 0 : std::min(d.PWs, (-x0 + d.Mw - 1) / d.Mw);
-        const int64_t hi = std::max(lo, d.W - 1 - x0 < 0 ? 0 : std::min(d.PWs, (d.W - 1 - x0) / d.Mw + 1));
-        for (int64_t Y = 0; Y < d.PHe; ++Y) {
-          const int64_t y = Y * d.Mh + a - d.pad_h;
+    for (int64_t dy = 0; dy < d.Dy; ++dy) {
+      for (int64_t dx = 0; dx < d.Dx; ++dx) {
+        const T* src = dX + ((c * d.Dy + dy) * d.Dx + dx) * d.Fpad;
+        const int64_t x0 = dx - d.pad_w;
+        const int64_t lo = x0 >= 0 ? 0 : std::min(d.PW, (-x0 + d.Mw - 1) / d.Mw);
+        const int64_t hi = std::max(lo, d.W - 1 - x0 < 0 ? 0 : std::min(d.PW, (d.W - 1 - x0) / d.Mw + 1));
+        for (int64_t ph = 0; ph < d.PH; ++ph) {
+          const int64_t y = ph * d.Mh + dy - d.pad_h;
           if (y < 0 || y >= d.H) continue;
-          const T* row = src + Y * d.PWs;
+          const T* row = src + ph * d.PWs;
           T* dst = gi + (c * d.H + y) * d.W + x0;
-          for (int64_t X = lo; X < hi; ++X) dst[X * d.Mw] = row[X];
+          for (int64_t pw = lo; pw < hi; ++pw) dst[pw * d.Mw] += row[pw];
         }
       }
     }
@@ -131,7 +147,7 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
   using ivec = typename S::ivec;
   const Direct& d = *a.d;
   std::vector<T> zbuf(d.pack_elems());
-  std::vector<T> obuf(d.K * d.Fpad);          // output in the packed position layout
+  Scratch<T> obuf(d.K * d.Fpad);              // output in the packed position layout
   std::vector<uint8_t> abuf(d.K * d.Fpad);    // argmax likewise
   T* Z = zbuf.data();
   const int64_t CHW = d.C * d.H * d.W, F = d.PH * d.PW;
@@ -201,13 +217,13 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
   static_assert(V <= kPartialLanes, "partial sums hold at most kPartialLanes lanes");
   const Direct& d = *a.d;
   const int64_t Fv = (d.Fs + V - 1) / V * V;  // lanes the vector loops touch (<= Fpad)
-  std::vector<T> zbuf(a.need_weight ? d.pack_elems() : 0);
-  std::vector<T> dzbuf(a.grad_input ? d.pack_elems() : 0);
-  std::vector<T> gmbuf(d.WIN * d.Kpad * d.Fpad, T(0));  // rows k >= K stay zero
-  std::vector<T> gsbuf(d.Fpad, T(0));                    // one gradient plane, packed layout
-  std::vector<uint8_t> asbuf(d.Fpad, kArgmaxReluZero);   // its argmax; gaps never route
+  Scratch<T> zbuf(a.need_weight ? d.pack_elems() : 0);
+  Scratch<T> dxbuf(a.grad_input ? d.dx_elems() : 0);
+  Scratch<T> gmbuf(d.grad_elems());                  // rows k >= K stay zero
+  std::vector<T> gsbuf(d.Fpad, T(0));                // one gradient plane, packed layout
+  std::vector<uint8_t> asbuf(d.Fpad, kArgmaxReluZero);  // its argmax; gaps never route
   T* Z = zbuf.data();
-  T* dZ = dzbuf.data();
+  T* dX = dxbuf.data();
   T* Gm = gmbuf.data();  // Gm[w][k][f]: pooled gradient where argmax == w, else 0
   const int64_t CHW = d.C * d.H * d.W, F = d.PH * d.PW;
   for (int64_t n = n0; n < n1; ++n) {
@@ -261,11 +277,14 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
       }
     }
     if (a.grad_input) {
-      std::fill(dZ, dZ + d.pack_elems(), T(0));
+      // Every (window offset, tap) pair adds weight * masked gradient into its window-shift plane
+      // at the same, aligned offset f0 (no partially overlapping read-modify-writes, which would
+      // stall store forwarding); the planes are scattered into the input gradient afterwards.
+      std::fill(dX, dX + d.dx_elems(), T(0));
       for (int64_t f0 = 0; f0 < Fv; f0 += V) {
-        T* dzf = dZ + f0;
+        T* dxf = dX + f0;
         for (int64_t w = 0; w < d.WIN; ++w) {
-          const int64_t* toff = d.toff.data() + w * d.CRS;
+          const int64_t* xoff = d.xoff.data() + w * d.CRS;
           for (int64_t kb = 0; kb < d.Kpad / KB; ++kb) {
             vec g[KB];
             for (int q = 0; q < KB; ++q) g[q] = S::load(Gm + (w * d.Kpad + kb * KB + q) * d.Fpad + f0);
@@ -273,13 +292,13 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
             for (int64_t t = 0; t < d.CRS; ++t, wp += KB) {
               vec acc = g[0] * wp[0];
               for (int q = 1; q < KB; ++q) acc += g[q] * wp[q];
-              T* p = dzf + toff[t];
+              T* p = dxf + xoff[t];
               S::store(p, S::load(p) + acc);
             }
           }
         }
       }
-      unpack_input(d, dZ, a.grad_input + n * CHW);
+      unshift_add(d, dX, a.grad_input + n * CHW);
     }
   }
 }
