@@ -49,8 +49,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at
     });
   });
   const auto empty = at::empty({0}, input.options());
-  return {output_mask[0] ? at::mm(gated, weight) : empty, output_mask[1] ? at::mm(gated.t(), input) : empty,
-          output_mask[2] ? gated.sum(0) : empty};
+  at::Tensor grad_input = empty, grad_weight = empty;
+  // The two GEMMs have the same size (M * out * in multiply-adds) and are independent. With two
+  // threads (this machine class), or for GEMMs too small to split well across more, run them side
+  // by side, one thread each, instead of splitting each across the threads (and synchronising);
+  // nested ATen/BLAS calls inside parallel_for run single-threaded. Larger GEMMs on more cores
+  // keep the BLAS's own threading.
+  const int threads = at::get_num_threads();
+  const bool small = input.size(0) * input.size(1) * weight.size(0) <= (int64_t(1) << 24);
+  if (output_mask[0] && output_mask[1] && (threads == 2 || (threads > 2 && small)) && !at::in_parallel_region()) {
+    grad_input = at::empty({input.size(0), input.size(1)}, input.options());
+    grad_weight = at::empty({weight.size(0), weight.size(1)}, input.options());
+    at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+      // Worker threads do not inherit the caller's dispatch state: skip autograd there too.
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (int64_t task = begin; task < end; ++task) {
+        if (task == 0) {
+          at::mm_out(grad_input, gated, weight);
+        } else {
+          at::mm_out(grad_weight, gated.t(), input);
+        }
+      }
+    });
+  } else {
+    if (output_mask[0]) grad_input = at::mm(gated, weight);
+    if (output_mask[1]) grad_weight = at::mm(gated.t(), input);
+  }
+  return {grad_input, grad_weight, output_mask[2] ? gated.sum(0) : empty};
 }
 
 }  // namespace
