@@ -38,6 +38,7 @@ struct Direct {
   int64_t Dy, Dx;
   std::vector<int64_t> xoff;  // [WIN][CRS]: start of the pair's plane in dX
   int64_t dx_elems() const { return C * Dy * Dx * Fpad; }
+  std::vector<int64_t> pooled;  // [Fpad]: pooled index ph * PW + pw of packed position f, or -1
   int64_t pack_elems() const { return C * Mh * Mw * Zlen; }
   int64_t grad_elems() const { return WIN * Kpad * Fpad; }
 };
@@ -62,6 +63,9 @@ inline Direct make_direct(const ConvPoolShape& s, int64_t KB) {
   d.CRS = s.C * s.R * s.S;
   d.WIN = s.pool_kh * s.pool_kw;
   d.Dy = Dy, d.Dx = Dx;
+  d.pooled.assign(d.Fpad, -1);
+  for (int64_t ph = 0; ph < s.PH; ++ph)
+    for (int64_t pw = 0; pw < s.PW; ++pw) d.pooled[ph * d.PWs + pw] = ph * s.PW + pw;
   d.toff.resize(d.WIN * d.CRS);
   d.xoff.resize(d.WIN * d.CRS);
   for (int64_t i = 0; i < s.pool_kh; ++i)

@@ -65,6 +65,14 @@ struct Simd {
   }
 };
 
+// Keeps a loaded vector in a register instead of letting the compiler re-load it as a memory
+// operand of every instruction that uses it (which makes the grad_weight loop load-bound).
+#if LIGHTNET_OPS_X86_DISPATCH
+#define LIGHTNET_OPS_IN_REGISTER(v) __asm__("" : "+v"(v))
+#else
+#define LIGHTNET_OPS_IN_REGISTER(v) (void)0
+#endif
+
 template <typename T>
 constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(T));
 
@@ -192,13 +200,18 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
         }
       }
     }
-    // Drop the lanes past each pooled row.
+    // Drop the lanes past each pooled row (an index loop: short rows make memcpy calls dominate).
     T* out = a.out + n * d.K * F;
     uint8_t* am = a.argmax ? a.argmax + n * d.K * F : nullptr;
+    const int64_t* pooled = d.pooled.data();
     for (int64_t k = 0; k < d.K; ++k) {
-      for (int64_t ph = 0; ph < d.PH; ++ph) {
-        std::memcpy(out + k * F + ph * d.PW, obuf.data() + k * d.Fpad + ph * d.PWs, d.PW * sizeof(T));
-        if (am) std::memcpy(am + k * F + ph * d.PW, abuf.data() + k * d.Fpad + ph * d.PWs, d.PW);
+      const T* o = obuf.data() + k * d.Fpad;
+      const uint8_t* ab = abuf.data() + k * d.Fpad;
+      for (int64_t f = 0; f < d.Fs; ++f) {
+        const int64_t idx = pooled[f];
+        if (idx < 0) continue;
+        out[k * F + idx] = o[f];
+        if (am) am[k * F + idx] = ab[f];
       }
     }
   }
@@ -231,9 +244,10 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
     for (int64_t k = 0; k < d.K; ++k) {
       const T* g = a.grad_out + (n * d.K + k) * F;
       const uint8_t* am = a.argmax + (n * d.K + k) * F;
-      for (int64_t ph = 0; ph < d.PH; ++ph) {
-        std::memcpy(gsbuf.data() + ph * d.PWs, g + ph * d.PW, d.PW * sizeof(T));
-        std::memcpy(asbuf.data() + ph * d.PWs, am + ph * d.PW, d.PW);
+      for (int64_t f = 0; f < d.Fs; ++f) {
+        const int64_t idx = d.pooled[f];
+        gsbuf[f] = idx < 0 ? T(0) : g[idx];
+        asbuf[f] = idx < 0 ? kArgmaxReluZero : am[idx];
       }
       vec bsum = S::splat(0);
       const vec zero = S::splat(0);
@@ -262,7 +276,8 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
               vec x[TB];
               for (int tb = 0; tb < TB; ++tb) x[tb] = S::load(xp[tb] + f0);
               for (int q = 0; q < KB; ++q) {
-                const vec gq = S::load(gp + q * d.Fpad + f0);
+                vec gq = S::load(gp + q * d.Fpad + f0);
+                LIGHTNET_OPS_IN_REGISTER(gq);
                 for (int tb = 0; tb < TB; ++tb) acc[q][tb] += gq * x[tb];
               }
             }
