@@ -73,6 +73,9 @@ struct Simd {
 #define LIGHTNET_OPS_IN_REGISTER(v) (void)0
 #endif
 
+// Register-block loops must be fully unrolled early, or the accumulator arrays stay in memory.
+#define LIGHTNET_OPS_UNROLL _Pragma("GCC unroll 16")
+
 template <typename T>
 constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(T));
 
@@ -169,20 +172,24 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
         ivec arg[KB];
         for (int64_t w = 0; w < d.WIN; ++w) {
           vec acc[KB];
+          LIGHTNET_OPS_UNROLL
           for (int q = 0; q < KB; ++q) acc[q] = S::splat(a.bpk[kb * KB + q]);
           const int64_t* toff = d.toff.data() + w * d.CRS;
           const T* wp = wk;
           for (int64_t t = 0; t < d.CRS; ++t, wp += KB) {
             const vec x = S::load(zf + toff[t]);
+            LIGHTNET_OPS_UNROLL
             for (int q = 0; q < KB; ++q) acc[q] += x * wp[q];
           }
           if (w == 0) {
+            LIGHTNET_OPS_UNROLL
             for (int q = 0; q < KB; ++q) {
               best[q] = acc[q];
               arg[q] = S::isplat(0);
             }
           } else {
             const ivec off = S::isplat(w);
+            LIGHTNET_OPS_UNROLL
             for (int q = 0; q < KB; ++q) {
               const ivec take = S::pool_takes(acc[q], best[q]);
               best[q] = S::select(take, acc[q], best[q]);
@@ -190,6 +197,7 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
             }
           }
         }
+        LIGHTNET_OPS_UNROLL
         for (int q = 0; q < KB && kb * KB + q < d.K; ++q) {
           const int64_t k = kb * KB + q;
           S::store(obuf.data() + k * d.Fpad + f0, S::relu(best[q]));
@@ -266,23 +274,31 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
         for (int64_t t0 = 0; t0 < d.CRS; t0 += TB) {
           const int nt = static_cast<int>(std::min<int64_t>(TB, d.CRS - t0));
           vec acc[KB][TB];
+          LIGHTNET_OPS_UNROLL
           for (int q = 0; q < KB; ++q)
+            LIGHTNET_OPS_UNROLL
             for (int tb = 0; tb < TB; ++tb) acc[q][tb] = S::splat(0);
           for (int64_t w = 0; w < d.WIN; ++w) {
             const T* xp[TB];
+            LIGHTNET_OPS_UNROLL
             for (int tb = 0; tb < TB; ++tb) xp[tb] = Z + d.toff[w * d.CRS + t0 + std::min(tb, nt - 1)];
             const T* gp = Gm + (w * d.Kpad + kb * KB) * d.Fpad;
             for (int64_t f0 = 0; f0 < Fv; f0 += V) {
               vec x[TB];
+              LIGHTNET_OPS_UNROLL
               for (int tb = 0; tb < TB; ++tb) x[tb] = S::load(xp[tb] + f0);
+              LIGHTNET_OPS_UNROLL
               for (int q = 0; q < KB; ++q) {
                 vec gq = S::load(gp + q * d.Fpad + f0);
                 LIGHTNET_OPS_IN_REGISTER(gq);
+                LIGHTNET_OPS_UNROLL
                 for (int tb = 0; tb < TB; ++tb) acc[q][tb] += gq * x[tb];
               }
             }
           }
+          LIGHTNET_OPS_UNROLL
           for (int q = 0; q < KB; ++q) {
+            LIGHTNET_OPS_UNROLL
             for (int tb = 0; tb < nt; ++tb) {
               T* dst = gw + ((kb * KB + q) * d.CRS + t0 + tb) * kPartialLanes;
               S::store(dst, S::load(dst) + acc[q][tb]);
@@ -302,10 +318,12 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
           const int64_t* xoff = d.xoff.data() + w * d.CRS;
           for (int64_t kb = 0; kb < d.Kpad / KB; ++kb) {
             vec g[KB];
+            LIGHTNET_OPS_UNROLL
             for (int q = 0; q < KB; ++q) g[q] = S::load(Gm + (w * d.Kpad + kb * KB + q) * d.Fpad + f0);
             const T* wp = a.wpk + kb * d.CRS * KB;
             for (int64_t t = 0; t < d.CRS; ++t, wp += KB) {
               vec acc = g[0] * wp[0];
+              LIGHTNET_OPS_UNROLL
               for (int q = 1; q < KB; ++q) acc += g[q] * wp[q];
               T* p = dxf + xoff[t];
               S::store(p, S::load(p) + acc);
