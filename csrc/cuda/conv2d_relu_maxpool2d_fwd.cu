@@ -13,10 +13,12 @@
 //
 // Heuristic: direct when C*R*S <= kDirectMaxCRS and every size fits the kernel's 32-bit in-plane
 // index math, else cudnn. Override for tuning and tests with the environment variable
-// LIGHTNET_OPS_CUDA_CONV_PATH=direct|cudnn (read on every call; anything else means auto).
+// LIGHTNET_OPS_CUDA_CONV_PATH=direct|cudnn (read on every call; anything else means auto; see
+// cuda_conv_direct.cuh).
 #include <torch/library.h>
 
 #include "lightnet_ops/conv_params.h"
+#include "lightnet_ops/cuda_conv_direct.cuh"
 #include "lightnet_ops/cuda_utils.cuh"
 
 namespace lightnet_ops {
@@ -30,69 +32,16 @@ constexpr int64_t kDirectMaxCRS = 256;
 // from global memory instead.
 constexpr int64_t kDirectMaxSmemBytes = 48 * 1024;
 
-// Sizes for the direct kernel: batch and channel counts in 64 bits, everything inside one image
-// plane in 32 bits (checked on the host by direct_fits()).
-struct DirectParams {
-  int64_t N, K;
-  int C, H, W, R, S;
-  int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  int pool_kh, pool_kw, pool_sh, pool_sw;
-  int PH, PW;
-};
-
-constexpr int64_t kInt32Safe = int64_t{1} << 30;
-
-bool direct_fits(const ConvPoolShape& s) {
-  // ih = oh * stride_h - pad_h + r * dil_h lies in [-pad_h, H + pad_h]; the products below bound
-  // every intermediate of the kernel's int arithmetic.
-  const int64_t bounds[] = {s.C * s.R * s.S,
-                            s.H * s.W,
-                            s.H + 2 * s.pad_h + s.dil_h * s.R + s.stride_h,
-                            s.W + 2 * s.pad_w + s.dil_w * s.S + s.stride_w,
-                            s.P * s.stride_h + s.pad_h,
-                            s.Q * s.stride_w + s.pad_w,
-                            s.PH * s.pool_sh + s.pool_kh,
-                            s.PW * s.pool_sw + s.pool_kw};
-  for (const int64_t b : bounds) {
-    if (b < 0 || b >= kInt32Safe) return false;
-  }
-  return true;
-}
-
-DirectParams make_direct_params(const ConvPoolShape& s) {
-  DirectParams p;
-  p.N = s.N;
-  p.K = s.K;
-  p.C = static_cast<int>(s.C);
-  p.H = static_cast<int>(s.H);
-  p.W = static_cast<int>(s.W);
-  p.R = static_cast<int>(s.R);
-  p.S = static_cast<int>(s.S);
-  p.stride_h = static_cast<int>(s.stride_h);
-  p.stride_w = static_cast<int>(s.stride_w);
-  p.pad_h = static_cast<int>(s.pad_h);
-  p.pad_w = static_cast<int>(s.pad_w);
-  p.dil_h = static_cast<int>(s.dil_h);
-  p.dil_w = static_cast<int>(s.dil_w);
-  p.pool_kh = static_cast<int>(s.pool_kh);
-  p.pool_kw = static_cast<int>(s.pool_kw);
-  p.pool_sh = static_cast<int>(s.pool_sh);
-  p.pool_sw = static_cast<int>(s.pool_sw);
-  p.PH = static_cast<int>(s.PH);
-  p.PW = static_cast<int>(s.PW);
-  return p;
-}
-
 enum class ConvPath { kDirect, kCudnn };
 
 ConvPath choose_path(const ConvPoolShape& s, const at::Tensor& input) {
   if (!direct_fits(s)) return ConvPath::kCudnn;
-  const char* forced = env_or_empty("LIGHTNET_OPS_CUDA_CONV_PATH");
-  if (std::strcmp(forced, "direct") == 0) return ConvPath::kDirect;
+  const ForcedPath forced = forced_path(/*backward=*/false);
+  if (forced == ForcedPath::kDirect) return ConvPath::kDirect;
   // An input with no elements (C == 0, or H == 0 with padding) has a conv output equal to the
   // bias; the direct kernel handles it without asking cuDNN about degenerate sizes.
   if (input.numel() == 0) return ConvPath::kDirect;
-  if (std::strcmp(forced, "cudnn") == 0) return ConvPath::kCudnn;
+  if (forced == ForcedPath::kCudnn) return ConvPath::kCudnn;
   return s.C * s.R * s.S <= kDirectMaxCRS ? ConvPath::kDirect : ConvPath::kCudnn;
 }
 

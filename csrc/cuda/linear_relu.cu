@@ -90,7 +90,9 @@ at::Tensor linear_relu_cuda(const at::Tensor& input, const at::Tensor& weight, c
   check_cuda_dtype(input, op);
   const c10::cuda::CUDAGuard guard(input.device());
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias && std::strcmp(env_or_empty("LIGHTNET_OPS_CUDA_LINEAR_EPILOGUE"), "cublaslt") == 0) {
+  // Opt-in cuBLASLt RELU_BIAS epilogue, for non-degenerate half/bfloat16/float32 problems only.
+  if (has_bias && input.scalar_type() != at::kDouble && input.size(0) > 0 && input.size(1) > 0 &&
+      weight.size(0) > 0 && std::strcmp(env_or_empty("LIGHTNET_OPS_CUDA_LINEAR_EPILOGUE"), "cublaslt") == 0) {
     return at::_addmm_activation(*bias, input, weight.t(), 1, 1, /*use_gelu=*/false);
   }
   at::Tensor out = has_bias ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
