@@ -249,7 +249,7 @@ def _make_conv(case: Case, impl: str, mode: str, device: torch.device) -> Runner
     else:
         def f(x, w, b, stride, padding, dilation, pool_k, pool_s, _backend=impl):
             return lo.conv2d_relu_maxpool2d(x, w, b, stride, padding, dilation, pool_k, pool_s, backend=_backend)
-    return _op_runner(case, mode, f, (x, w, b), args)
+    return _op_runner(case, mode, f, (x, w, b), args, (N, z["K"], z["PH"], z["PW"]))
 
 
 def _make_linear(case: Case, impl: str, mode: str, device: torch.device) -> Runner:
@@ -267,10 +267,10 @@ def _make_linear(case: Case, impl: str, mode: str, device: torch.device) -> Runn
     else:
         def f(x, w, b, _backend=impl):
             return lo.linear_relu(x, w, b, backend=_backend)
-    return _op_runner(case, mode, f, (x, w, b), ())
+    return _op_runner(case, mode, f, (x, w, b), (), (case.batch, fout))
 
 
-def _op_runner(case: Case, mode: str, f: Callable, tensors: tuple, args: tuple) -> Runner:
+def _op_runner(case: Case, mode: str, f: Callable, tensors: tuple, args: tuple, out_shape: tuple) -> Runner:
     flops, nbytes = _op_cost(case, mode)
     if mode == "fwd":
         x, w, b = tensors
@@ -283,10 +283,8 @@ def _op_runner(case: Case, mode: str, f: Callable, tensors: tuple, args: tuple) 
     if mode != "fwd+bwd":
         raise ValueError(f"mode {mode!r} does not apply to case {case.name}")
     leaves = [t.detach().requires_grad_(True) for t in tensors]
-    with torch.no_grad():
-        shape = f(*[t.detach() for t in tensors], *args).shape
     g = torch.Generator().manual_seed(1)
-    grad_out = torch.randn(shape, generator=g).to(tensors[0].device, tensors[0].dtype)
+    grad_out = torch.randn(out_shape, generator=g).to(tensors[0].device, tensors[0].dtype)
 
     def forward_with_grad():
         return f(*leaves, *args)
@@ -621,19 +619,22 @@ def _fmt_bytes(b: Optional[float]) -> str:
     return f"{b:.0f} B"
 
 
-TABLE_HEADER = ("case", "mode", "backend", "median", "IQR", "x stock", "x compile", "saved/sample", "mem saved")
+TABLE_HEADER = ("case", "mode", "backend", "median", "IQR", "x stock", "x compile", "saved/sample", "mem saved",
+                "%copyBW")
 
 
 def table_rows(rows: list[dict]) -> list[tuple]:
     out = []
     for r in rows:
         if r.get("error"):
-            out.append((r["case"], r["mode"], r["backend"], "error: " + r["error"][:60], "", "", "", "", ""))
+            out.append((r["case"], r["mode"], r["backend"], "error: " + r["error"][:60], "", "", "", "", "", ""))
             continue
         mem = r.get("memory_ratio_vs_stock")
+        bw = r.get("fraction_of_copy_bandwidth")
         out.append((r["case"], r["mode"], r["backend"], _fmt_time(r.get("median_s")), _fmt_time(r.get("iqr_s")),
                     _fmt_ratio(r.get("speedup_vs_stock")), _fmt_ratio(r.get("speedup_vs_compile")),
-                    _fmt_bytes(r.get("saved_bytes_per_sample")), "-" if mem is None else f"{mem:.1f}x"))
+                    _fmt_bytes(r.get("saved_bytes_per_sample")), "-" if mem is None else f"{mem:.1f}x",
+                    "-" if bw is None else f"{100 * bw:.1f}%"))
     return out
 
 
@@ -739,12 +740,14 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parse(argv)
     if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
     else:
         if args.device == "cuda" and not torch.cuda.is_available():
             print("--device cuda: no CUDA GPU is visible", file=sys.stderr)
             return 2
-        device = torch.device(args.device)
+        device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" \
+            else torch.device("cpu")
     kind = device.type
     backends = list(args.backends) if args.backends else default_backends(kind)
     if args.no_compile:
@@ -768,8 +771,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
     info = device_info(device)
-    if kind == "cuda":
-        torch.cuda.set_device(device)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
