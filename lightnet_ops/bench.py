@@ -565,6 +565,13 @@ def _cpu_simd() -> list[str]:
     return []
 
 
+def _load_average() -> Optional[list[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def _version(dist: str) -> Optional[str]:
     try:
         return importlib.metadata.version(dist)
@@ -778,6 +785,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     groups = [(c, m) for c in cases for m in c.modes if not args.modes or m in args.modes]
     log(f"lightnet_ops bench on {info['name']} ({kind}, {threads} threads): {len(groups)} case/mode groups x "
         f"{len(backends)} backends [{', '.join(backends)}]{' (quick)' if args.quick else ''}")
+    load_before = _load_average()
+    if kind == "cpu" and load_before and load_before[0] > (os.cpu_count() or 1):
+        log(f"warning: load average {load_before[0]:.1f} exceeds the {os.cpu_count()} CPUs; other processes are "
+            f"competing for the cores and CPU timings will be noisy (compare ratios, not absolute times)")
     t_start = time.perf_counter()
     bw = None
     try:
@@ -812,7 +823,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                           python=platform.python_version()),
             backends=backends, lightnet_ops_backends=lo.backends(),
             triton_interpret=os.environ.get("TRITON_INTERPRET"), copy_bandwidth=bw, elapsed_s=elapsed,
-            settings=asdict(settings),
+            settings=asdict(settings), load_average_before=load_before, load_average_after=_load_average(),
             notes=["speedups are ratios of medians from the same run (round-robin sampling)",
                    "fwd = inference under torch.no_grad(); fwd+bwd = forward + torch.autograd.grad of input, "
                    "weight, bias with a fixed grad_output; step = zero_grad, forward, cross_entropy, backward, SGD",
