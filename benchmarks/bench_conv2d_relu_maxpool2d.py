@@ -4,9 +4,13 @@ forward+backward, for every backend this install has plus stock eager and torch.
 from __future__ import annotations
 
 import pytest
-from conftest import params
+import torch
+
+import lightnet_ops.bench as lb
+
+DEVICE_KIND = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("case,mode,impl", params("conv"))
+@pytest.mark.parametrize("case,mode,impl", lb.benchmark_matrix("conv", DEVICE_KIND), ids=lb.case_id)
 def test_conv2d_relu_maxpool2d(benchmark, bench_run, case, mode, impl):
     bench_run(benchmark, case, impl, mode)

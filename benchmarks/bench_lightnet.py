@@ -4,9 +4,13 @@ inference forward and the SGD training step (forward, cross-entropy, backward, s
 from __future__ import annotations
 
 import pytest
-from conftest import params
+import torch
+
+import lightnet_ops.bench as lb
+
+DEVICE_KIND = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("case,mode,impl", params("lightnet"))
+@pytest.mark.parametrize("case,mode,impl", lb.benchmark_matrix("lightnet", DEVICE_KIND), ids=lb.case_id)
 def test_lightnet(benchmark, bench_run, case, mode, impl):
     bench_run(benchmark, case, impl, mode)

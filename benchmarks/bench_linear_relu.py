@@ -4,9 +4,13 @@ and forward+backward, for every backend this install has plus stock eager and to
 from __future__ import annotations
 
 import pytest
-from conftest import params
+import torch
+
+import lightnet_ops.bench as lb
+
+DEVICE_KIND = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("case,mode,impl", params("linear"))
+@pytest.mark.parametrize("case,mode,impl", lb.benchmark_matrix("linear", DEVICE_KIND), ids=lb.case_id)
 def test_linear_relu(benchmark, bench_run, case, mode, impl):
     bench_run(benchmark, case, impl, mode)

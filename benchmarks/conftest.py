@@ -39,18 +39,6 @@ def pytest_report_header(config):
             f"impls={lb.default_backends(DEVICE.type)}"]
 
 
-def params(op: str) -> list:
-    """pytest params (case, mode, impl) for every case of `op` on this device, every mode, every impl."""
-    out = []
-    for case in lb.CASES:
-        if case.op != op or DEVICE.type not in case.devices:
-            continue
-        for mode in case.modes:
-            for impl in lb.default_backends(DEVICE.type):
-                out.append(pytest.param(case, mode, impl, id=f"{case.name}-{mode}-{impl}"))
-    return out
-
-
 @pytest.fixture
 def bench_run():
     """bench_run(benchmark, case, impl, mode): warms up (torch.compile compiles here, untimed), then

@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -352,6 +352,18 @@ def default_backends(device_kind: str) -> list[str]:
     names = [b for b in lo.backends() if b != ("cuda" if device_kind == "cpu" else "cpu")]
     order = {"cpu": 0, "cuda": 0, "triton": 1, "reference": 2}
     return sorted(names, key=order.get) + list(PEERS)
+
+
+def benchmark_matrix(op: str, device_kind: str) -> list[tuple[Case, str, str]]:
+    """(case, mode, impl) for every case of `op` ("conv", "linear", "lightnet") on the device kind,
+    every mode and every default backend and peer: the parametrisation of benchmarks/bench_*.py."""
+    impls = default_backends(device_kind)
+    return [(c, m, i) for c in CASES if c.op == op and device_kind in c.devices for m in c.modes for i in impls]
+
+
+def case_id(value: Any) -> Optional[str]:
+    """pytest id for benchmark_matrix values: the case name for a Case, the default otherwise."""
+    return value.name if isinstance(value, Case) else None
 
 
 # ----------------------------------------------------------------------------------------------
