@@ -520,10 +520,13 @@ def measure_group(case: Case, mode: str, impls: list[str], device: torch.device,
     stock = rows.get("stock", {}).get("median_s")
     comp = rows.get("compile", {}).get("median_s")
     stock_saved = rows.get("stock", {}).get("saved_bytes")
+    stock_min = rows.get("stock", {}).get("min_s")
     for row in rows.values():
         med = row.get("median_s")
         row["speedup_vs_stock"] = stock / med if med and stock else None
         row["speedup_vs_compile"] = comp / med if med and comp else None
+        # Ratio of the fastest samples: less sensitive to other processes on a shared machine.
+        row["speedup_vs_stock_of_min"] = stock_min / row["min_s"] if row.get("min_s") and stock_min else None
         saved = row.get("saved_bytes")
         row["memory_ratio_vs_stock"] = (stock_saved / saved if saved else None) if stock_saved and saved is not None \
             else None
@@ -604,7 +607,9 @@ def device_info(device: torch.device) -> dict:
         props = torch.cuda.get_device_properties(device)
         return dict(kind="cuda", name=torch.cuda.get_device_name(device),
                     total_memory_bytes=props.total_memory, capability=f"{props.major}.{props.minor}",
-                    cuda_runtime=torch.version.cuda, host_cpu=_cpu_model())
+                    cuda_runtime=torch.version.cuda, host_cpu=_cpu_model(),
+                    cudnn_benchmark=torch.backends.cudnn.benchmark, cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
     return dict(kind="cpu", name=_cpu_model(), logical_cpus=os.cpu_count(), simd=_cpu_simd(),
                 torch_cpu_capability=torch.backends.cpu.get_cpu_capability())
 
