@@ -14,7 +14,11 @@ batch 32, 10 epochs (450 steps), the same shuffling for every model.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +109,18 @@ def test_float32_training_parity_and_accuracy(data32):
     rel = ((losses_c[early] - losses_s[early]).abs() / losses_s[early].abs()).max().item()
     assert rel <= 1e-4, f"max relative loss difference over the first 150 steps {rel:.2e}"
     assert acc_s >= 0.95 and acc_c >= 0.95, (acc_s, acc_c)
+
+
+def test_example_script_runs(tmp_path):
+    """examples/train_digits.py: progress bar, accuracy line, plot PNG under --out."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(root / "examples" / "train_digits.py"), "--epochs", "2", "--out", str(tmp_path)],
+        cwd=root, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "held-out accuracy" in out.stdout
+    assert "step/s" in out.stderr or "it/s" in out.stderr  # tqdm writes its bar to stderr
+    png = tmp_path / "digits_lightnet.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
