@@ -5,6 +5,7 @@ graph breaks, options, and the Inductor hand-off."""
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 import textwrap
@@ -242,3 +243,16 @@ def test_inductor_handoff_uses_fused_forward_and_backward_ops():
     for op in ("conv2d_relu_maxpool2d", "conv2d_relu_maxpool2d_backward", "linear_relu", "linear_relu_backward"):
         assert f"lightnet_ops::{op}" in events, (op, sorted(e for e in events if "lightnet" in e))
     assert compile_backend.reports[-1].inductor
+
+
+def test_three_ways_example_runs():
+    """examples/three_ways.py (the README's three ways in) runs and reports matching results."""
+    path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}  # this tree's lightnet_ops
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "three_ways.py")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "lightnet_ops.fuse: 5 chain(s) fused" in out.stdout
+    assert "lightnet_ops backend: 4 chain(s) fused" in out.stdout
+    diffs = [float(line.rsplit("=", 1)[1]) for line in out.stdout.splitlines() if "max |fused - stock|" in line]
+    assert len(diffs) == 3 and all(d < 1e-4 for d in diffs), diffs

@@ -114,7 +114,9 @@ def test_float32_training_parity_and_accuracy(data32):
 def test_example_script_runs(tmp_path):
     """examples/train_digits.py: progress bar, accuracy line, plot PNG under --out."""
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # import the lightnet_ops of this tree, not whatever is installed
+    path = os.pathsep.join([str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     out = subprocess.run(
         [sys.executable, str(root / "examples" / "train_digits.py"), "--epochs", "2", "--out", str(tmp_path)],
         cwd=root, capture_output=True, text=True, timeout=300, env=env,
