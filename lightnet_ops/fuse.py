@@ -150,7 +150,8 @@ def _pool_params(kernel_size: Any, stride: Any, padding: Any, dilation: Any, cei
                  return_indices: Any) -> tuple[tuple[int, int], tuple[int, int]]:
     """(pool_kernel_size, pool_stride) as int pairs, or _Skip."""
     k = _int_pair(kernel_size, "pool kernel_size")
-    s = k if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else _int_pair(stride, "pool stride")
+    default_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)  # [] in aten
+    s = k if default_stride else _int_pair(stride, "pool stride")
     if _int_pair(padding, "pool padding") != (0, 0):
         raise _Skip(f"pool padding={padding} (the fused op pools without padding)")
     if _int_pair(dilation, "pool dilation") != (1, 1):
