@@ -102,8 +102,7 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):  # noqa: ANN001, ANN201
         if fullname != _REGISTRY_MODULE:
             return None
-        _remove_hook()
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)  # the normal spec, loader wrapped
         if spec is not None and spec.loader is not None:
             spec.loader = _Loader(spec.loader)
         return spec
@@ -118,6 +117,7 @@ class _Loader(importlib.abc.Loader):
 
     def exec_module(self, module) -> None:  # noqa: ANN001
         self._inner.exec_module(module)
+        _remove_hook()
         if BACKEND_NAME not in module._COMPILER_FNS:
             module.register_backend(compiler_fn=lightnet_ops_backend, name=BACKEND_NAME)
 

@@ -82,6 +82,13 @@ def test_registered_by_name():
     assert lookup_backend("lightnet_ops") is compile_backend.lightnet_ops_backend
 
 
+def test_register_is_idempotent():
+    compile_backend.register()
+    compile_backend.register()
+    assert "lightnet_ops" in torch._dynamo.list_backends()
+    assert compile_backend._HOOK not in sys.meta_path  # the import hook removed itself
+
+
 def test_lazy_registration_in_fresh_process():
     """`import lightnet_ops` does not import TorchDynamo, yet the name works in torch.compile."""
     code = textwrap.dedent("""
