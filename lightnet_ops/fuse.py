@@ -45,7 +45,7 @@ from ._shapes import MAX_POOL_WINDOW, pair
 from .backend_registry import BACKEND_NAMES
 from .modules import Conv2dReLUMaxPool2d, LinearReLU
 
-__all__ = ["FusedChain", "fuse", "fuse_graph"]
+__all__ = ["FusedChain", "fuse", "fuse_graph", "summary"]
 
 CONV_KIND = "conv2d_relu_maxpool2d"
 LINEAR_KIND = "linear_relu"
@@ -258,7 +258,7 @@ def _fuse_sequentials(root: nn.Module, backend: str, fused: list[FusedChain], sk
 # --------------------------------------------------------------------------------------------
 # Graph pass (torch.fx graphs: symbolic traces and TorchDynamo captures)
 
-_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_, torch.nn.functional.relu}
+_RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_}
 _RELU_METHODS = {"relu", "relu_"}
 _POOL_FUNCTIONS = {F.max_pool2d, torch.max_pool2d}
 _CONV_FUNCTIONS = {F.conv2d, torch.conv2d}
@@ -277,8 +277,7 @@ def _module_of(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
 def _relu_input(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
     """The input node if `node` is a ReLU (any spelling), else None."""
     if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
-        b = _bind(_relu_sig, node.args, node.kwargs) if node.target in (F.relu, F.relu_) else \
-            _bind(lambda input: None, node.args, node.kwargs)
+        b = _bind(_relu_sig, node.args, node.kwargs)  # (input, inplace=False); the others take only input
         return b["input"] if b else None
     if node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1 and not node.kwargs:
         return node.args[0]
