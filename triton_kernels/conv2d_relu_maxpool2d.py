@@ -374,6 +374,11 @@ def _wgrad_split(npq: int, tiles: int) -> int:
     return max(1, min(triton.cdiv(npq, WGRAD_SPLIT_CHUNK), want, WGRAD_MAX_SPLIT))
 
 
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """A fresh empty [0] tensor per masked-off gradient: custom ops may not return aliased outputs."""
+    return t.new_empty((0,))
+
+
 def conv2d_relu_maxpool2d_backward(
     grad_output: torch.Tensor,           # (N, K, PH, PW)
     input: torch.Tensor,                 # (N, C, H, W)
@@ -391,13 +396,12 @@ def conv2d_relu_maxpool2d_backward(
     N, C, H, W = x.shape
     K, _, R, S = w.shape
     dtype, dev = x.dtype, x.device
-    empty = x.new_empty((0,))
     need_in, need_w, need_b = (bool(m) for m in output_mask)
     gc = route_pooled_grad(grad_output.to(dtype), argmax, P, Q, pool_kernel_size, pool_stride)
     flags = dot_flags(dtype)
     conv_args = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
 
-    grad_input = empty
+    grad_input = _empty_like(input)
     if need_in:
         grad_input = torch.empty((N, C, H, W), dtype=dtype, device=dev)
         M, KRS = N * H * W, K * R * S
@@ -407,8 +411,8 @@ def conv2d_relu_maxpool2d_backward(
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_N"]))  # noqa: E731
             _conv_bwd_input_kernel[grid](gc, w, grad_input, M, C, H, W, K, R, S, P, Q, KRS, *conv_args, **flags)
 
-    grad_weight = empty
-    grad_bias = empty
+    grad_weight = _empty_like(input)
+    grad_bias = _empty_like(input)
     if need_w:
         CRS, NPQ = C * R * S, N * P * Q
         fuse_bias = need_b

@@ -130,6 +130,11 @@ def linear_relu_forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
 WGRAD_SPLIT_CHUNK = 32 if INTERPRET else 4096
 
 
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """A fresh empty [0] tensor per masked-off gradient: custom ops may not return aliased outputs."""
+    return t.new_empty((0,))
+
+
 def linear_relu_backward(
     grad_output: torch.Tensor,           # (M, O)
     input: torch.Tensor,                 # (M, I)
@@ -146,10 +151,9 @@ def linear_relu_backward(
     gate = output
     if gate.stride() != g.stride():   # the kernels read both with one set of strides in channel_sum
         g, gate = g.contiguous(), gate.contiguous()
-    empty = input.new_empty((0,))
     need_in, need_w, need_b = (bool(m) for m in output_mask)
 
-    grad_input = empty
+    grad_input = _empty_like(input)
     if need_in:
         grad_input = torch.empty((M, I), dtype=dtype, device=dev)
         if O == 0:
@@ -157,8 +161,8 @@ def linear_relu_backward(
         elif grad_input.numel() > 0:
             _gemm(g, weight, grad_input.unsqueeze(0), gate=gate)
 
-    grad_weight = empty
-    grad_bias = empty
+    grad_weight = _empty_like(input)
+    grad_bias = _empty_like(input)
     fuse_bias = need_b and need_w
     if need_w:
         if M == 0 or O == 0 or I == 0:
