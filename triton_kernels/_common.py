@@ -3,6 +3,8 @@ policy of ``tl.dot`` and a deterministic channel-sum kernel (bias gradients)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -22,10 +24,33 @@ INTERPRET: bool = type(_probe).__name__ == "InterpretedFunction"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def autotune(gpu_configs: list[triton.Config], interpreter_config: triton.Config, key: list[str]):
-    """``triton.autotune`` over `gpu_configs` compiled, over `interpreter_config` alone under the
-    interpreter (which cannot benchmark several configs)."""
-    return triton.autotune(configs=[interpreter_config] if INTERPRET else gpu_configs, key=key)
+#: Autotune on GPUs (triton.autotune over each kernel's config list, keyed on the problem sizes).
+#: LIGHTNET_OPS_TRITON_AUTOTUNE=0 uses each kernel's default config instead: no benchmarking on the
+#: first call of every new problem size (short test runs, reproducible timings). Read at each launch.
+AUTOTUNE: bool = os.environ.get("LIGHTNET_OPS_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "")
+
+
+class Launcher:
+    """``kernel[grid](*args, **constexprs)`` that autotunes over `configs` on a GPU, and runs one fixed
+    config (`default` compiled, `interpreter_config` in the interpreter, which cannot benchmark) otherwise."""
+
+    def __init__(self, fn, configs: list, default: triton.Config, interpreter_config: triton.Config, key: list):
+        self.fn = fn                      # the @triton.jit function
+        self.configs = configs
+        self.default = interpreter_config if INTERPRET else default
+        self.tuned = None if INTERPRET else triton.autotune(configs=configs, key=key)(fn)
+
+    def __getitem__(self, grid):
+        if self.tuned is not None and AUTOTUNE:
+            return self.tuned[grid]
+        c = self.default
+        return lambda *args, **kw: self.fn[grid](*args, **kw, **c.kwargs, num_warps=c.num_warps,
+                                                 num_stages=c.num_stages)
+
+
+def autotune(configs: list, default: triton.Config, interpreter_config: triton.Config, key: list):
+    """Decorator: wraps a @triton.jit kernel into a `Launcher`."""
+    return lambda fn: Launcher(fn, configs, default, interpreter_config, key)
 
 
 def cfg(**kw) -> triton.Config:
@@ -66,7 +91,7 @@ def relu_keep_nan(v):
     return tl.where(v <= 0, 0.0, v)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "KC", "L"])
 def _channel_sum_kernel(
     x_ptr,      # (B, KC, L) values, strides (stride_b, stride_k, stride_l)
     gate_ptr,   # same layout as x (strides of x) when GATED: values where gate <= 0 count as 0

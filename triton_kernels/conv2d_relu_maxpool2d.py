@@ -45,10 +45,17 @@ _FWD_CONFIGS = [
     cfg(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=2, num_stages=2),
 ]
 _INTERP_CONFIG = cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+# Problem sizes are not specialized on (divisibility by 16, == 1): one compile per dtype and config serves
+# every shape, and the index math does not benefit from the hints.
+_CONV_PARAMS = ["stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w"]
+_FWD_SIZES = ["M", "C", "H", "W", "K", "R", "S", "P", "Q", "PH", "PW", "CRS", *_CONV_PARAMS,
+              "pool_kh", "pool_kw", "pool_sh", "pool_sw"]
+_BWD_SIZES = ["M", "C", "H", "W", "K", "R", "S", "P", "Q", "KRS", *_CONV_PARAMS]
+_WGRAD_SIZES = ["C", "H", "W", "K", "R", "S", "P", "Q", "CRS", "NPQ", *_CONV_PARAMS, "SPLIT"]
 
 
-@autotune(_FWD_CONFIGS, _INTERP_CONFIG, key=["M", "K", "CRS", "pool_kh", "pool_kw"])
-@triton.jit
+@autotune(_FWD_CONFIGS, _FWD_CONFIGS[2], _INTERP_CONFIG, key=["M", "K", "CRS", "pool_kh", "pool_kw"])
+@triton.jit(do_not_specialize=_FWD_SIZES)
 def _conv_fwd_kernel(
     x_ptr,       # (N, C, H, W) input, contiguous
     w_ptr,       # (K, C, R, S) weight, contiguous: row k is weight[k].flatten() (length CRS)
@@ -157,7 +164,8 @@ def conv2d_relu_maxpool2d_forward(
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total", "P", "Q", "PH", "PW", "pool_kh", "pool_kw", "pool_sh", "pool_sw",
+                               "WIN_H", "WIN_W"])
 def _route_kernel(
     go_ptr,      # (N, K, PH, PW) pooled gradient, contiguous
     am_ptr,      # (N, K, PH, PW) uint8 argmax, contiguous
@@ -225,8 +233,8 @@ _BWD_CONFIGS = [
 ]
 
 
-@autotune(_BWD_CONFIGS, _INTERP_CONFIG, key=["M", "C", "KRS"])
-@triton.jit
+@autotune(_BWD_CONFIGS, _BWD_CONFIGS[2], _INTERP_CONFIG, key=["M", "C", "KRS"])
+@triton.jit(do_not_specialize=_BWD_SIZES)
 def _conv_bwd_input_kernel(
     gc_ptr,      # (N, K, P, Q) conv-output gradient, contiguous
     w_ptr,       # (K, C, R, S) weight, contiguous
@@ -295,8 +303,8 @@ _WGRAD_CONFIGS = [
 ]
 
 
-@autotune(_WGRAD_CONFIGS, _INTERP_CONFIG, key=["K", "CRS", "NPQ", "SPLIT"])
-@triton.jit
+@autotune(_WGRAD_CONFIGS, _WGRAD_CONFIGS[2], _INTERP_CONFIG, key=["K", "CRS", "NPQ", "SPLIT"])
+@triton.jit(do_not_specialize=_WGRAD_SIZES)
 def _conv_bwd_weight_kernel(
     gc_ptr,      # (N, K, P, Q) conv-output gradient, contiguous
     x_ptr,       # (N, C, H, W) input, contiguous

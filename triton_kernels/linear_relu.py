@@ -33,8 +33,9 @@ _GEMM_CONFIGS = [
 _INTERP_CONFIG = cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
 
 
-@autotune(_GEMM_CONFIGS, _INTERP_CONFIG, key=["M", "N", "KR", "SPLIT", "GATE_A", "BIAS_GRAD"])
-@triton.jit
+# sizes are not specialized on (one compile serves all shapes); strides keep their alignment hints
+@autotune(_GEMM_CONFIGS, _GEMM_CONFIGS[3], _INTERP_CONFIG, key=["M", "N", "KR", "SPLIT", "GATE_A", "BIAS_GRAD"])
+@triton.jit(do_not_specialize=["M", "N", "KR", "SPLIT"])
 def _gemm_kernel(
     a_ptr,       # (M, KR) A, strides (stride_am, stride_ak)
     gate_ptr,    # (M, KR) ReLU output gating A, strides (stride_gm, stride_gk); read only when GATE_A
