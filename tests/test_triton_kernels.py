@@ -45,6 +45,13 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
+@pytest.fixture(autouse=True)
+def _fixed_configs(monkeypatch):
+    """One config per kernel (no autotuning): on a GPU every new problem size would otherwise benchmark
+    and compile the whole config list. test_autotuned_launch_matches_fixed_config covers autotuning."""
+    monkeypatch.setattr(T._kernels._common, "AUTOTUNE", False)
+
+
 def _conv_case(N, C, H, W, K, R, S, stride=1, padding=0, dilation=1, pool=2, pool_stride=None, bias=True,
                dtype=torch.float32, integer=False):
     pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
@@ -362,3 +369,31 @@ def test_kernels_come_from_this_tree():
     here = Path(tk.__file__).resolve().parent
     assert here in (pkg / "triton_kernels", pkg.parent / "triton_kernels")
     assert tk.conv2d_relu_maxpool2d is T._conv
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="autotuning runs on a GPU only (the interpreter uses one config)")
+def test_autotuned_launch_matches_fixed_config(monkeypatch):
+    x, w, b, params = _conv_case(N=2, C=3, H=20, W=20, K=8, R=3, S=3, dtype=torch.float16)
+    xl, wl, bl = _linear_case(50, 40, 30, dtype=torch.float16)
+    fixed = OPS.triton_conv2d_relu_maxpool2d(x, w, b, *params, True), OPS.triton_linear_relu(xl, wl, bl)
+    monkeypatch.setattr(T._kernels._common, "AUTOTUNE", True)
+    tuned = OPS.triton_conv2d_relu_maxpool2d(x, w, b, *params, True), OPS.triton_linear_relu(xl, wl, bl)
+    torch.testing.assert_close(tuned[0][0], fixed[0][0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(tuned[1], fixed[1], rtol=1e-3, atol=1e-3)
+    assert T._conv._conv_fwd_kernel.tuned.cache and T._linear._gemm_kernel.tuned.cache   # it did tune
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the other tests compile and run every kernel for real")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Compiled mode, which the interpreter does not exercise: every kernel (default configs, float16)
+    goes through Triton's whole compiler to an sm_90 cubin. `python -m triton_kernels.aot_check
+    --all-configs` checks every config and dtype (minutes)."""
+    code = textwrap.dedent("""
+        import importlib, sys
+        import lightnet_ops._triton_ops as T
+        sys.exit(importlib.import_module(T._kernels.__name__ + ".aot_check").main(["--dtypes", "fp16"]))
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "aot_check: compiled 18 kernels for sm_90" in res.stdout, res.stdout[-2000:]
