@@ -22,6 +22,7 @@ that same name, so the kernels are one module, with one name, either way.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -91,6 +92,11 @@ def _check_runnable(op: str, t: torch.Tensor) -> None:
     raise RuntimeError(f"{op}: backend='triton' runs on CUDA tensors (CPU under the interpreter), got {t.device}")
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device (multi-GPU, DDP)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _check_dtype_only(op: str, t: torch.Tensor) -> None:
     if t.dtype not in _kernels.SUPPORTED_DTYPES:
         _check_runnable(op, t)
@@ -156,10 +162,11 @@ def triton_conv2d_relu_maxpool2d(
     """Returns (out (N, K, PH, PW), argmax uint8 (N, K, PH, PW), or an empty uint8 [0] without need_argmax)."""
     s = conv_pool_shape(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride)
     _check_runnable("conv2d_relu_maxpool2d", input)
-    return _conv.conv2d_relu_maxpool2d_forward(
-        input, weight, bias, s.stride, s.padding, s.dilation, s.pool_kernel_size, s.pool_stride,
-        s.P, s.Q, s.PH, s.PW, need_argmax,
-    )
+    with _on_device(input):
+        return _conv.conv2d_relu_maxpool2d_forward(
+            input, weight, bias, s.stride, s.padding, s.dilation, s.pool_kernel_size, s.pool_stride,
+            s.P, s.Q, s.PH, s.PW, need_argmax,
+        )
 
 
 @triton_conv2d_relu_maxpool2d.register_fake
@@ -194,10 +201,11 @@ def triton_conv2d_relu_maxpool2d_backward(
     s = conv_pool_shape(input, weight, None, stride, padding, dilation, pool_kernel_size, pool_stride)
     _check_conv_backward_args(s, grad_output, input, argmax)
     _check_runnable("conv2d_relu_maxpool2d_backward", input)
-    return _conv.conv2d_relu_maxpool2d_backward(
-        grad_output, input, weight, argmax, s.stride, s.padding, s.dilation, s.pool_kernel_size,
-        s.pool_stride, s.P, s.Q, output_mask,
-    )
+    with _on_device(input):
+        return _conv.conv2d_relu_maxpool2d_backward(
+            grad_output, input, weight, argmax, s.stride, s.padding, s.dilation, s.pool_kernel_size,
+            s.pool_stride, s.P, s.Q, output_mask,
+        )
 
 
 @triton_conv2d_relu_maxpool2d_backward.register_fake
@@ -228,7 +236,8 @@ def triton_linear_relu(input: torch.Tensor, weight: torch.Tensor, bias: Optional
     if input.dim() != 2:
         raise ValueError(f"linear_relu: the op takes 2-D input (M, in_features), got shape {list(input.shape)}")
     _check_runnable("linear_relu", input)
-    return _linear.linear_relu_forward(input, weight, bias)
+    with _on_device(input):
+        return _linear.linear_relu_forward(input, weight, bias)
 
 
 @triton_linear_relu.register_fake
@@ -256,7 +265,8 @@ def triton_linear_relu_backward(
     """Returns (grad_input (M, in), grad_weight (out, in), grad_bias (out)); masked-off entries are empty [0]."""
     _check_linear_backward_args(grad_output, input, weight, output)
     _check_runnable("linear_relu_backward", input)
-    return _linear.linear_relu_backward(grad_output, input, weight, output, output_mask)
+    with _on_device(input):
+        return _linear.linear_relu_backward(grad_output, input, weight, output, output_mask)
 
 
 @triton_linear_relu_backward.register_fake
