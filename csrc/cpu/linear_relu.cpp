@@ -48,9 +48,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at
       for (int64_t i = begin; i < end; ++i) dst[i] = relu_passes_grad(op[i]) ? gp[i] : scalar_t(0);
     });
   });
-  const auto empty = at::empty({0}, input.options());
-  return {output_mask[0] ? at::mm(gated, weight) : empty, output_mask[1] ? at::mm(gated.t(), input) : empty,
-          output_mask[2] ? gated.sum(0) : empty};
+  // Each masked-off output is its own empty tensor: outputs must not alias.
+  const auto empty = [&] { return at::empty({0}, input.options()); };
+  return {output_mask[0] ? at::mm(gated, weight) : empty(), output_mask[1] ? at::mm(gated.t(), input) : empty(),
+          output_mask[2] ? gated.sum(0) : empty()};
 }
 
 }  // namespace
