@@ -255,6 +255,9 @@ def test_linear_nan_and_empty_batch():
     out = OPS.triton_linear_relu(x0, w, b)
     gi, gw, gb = OPS.triton_linear_relu_backward(out, x0, w, out, [True, True, True])
     assert out.shape == (0, 5) and gi.shape == (0, 6) and not gw.any() and not gb.any()
+    _, _, gb = OPS.triton_linear_relu_backward(torch.ones(1, 1, device=DEV).expand(0, 5), x0, w, out,
+                                               [False, False, True])   # bias-only path, stride-0 gradient
+    assert gb.shape == (5,) and not gb.any()
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)

@@ -127,12 +127,12 @@ def channel_sum(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor | None = 
     """out (KC) = x.sum over dims 0 and 2 of a 3-D view x (B, KC, L); gate (same shape and strides as
     x) zeroes the entries where gate <= 0. Returns `out`."""
     B, KC, L = x.shape
-    if gate is not None and gate.stride() != x.stride():
-        raise ValueError("channel_sum: gate must have the same strides as x")
     if KC == 0:
         return out
     if B == 0 or L == 0:
         return out.zero_()
+    if gate is not None and gate.stride() != x.stride():
+        raise ValueError("channel_sum: gate must have the same strides as x")
     block_l = min(triton.next_power_of_2(L), 128)
     block_k = 16 if block_l > 16 else 64
     _channel_sum_kernel[(triton.cdiv(KC, block_k),)](
