@@ -45,7 +45,7 @@ def test_import_without_built_extension_keeps_reference_and_says_how_to_build():
         import torch, torch.nn.functional as F
         import lightnet_ops as lo
         assert not lo._ops.EXTENSION_AVAILABLE
-        assert lo.backends() == ["reference"], lo.backends()
+        assert [b for b in lo.backends() if b != "triton"] == ["reference"], lo.backends()  # triton needs no _C
         x, w = torch.randn(2, 1, 8, 8), torch.randn(3, 1, 3, 3)
         got = lo.conv2d_relu_maxpool2d(x, w)  # auto falls back to the reference backend
         torch.testing.assert_close(got, F.max_pool2d(F.relu(F.conv2d(x, w)), 2))
