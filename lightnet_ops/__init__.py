@@ -11,20 +11,28 @@ from .autograd import Conv2dReLUMaxPool2dFunction, LinearReLUFunction
 from .backend_registry import BackendUnavailableError
 from .backend_registry import available_backends as backends
 from .functional import conv2d_relu_maxpool2d, linear_relu
+from .fuse import FusedChain, fuse
 from .models import LightNet, StockLightNet
 from .modules import Conv2dReLUMaxPool2d, LinearReLU
 
 __version__ = "0.1.0"
 
+# torch.compile(model, backend="lightnet_ops"); registered lazily, when TorchDynamo loads.
+from . import compile_backend as _compile_backend  # noqa: E402
+
+_compile_backend.register_on_import()
+
 __all__ = [
     "BackendUnavailableError",
     "Conv2dReLUMaxPool2d",
     "Conv2dReLUMaxPool2dFunction",
+    "FusedChain",
     "LinearReLU",
     "LightNet",
     "LinearReLUFunction",
     "StockLightNet",
     "backends",
     "conv2d_relu_maxpool2d",
+    "fuse",
     "linear_relu",
 ]

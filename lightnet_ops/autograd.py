@@ -39,7 +39,6 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
         ctx.params = (stride, padding, dilation, pool_kernel_size, pool_stride)
         ctx.has_bias = bias is not None
         ctx.backend = backend
-        ctx.mark_non_differentiable(argmax)
         return out
 
     @staticmethod

@@ -82,13 +82,19 @@ def _triton_backend() -> Backend:
     return _triton_ops.BACKEND
 
 
+# Read once at import (the extension is loaded by then): plain constants keep resolve() traceable
+# by TorchDynamo without graph breaks.
+_HAS_CPU_KERNELS = _ops.has_kernel("conv2d_relu_maxpool2d", "CPU")
+_HAS_CUDA_KERNELS = _ops.has_kernel("conv2d_relu_maxpool2d", "CUDA")
+
+
 def cpu_available() -> bool:
-    return _ops.has_kernel("conv2d_relu_maxpool2d", "CPU")
+    return _HAS_CPU_KERNELS
 
 
 def cuda_available() -> bool:
     """The extension was built with CUDA kernels (a GPU is needed to run them)."""
-    return _ops.has_kernel("conv2d_relu_maxpool2d", "CUDA")
+    return _HAS_CUDA_KERNELS
 
 
 def triton_available() -> bool:

@@ -49,6 +49,11 @@ def conv2d_relu_maxpool2d(
     pool_s = pool_k if pool_stride is None else pair(pool_stride, "pool_stride")
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"conv2d_relu_maxpool2d: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() not in (3, 4):
+        raise ValueError(
+            f"conv2d_relu_maxpool2d: expected 3-D (C, H, W) or 4-D (N, C, H, W) input, got {input.dim()}-D input "
+            f"of shape {tuple(input.shape)}"
+        )
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)

@@ -57,8 +57,9 @@ class Conv2dReLUMaxPool2d(nn.Module):
         self.pool_stride = self.pool_kernel_size if pool_stride is None else tuple(pair(pool_stride, "pool_stride"))
         self.backend = backend
         self.weight = nn.Parameter(torch.empty((out_channels, in_channels, *self.kernel_size), **factory))
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
             self.register_parameter("bias", None)
         self.reset_parameters()
 

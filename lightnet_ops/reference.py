@@ -63,8 +63,8 @@ def route_pooled_grad(
     pw = torch.arange(s.PW, device=a.device).view(1, -1) * s.pool_stride[1]
     h = ph + a // s.pool_kernel_size[1]
     w = pw + a % s.pool_kernel_size[1]
-    flat = torch.where(live, h * s.Q + w, torch.zeros_like(a)).reshape(N, K, -1)
-    src = torch.where(live, grad_output, torch.zeros_like(grad_output)).to(dtype).reshape(N, K, -1)
+    flat = torch.where(live, h * s.Q + w, torch.zeros_like(a)).reshape(N, K, s.PH * s.PW)
+    src = torch.where(live, grad_output, torch.zeros_like(grad_output)).to(dtype).reshape(N, K, s.PH * s.PW)
     grad_conv = torch.zeros(N, K, s.P * s.Q, dtype=dtype, device=grad_output.device)
     grad_conv.scatter_add_(2, flat, src)
     return grad_conv.view(N, K, s.P, s.Q)
@@ -90,15 +90,14 @@ def conv2d_relu_maxpool2d_backward(
             f"{argmax.dtype} {list(argmax.shape)} (was the forward run with need_argmax=True?)"
         )
     grad_conv = route_pooled_grad(grad_output, argmax, s, input.dtype)
-    empty = input.new_empty(_EMPTY_SHAPE)
-    grad_input = grad_weight = grad_bias = empty
+    grad_input, grad_weight, grad_bias = (input.new_empty(_EMPTY_SHAPE) for _ in range(3))
     if output_mask[0] or output_mask[1]:
         gi, gw, _ = torch.ops.aten.convolution_backward(
             grad_conv, input, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
             [bool(output_mask[0]), bool(output_mask[1]), False],
         )
-        grad_input = gi if output_mask[0] else empty
-        grad_weight = gw if output_mask[1] else empty
+        grad_input = gi if output_mask[0] else grad_input
+        grad_weight = gw if output_mask[1] else grad_weight
     if output_mask[2]:
         grad_bias = grad_conv.sum(dim=(0, 2, 3))
     return grad_input, grad_weight, grad_bias
@@ -117,9 +116,11 @@ def linear_relu_backward(
     output_mask: Sequence[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gated = torch.where(_relu_passes_grad(output), grad_output, torch.zeros_like(grad_output))
-    empty = input.new_empty(_EMPTY_SHAPE)
+    def empty():
+        return input.new_empty(_EMPTY_SHAPE)
+
     return (
-        gated @ weight if output_mask[0] else empty,
-        gated.t() @ input if output_mask[1] else empty,
-        gated.sum(0) if output_mask[2] else empty,
+        gated @ weight if output_mask[0] else empty(),
+        gated.t() @ input if output_mask[1] else empty(),
+        gated.sum(0) if output_mask[2] else empty(),
     )

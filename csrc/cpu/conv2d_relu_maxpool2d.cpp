@@ -339,12 +339,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cp
               argmax.scalar_type(), " ", argmax.sizes(), " (was the forward run with need_argmax=true?)");
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "conv2d_relu_maxpool2d_backward: grad_output dtype ",
               grad_output.scalar_type(), " does not match input dtype ", input.scalar_type());
-  const auto empty = at::empty({0}, input.options());
+  // Each masked-off output is its own empty tensor: outputs must not alias.
+  const auto empty = [&] { return at::empty({0}, input.options()); };
   if (use_direct(s, input.element_size()) && direct_backward_matches_stock(input, weight, output_mask)) {
     // Outputs are accumulated into, so they start at zero (this also covers an empty batch).
-    at::Tensor grad_input = output_mask[0] ? at::zeros({s.N, s.C, s.H, s.W}, input.options()) : empty;
-    at::Tensor grad_weight = output_mask[1] ? at::zeros({s.K, s.C, s.R, s.S}, input.options()) : empty;
-    at::Tensor grad_bias = output_mask[2] ? at::zeros({s.K}, input.options()) : empty;
+    at::Tensor grad_input = output_mask[0] ? at::zeros({s.N, s.C, s.H, s.W}, input.options()) : empty();
+    at::Tensor grad_weight = output_mask[1] ? at::zeros({s.K, s.C, s.R, s.S}, input.options()) : empty();
+    at::Tensor grad_bias = output_mask[2] ? at::zeros({s.K}, input.options()) : empty();
     if (s.N > 0 && (output_mask[0] || output_mask[1] || output_mask[2])) {
       const auto g = grad_output.contiguous();
       const auto am = argmax.contiguous();
@@ -365,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cp
                            grad_conv.mutable_data_ptr<scalar_t>());
     });
   }
-  at::Tensor grad_input = empty, grad_weight = empty, grad_bias = empty;
+  at::Tensor grad_input = empty(), grad_weight = empty(), grad_bias = empty();
   if (output_mask[0] || output_mask[1]) {
     auto grads = at::convolution_backward(grad_conv, input, weight, c10::nullopt, stride, padding, dilation, false,
                                           {0, 0}, 1, {output_mask[0], output_mask[1], false});

@@ -48,8 +48,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at
       for (int64_t i = begin; i < end; ++i) dst[i] = relu_passes_grad(op[i]) ? gp[i] : scalar_t(0);
     });
   });
-  const auto empty = at::empty({0}, input.options());
-  at::Tensor grad_input = empty, grad_weight = empty;
+  // Each masked-off output is its own empty tensor: outputs must not alias.
+  const auto empty = [&] { return at::empty({0}, input.options()); };
+  at::Tensor grad_input = empty(), grad_weight = empty();
   // The two GEMMs have the same size (M * out * in multiply-adds) and are independent. With two
   // threads (this machine class), or for GEMMs too small to split well across more, run them side
   // by side, one thread each, instead of splitting each across the threads (and synchronising);
@@ -75,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at
     if (output_mask[0]) grad_input = at::mm(gated, weight);
     if (output_mask[1]) grad_weight = at::mm(gated.t(), input);
   }
-  return {grad_input, grad_weight, output_mask[2] ? gated.sum(0) : empty};
+  return {grad_input, grad_weight, output_mask[2] ? gated.sum(0) : empty()};
 }
 
 }  // namespace

@@ -58,3 +58,20 @@ C10_HOST_DEVICE inline uint8_t encode_argmax(T pooled_pre_relu, int64_t window_o
 }
 
 }  // namespace lightnet_ops
+
+namespace lightnet_ops {
+
+// The pooled positions [*first, *last] along one dimension whose windows contain conv-output
+// position x (no window when *first > *last). Windows start at p * stride and span `kernel`
+// positions, p in [0, pooled_size). Used by the CUDA backward to gather, rather than scatter,
+// the pooled gradient: each conv-output element visits the windows that contain it.
+C10_HOST_DEVICE inline void pool_windows_containing(int64_t x, int64_t kernel, int64_t stride, int64_t pooled_size,
+                                                    int64_t* first, int64_t* last) {
+  // Smallest p with p * stride + kernel - 1 >= x; x - kernel >= 0 in the division below.
+  *first = x < kernel ? 0 : (x - kernel) / stride + 1;
+  // Largest p with p * stride <= x, clamped to the last window.
+  const int64_t l = x / stride;
+  *last = l < pooled_size - 1 ? l : pooled_size - 1;
+}
+
+}  // namespace lightnet_ops

@@ -1,0 +1,105 @@
+"""Smoke tests of the benchmark harness (lightnet_ops.bench): one tiny case in --quick mode, run in
+process, must print a table and write JSON (+ PNG) whose content is right: metadata, one row per
+backend and mode, consistent timing statistics and ratios, and saved-activation bytes that match
+what each implementation keeps for backward."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import pytest
+import torch
+
+import lightnet_ops as lo
+import lightnet_ops.bench as lb
+
+pytestmark = pytest.mark.skipif(not lo._ops.EXTENSION_AVAILABLE, reason="needs the built extension (cpu backend)")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--quick", "--device", "cpu", "--cases", "conv1_b1", "--backends", "cpu", "reference", "stock",
+            "--out", str(out)]
+    rc = lb.main(argv)
+    return rc, out
+
+
+def test_quick_run_writes_results(quick_run, capsys):
+    rc, out = quick_run
+    assert rc == 0
+    data = json.loads((out / "results_cpu_quick.json").read_text())
+    meta = data["meta"]
+    assert meta["device"]["kind"] == "cpu" and meta["device"]["name"]
+    assert meta["versions"]["torch"] == torch.__version__
+    assert meta["versions"]["lightnet_ops"] == lo.__version__
+    assert meta["threads"] == torch.get_num_threads() and meta["quick"] is True
+    datetime.datetime.fromisoformat(meta["date"])
+    assert meta["copy_bandwidth"]["gbps"] > 0
+
+    rows = data["rows"]
+    assert {(r["backend"], r["mode"]) for r in rows} == {
+        (b, m) for b in ("cpu", "reference", "stock") for m in ("fwd", "fwd+bwd")
+    }
+    by = {(r["backend"], r["mode"]): r for r in rows}
+    for r in rows:
+        assert r["error"] is None and r["case"] == "conv1_b1" and r["batch"] == 1
+        assert r["samples"] >= lb.QUICK.min_samples
+        assert 0 < r["min_s"] <= r["q1_s"] <= r["median_s"] <= r["q3_s"] <= r["max_s"]
+        stock = by[("stock", r["mode"])]["median_s"]
+        assert r["speedup_vs_stock"] == pytest.approx(stock / r["median_s"])
+        assert r["speedup_vs_compile"] is None  # compile was not asked for
+    # conv1: 1->6 channels, 32x32 -> conv 30x30 -> pool 15x15, batch 1.
+    # Stock keeps the ReLU output (float32, 6*30*30) and the pool's int64 indices (6*15*15);
+    # the fused op keeps a uint8 argmax (6*15*15); input and weight are excluded.
+    assert by[("stock", "fwd+bwd")]["saved_bytes"] == 6 * 30 * 30 * 4 + 6 * 15 * 15 * 8
+    for b in ("cpu", "reference"):
+        assert by[(b, "fwd+bwd")]["saved_bytes"] == 6 * 15 * 15
+        assert by[(b, "fwd+bwd")]["memory_ratio_vs_stock"] == pytest.approx(24.0)
+    assert all(r["saved_bytes"] is None for r in rows if r["mode"] == "fwd")
+    assert by[("cpu", "fwd")]["flops"] == 2 * 6 * 30 * 30 * 9
+    assert by[("cpu", "fwd+bwd")]["peak_bytes"] is None  # CPU: no peak measurement
+
+    png = (out / "speedups_cpu_quick.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "conv1_b1" in (out / "table_cpu_quick.md").read_text()
+
+
+def test_failing_backend_is_recorded_and_run_continues(tmp_path, capsys):
+    # The cuda backend cannot run CPU tensors: its rows carry the error, the others are measured.
+    rc = lb.main(["--quick", "--device", "cpu", "--cases", "linear_576x120_b256", "--modes", "fwd",
+                  "--backends", "cuda", "stock", "--out", str(tmp_path), "--no-plot"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "results_cpu_quick.json").read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["cuda", "stock"]
+    assert "cuda" in rows[0]["error"] and rows[0].get("median_s") is None
+    assert rows[1]["error"] is None and rows[1]["median_s"] > 0
+    assert not (tmp_path / "speedups_cpu_quick.png").exists()
+    printed = capsys.readouterr().out
+    assert "error:" in printed and "linear_576x120_b256" in printed
+
+
+def test_list_and_case_selection(capsys):
+    assert lb.main(["--list", "--device", "cpu"]) == 0
+    listed = capsys.readouterr().out
+    for case in lb.CASES:
+        assert case.name in listed
+    cpu_cases = [c.name for c in lb.select_cases("cpu")]
+    assert "vgg_b8_bf16" not in cpu_cases and "vgg_b8" in cpu_cases  # half precision only on CUDA
+    assert [c.name for c in lb.select_cases("cpu", ["conv2*"])] == ["conv2_b1", "conv2_b64", "conv2_b256"]
+    assert set(c.name for c in lb.select_cases("cpu", quick=True)) < set(cpu_cases)
+    with pytest.raises(SystemExit):
+        lb.select_cases("cpu", ["no_such_case"])
+
+
+def test_saved_activation_bytes_counts_unique_storages():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, 8, requires_grad=True)
+
+    def forward():
+        h = torch.relu(x @ w)  # mm saves x and w (excluded); relu saves h (4*8 floats)
+        return (h * h).sum()   # mul saves h twice: same storage, counted once
+
+    assert lb.saved_activation_bytes(forward, [x, w]) == 4 * 8 * 4
+    assert lb.saved_activation_bytes(forward, []) == 4 * 8 * 4 + x.numel() * 4 + w.numel() * 4

@@ -1,0 +1,265 @@
+"""torch.compile(model, backend="lightnet_ops"): registration, the seed LightNet verbatim (which
+torch.fx cannot trace) forward/backward parity and SGD steps, chains that must not be fused,
+graph breaks, options, and the Inductor hand-off."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lightnet_ops as lo
+from lightnet_ops import compile_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The seed tutorial's class, verbatim (seed/lightnet_tutorial.md), with its globals.
+N_CHANNEL_IN, N_CHANNEL_OUT, H, W = 1, 6, 6, 6
+
+
+class LightNet(nn.Module):
+
+    def __init__(self):
+        super(LightNet, self).__init__()
+        self.conv1 = nn.Conv2d(N_CHANNEL_IN, N_CHANNEL_OUT, 3)
+        self.conv2 = nn.Conv2d(N_CHANNEL_OUT, 16, 3)
+        self.fc1 = nn.Linear(H * W * 16, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(-1, self.num_flat_features(x))
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+    def num_flat_features(self, x):
+        size = x.size()[1:]
+        num_feature = 1
+        for s in size:
+            num_feature *= s
+        return num_feature
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    compile_backend.reports.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _autograd_node_names(t: torch.Tensor) -> set[str]:
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def _kinds() -> list[str]:
+    return [c.kind for r in compile_backend.reports for c in r.fused]
+
+
+def test_registered_by_name():
+    assert "lightnet_ops" in torch._dynamo.list_backends()
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("lightnet_ops") is compile_backend.lightnet_ops_backend
+
+
+def test_register_is_idempotent():
+    compile_backend.register()
+    compile_backend.register()
+    assert "lightnet_ops" in torch._dynamo.list_backends()
+    assert compile_backend._HOOK not in sys.meta_path  # the import hook removed itself
+
+
+def test_lazy_registration_in_fresh_process():
+    """`import lightnet_ops` does not import TorchDynamo, yet the name works in torch.compile."""
+    code = textwrap.dedent("""
+        import sys, torch
+        import lightnet_ops
+        assert "torch._dynamo" not in sys.modules, "lightnet_ops imported torch._dynamo"
+        f = torch.compile(lambda x: torch.nn.functional.relu(x) * 2, backend="lightnet_ops")
+        assert torch.equal(f(torch.tensor([-1.0, 2.0])), torch.tensor([0.0, 4.0]))
+        print("OK")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_seed_lightnet_forward_backward_parity(dtype, tol):
+    torch.manual_seed(0)
+    eager = LightNet().to(dtype)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="lightnet_ops")
+    for batch in (4, 3):  # a second batch size: recompile / dynamic shapes still fused
+        x = torch.randn(batch, 1, 32, 32, dtype=dtype)
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ye, yc = eager(xe), compiled(xc)
+        torch.testing.assert_close(yc, ye, rtol=tol, atol=tol)
+        g = torch.randn_like(ye)
+        eager.zero_grad()
+        model.zero_grad()
+        ye.backward(g)
+        yc.backward(g)
+        torch.testing.assert_close(xc.grad, xe.grad, rtol=tol, atol=tol)
+        for (n, pe), (_, pc) in zip(eager.named_parameters(), model.named_parameters()):
+            torch.testing.assert_close(pc.grad, pe.grad, rtol=tol, atol=tol, msg=n)
+        # the hand-written backward ran, and the stock pool backward did not
+        names = _autograd_node_names(yc)
+        assert "Conv2dReLUMaxPool2dFunctionBackward" in names and "LinearReLUFunctionBackward" in names
+        assert "MaxPool2DWithIndicesBackward0" not in names
+    assert _kinds()[:4] == ["conv2d_relu_maxpool2d"] * 2 + ["linear_relu"] * 2
+
+
+def test_seed_lightnet_sgd_steps_match_eager():
+    torch.manual_seed(1)
+    eager = LightNet().double()
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="lightnet_ops", options={"backend": "cpu"})
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.01)
+    opt_c = torch.optim.SGD(model.parameters(), lr=0.01)
+    criterion = nn.MSELoss()  # the seed's recipe
+    for step in range(5):
+        x = torch.randn(8, 1, 32, 32, dtype=torch.float64)
+        target = torch.randn(8, 10, dtype=torch.float64)
+        losses = []
+        for net, opt in ((eager, opt_e), (compiled, opt_c)):
+            opt.zero_grad()
+            loss = criterion(net(x), target)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], rel=1e-10), step
+    for (n, pe), (_, pc) in zip(eager.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(pc, pe, rtol=1e-10, atol=1e-12, msg=n)
+    assert not torch.equal(eager.conv1.weight, LightNet().double().conv1.weight)  # weights did move
+
+
+class NotFusable(nn.Module):
+    """Skip connection on the conv output, second consumer of a ReLU, grouped conv, padded pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        x = F.max_pool2d(F.relu(y), 2) + F.max_pool2d(y, 2)
+        x = F.max_pool2d(F.relu(self.grouped(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv3(x)), 2, padding=1)
+        r = F.relu(self.fc(x.mean((2, 3))))
+        return r + r.sum()
+
+
+def test_not_fusable_chains_left_alone():
+    torch.manual_seed(2)
+    eager = NotFusable().double()
+    compiled = torch.compile(copy.deepcopy(eager), backend="lightnet_ops")
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-12, atol=1e-12)
+    # r = relu(fc(...)) feeds two consumers, but Linear->ReLU only needs the linear output to be
+    # single-use, so that chain is fused; nothing else is
+    assert _kinds() == ["linear_relu"]
+    reasons = " ".join(c.reason for r in compile_backend.reports for c in r.skipped)
+    assert "groups=2" in reasons and "padding" in reasons
+
+
+def test_graph_break_each_graph_rewritten():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(1, 2, 3)
+            self.b = nn.Linear(2 * 3 * 3, 5)
+
+        def forward(self, x):
+            x = F.max_pool2d(F.relu(self.a(x)), 2)
+            torch._dynamo.graph_break()
+            return F.relu(self.b(x.flatten(1)))
+
+    torch.manual_seed(3)
+    eager = Broken().double()
+    compiled = torch.compile(copy.deepcopy(eager), backend="lightnet_ops")
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-12, atol=1e-12)
+    assert len(compile_backend.reports) == 2
+    assert sorted(_kinds()) == ["conv2d_relu_maxpool2d", "linear_relu"]
+
+
+def test_compiles_drop_in_lightnet_and_fused_models():
+    torch.manual_seed(4)
+    net = lo.LightNet().double()
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    compiled = torch.compile(net, backend="lightnet_ops")
+    torch.testing.assert_close(compiled(x), net(x), rtol=1e-12, atol=1e-12)
+    compiled(x).sum().backward()
+    assert net.conv1.weight.grad is not None
+
+
+def test_options_and_verbose(capsys):
+    model = LightNet()
+    compiled = torch.compile(model, backend="lightnet_ops", options={"backend": "reference", "verbose": True})
+    compiled(torch.randn(2, 1, 32, 32))
+    out = capsys.readouterr().out
+    assert "4 chain(s) fused" in out
+    assert "backend = 'reference'" in compile_backend.reports[-1].code
+    bad = torch.compile(LightNet(), backend="lightnet_ops", options={"bogus": 1})
+    with pytest.raises(Exception, match="unknown options"):
+        bad(torch.randn(2, 1, 32, 32))
+
+
+def test_inductor_handoff_uses_fused_forward_and_backward_ops():
+    torch.manual_seed(5)
+    eager = LightNet()
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="lightnet_ops", options={"inductor": True, "backend": "cpu"})
+    x = torch.randn(4, 1, 32, 32)
+    compiled(x)  # compile outside the profiler
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        yc = compiled(x)
+        yc.sum().backward()
+    ye = eager(x)
+    ye.sum().backward()
+    torch.testing.assert_close(yc, ye, rtol=2e-5, atol=2e-5)
+    model.zero_grad()
+    compiled(x).sum().backward()
+    for (n, pe), (_, pc) in zip(eager.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=2e-5, atol=2e-5, msg=n)
+    events = {e.name for e in prof.events()}
+    for op in ("conv2d_relu_maxpool2d", "conv2d_relu_maxpool2d_backward", "linear_relu", "linear_relu_backward"):
+        assert f"lightnet_ops::{op}" in events, (op, sorted(e for e in events if "lightnet" in e))
+    assert compile_backend.reports[-1].inductor
+
+
+def test_three_ways_example_runs():
+    """examples/three_ways.py (the README's three ways in) runs and reports matching results."""
+    path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}  # this tree's lightnet_ops
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "three_ways.py")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "lightnet_ops.fuse: 5 chain(s) fused" in out.stdout
+    assert "lightnet_ops backend: 4 chain(s) fused" in out.stdout
+    diffs = [float(line.rsplit("=", 1)[1]) for line in out.stdout.splitlines() if "max |fused - stock|" in line]
+    assert len(diffs) == 3 and all(d < 1e-4 for d in diffs), diffs

@@ -1,0 +1,463 @@
+"""conv2d_relu_maxpool2d: parity with the stock composition (outputs and every gradient) for every
+backend this machine has, gradcheck, opcheck, torch.compile, ties/NaN, layouts, bad inputs, fuzzing."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_CUDA, backend_cases
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from parity import assert_matches
+
+import lightnet_ops as lo
+from lightnet_ops._shapes import ARGMAX_RELU_ZERO
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    kernel: tuple
+    stride: object = 1
+    padding: object = 0
+    dilation: object = 1
+    pool: object = 2
+    pool_stride: object = None
+    bias: bool = True
+    tiny: bool = True  # small enough for Triton's (slow) interpreter
+
+    def __str__(self) -> str:
+        return self.name
+
+
+CASES = [
+    Case("lightnet_conv1", 2, 1, 32, 32, 6, (3, 3), tiny=False),
+    Case("lightnet_conv2", 2, 6, 15, 15, 16, (3, 3), tiny=False),
+    Case("small", 2, 3, 8, 8, 4, (3, 3)),
+    Case("nonsquare_stride", 2, 3, 13, 10, 4, (3, 2), stride=(2, 1), padding=(1, 0)),
+    Case("dilation_padding", 1, 2, 12, 11, 3, (3, 3), padding=2, dilation=2, pool=(2, 3)),
+    Case("pool3_stride2_overlapping", 2, 3, 11, 10, 4, (3, 3), padding=1, pool=3, pool_stride=2),
+    Case("kernel1x1_nobias", 2, 4, 7, 9, 5, (1, 1), bias=False),
+    Case("pool1", 1, 2, 5, 6, 3, (2, 2), pool=1),
+    Case("pool_stride_gt_window", 1, 3, 12, 12, 4, (3, 3), pool=2, pool_stride=3),
+    Case("odd_tail_floor_mode", 1, 2, 10, 9, 3, (2, 2), pool=(3, 2)),
+    Case("wide_channels", 2, 20, 9, 9, 24, (3, 3), padding=1, tiny=False),
+]
+
+DTYPES = {
+    ("reference", "cpu"): [torch.float64, torch.float32],
+    ("cpu", "cpu"): [torch.float64, torch.float32],
+    ("triton", "cpu"): [torch.float32],
+    ("reference", "cuda"): [torch.float32],
+    ("cuda", "cuda"): [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+    ("triton", "cuda"): [torch.float32, torch.float16, torch.bfloat16],
+}
+
+
+def parity_params():
+    for backend, device in backend_cases():
+        for dtype in DTYPES[(backend, device)]:
+            for case in CASES:
+                if backend == "triton" and device == "cpu" and not case.tiny:
+                    continue  # the interpreter is slow; the tiny cases cover the same code paths
+                yield pytest.param(backend, device, dtype, case, id=f"{backend}-{device}-{str(dtype)[6:]}-{case}")
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: str, *, requires_grad: bool = True):
+    """float64 master copies (for the reference) and their casts to `dtype`."""
+    x64 = torch.randn(case.N, case.C, case.H, case.W, dtype=torch.float64)
+    w64 = torch.randn(case.K, case.C, *case.kernel, dtype=torch.float64) / (case.C * case.kernel[0] * case.kernel[1]) ** 0.5
+    b64 = torch.randn(case.K, dtype=torch.float64) * 0.3 if case.bias else None
+    # Round the masters to `dtype` so that every computation starts from identical values.
+    x64, w64 = x64.to(dtype).double(), w64.to(dtype).double()
+    b64 = b64.to(dtype).double() if b64 is not None else None
+
+    def leaf(t: Optional[torch.Tensor], dt: torch.dtype) -> Optional[torch.Tensor]:
+        if t is None:
+            return None
+        return t.to(device=device, dtype=dt).detach().requires_grad_(requires_grad)
+
+    return (leaf(x64, torch.float64), leaf(w64, torch.float64), leaf(b64, torch.float64)), (
+        leaf(x64, dtype), leaf(w64, dtype), leaf(b64, dtype))
+
+
+def stock(x, w, b, case: Case):
+    conv = F.conv2d(x, w, b, case.stride, case.padding, case.dilation)
+    return F.max_pool2d(F.relu(conv), case.pool, case.pool_stride)
+
+
+def fused(x, w, b, case: Case, backend: str):
+    return lo.conv2d_relu_maxpool2d(x, w, b, case.stride, case.padding, case.dilation, case.pool, case.pool_stride,
+                                    backend=backend)
+
+
+def outputs_and_grads(fn, tensors, grad_out_seed: int = 1):
+    leaves = [t for t in tensors if t is not None]
+    out = fn(*tensors)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_out_seed), dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, g.to(device=out.device, dtype=out.dtype))
+    return [out.detach()] + list(grads)
+
+
+@pytest.mark.parametrize("backend, device, dtype, case", list(parity_params()))
+def test_parity_with_stock(backend, device, dtype, case):
+    (x64, w64, b64), (x, w, b) = make_inputs(case, dtype, device)
+    ref = outputs_and_grads(lambda *t: stock(*t, case), (x64, w64, b64))
+    want = outputs_and_grads(lambda *t: stock(*t, case), (x, w, b))
+    got = outputs_and_grads(lambda *t: fused(*t, case, backend), (x, w, b))
+    for name, g, s, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want, ref):
+        assert_matches(g, s, r, f"{backend}/{device}/{dtype} {case} {name}")
+
+
+def _gradcheck_backends():
+    out = []
+    for backend, device in backend_cases():
+        if torch.float64 in DTYPES[(backend, device)]:
+            out.append((backend, device))
+    return out
+
+
+@pytest.mark.parametrize("backend, device", _gradcheck_backends())
+@pytest.mark.parametrize("case", [c for c in CASES if c.tiny], ids=str)
+def test_gradcheck(backend, device, case):
+    _, (x, w, b) = make_inputs(case, torch.float64, device)
+    inputs = tuple(t for t in (x, w, b) if t is not None)
+
+    def fn(*t):
+        return fused(t[0], t[1], t[2] if case.bias else None, case, backend)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _opcheck_devices():
+    devs = []
+    if "cpu" in lo.backends():
+        devs.append("cpu")
+    if "cuda" in lo.backends():
+        devs.append("cuda")
+    return devs
+
+
+@pytest.mark.parametrize("device", _opcheck_devices() or [pytest.param("cpu", marks=pytest.mark.xfail(reason="extension not built", strict=True))])
+@pytest.mark.parametrize("case", [CASES[2], CASES[5], CASES[6]], ids=str)
+def test_opcheck(device, case):
+    dtype = torch.float32
+    _, (x, w, b) = make_inputs(case, dtype, device, requires_grad=False)
+    from lightnet_ops._shapes import pair
+
+    params = [pair(case.stride, "s"), pair(case.padding, "p"), pair(case.dilation, "d"), pair(case.pool, "pk"),
+              pair(case.pool_stride if case.pool_stride is not None else case.pool, "ps")]
+    fwd = torch.ops.lightnet_ops.conv2d_relu_maxpool2d.default
+    torch.library.opcheck(fwd, (x, w, b, *params, True))
+    torch.library.opcheck(fwd, (x, w, b, *params, False))
+    out, argmax = fwd(x, w, b, *params, True)
+    g = torch.randn_like(out)
+    bwd = torch.ops.lightnet_ops.conv2d_relu_maxpool2d_backward.default
+    torch.library.opcheck(bwd, (g, x, w, argmax, *params, [True, True, case.bias]))
+    torch.library.opcheck(bwd, (g, x, w, argmax, *params, [False, True, False]))
+
+
+@pytest.mark.parametrize("backend, device", [bd for bd in backend_cases() if bd[0] != "triton"])
+def test_compile_fullgraph(backend, device):
+    case = CASES[5]
+    _, (x, w, b) = make_inputs(case, torch.float32, device)
+
+    def f(x, w, b):
+        return fused(x, w, b, case, backend).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(x, w, b)
+    got_grads = torch.autograd.grad(got, (x, w, b))
+    want = f(x, w, b)
+    want_grads = torch.autograd.grad(want, (x, w, b))
+    torch.testing.assert_close(got, want)
+    for a, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, e)
+
+
+def test_compile_inductor_inference_and_training():
+    """Default Inductor backend, no graph break, forward and backward."""
+    case = CASES[2]
+    _, (x, w, b) = make_inputs(case, torch.float32, "cpu")
+    model = lo.Conv2dReLUMaxPool2d(case.C, case.K, case.kernel)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    ref = model(x)
+    torch.testing.assert_close(out, ref)
+    assert model.weight.grad is not None and model.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- semantics: ties, NaN, ReLU gate
+
+@pytest.mark.parametrize("backend, device", backend_cases())
+def test_ties_first_maximum_wins(backend, device):
+    # A 1x1 identity conv over an input with repeated values: every 2x2 window has equal maxima.
+    x = torch.tensor([[[[1.0, 1.0, 2.0, 2.0], [1.0, 0.5, 2.0, 2.0], [3.0, 3.0, -1.0, -1.0], [3.0, 3.0, -1.0, -1.0]]]],
+                     device=device, requires_grad=True)
+    w = torch.ones(1, 1, 1, 1, device=device, requires_grad=True)
+    got = lo.conv2d_relu_maxpool2d(x, w, None, pool_kernel_size=2, backend=backend)
+    (gx_got,) = torch.autograd.grad(got.sum(), (x,))
+    x2 = x.detach().clone().requires_grad_(True)
+    want = F.max_pool2d(F.relu(F.conv2d(x2, w)), 2)
+    (gx_want,) = torch.autograd.grad(want.sum(), (x2,))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gx_got, gx_want)
+    # The first of the tied maxima (row-major) gets the gradient; all-negative windows get none.
+    expected = torch.zeros(4, 4, device=device)
+    expected[0, 0] = expected[0, 2] = expected[2, 0] = 1.0
+    torch.testing.assert_close(gx_got[0, 0], expected)
+
+
+@pytest.mark.parametrize("backend, device", backend_cases())
+def test_nan_propagates_like_stock(backend, device):
+    case = CASES[2]
+    (_, _, _), (x, w, b) = make_inputs(case, torch.float32, device)
+    with torch.no_grad():
+        x[0, 1, 2, 3] = float("nan")
+        x[1, 0, 5, 5] = float("nan")
+    got = outputs_and_grads(lambda *t: fused(*t, case, backend), (x, w, b))
+    want = outputs_and_grads(lambda *t: stock(*t, case), (x, w, b))
+    assert torch.isnan(got[0]).any(), "test setup: NaN should reach the output"
+    for name, g, s in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want):
+        assert torch.equal(torch.isnan(g), torch.isnan(s)), f"{name}: NaN positions differ from stock"
+        torch.testing.assert_close(g, s, equal_nan=True, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend, device", backend_cases())
+def test_argmax_encoding_matches_reference(backend, device):
+    """The compact argmax (one byte: window offset, or 255 where ReLU zeroed the output)."""
+    case = CASES[5]
+    _, (x, w, b) = make_inputs(case, torch.float32, device, requires_grad=False)
+    b[0] = -100.0  # channel 0 is all negative: ReLU zeroes it and the argmax holds the sentinel
+    impl = lo.backend_registry.resolve(backend, x)
+    args = (x, w, b, [1, 1], [1, 1], [1, 1], [3, 3], [2, 2])
+    out, argmax = impl.conv_forward(*args, True)
+    ref_out, ref_argmax = lo.reference.conv2d_relu_maxpool2d(*args, True)
+    assert argmax.dtype == torch.uint8 and argmax.shape == out.shape
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(argmax, ref_argmax)
+    assert (argmax == ARGMAX_RELU_ZERO).any() and (argmax < 9).any()
+    assert bool(((argmax == ARGMAX_RELU_ZERO) == (out <= 0)).all())
+    out2, no_argmax = impl.conv_forward(*args, False)
+    assert no_argmax.numel() == 0
+    torch.testing.assert_close(out2, out)
+
+
+@pytest.mark.parametrize("backend, device", backend_cases())
+def test_saves_only_compact_argmax_for_backward(backend, device):
+    """Backward keeps input, weight and a uint8 argmax: no dense conv output, no ReLU mask."""
+    case = CASES[0] if backend != "triton" else CASES[2]
+    _, (x, w, b) = make_inputs(case, torch.float32, device)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fused(x, w, b, case, backend)
+    shapes = sorted((tuple(t.shape), t.dtype) for t in saved)
+    assert shapes == sorted([(tuple(x.shape), x.dtype), (tuple(w.shape), w.dtype), (tuple(out.shape), torch.uint8)])
+
+
+# ---------------------------------------------------------------- layouts, views, unbatched, empty
+
+@pytest.mark.parametrize("backend, device", backend_cases())
+@pytest.mark.parametrize("layout", ["channels_last", "strided_view", "noncontiguous_weight"])
+def test_layouts_and_views(backend, device, layout):
+    case = CASES[2]
+    _, (x, w, b) = make_inputs(case, torch.float32, device, requires_grad=False)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided_view":
+        x = torch.randn(case.N, case.C, case.H * 2, case.W + 3, device=device)[:, :, ::2, 1:-2]
+    else:
+        w = torch.randn(case.K, case.kernel[0], case.kernel[1], case.C, device=device).permute(0, 3, 1, 2)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    got = outputs_and_grads(lambda *t: fused(*t, case, backend), (x, w, b))
+    want = outputs_and_grads(lambda *t: stock(*t, case), (x, w, b))
+    for g, s in zip(got, want):
+        torch.testing.assert_close(g, s, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend, device", backend_cases())
+def test_unbatched_input(backend, device):
+    case = CASES[2]
+    _, (x, w, b) = make_inputs(case, torch.float32, device)
+    x1 = x[0].detach().requires_grad_(True)
+    got = fused(x1, w, b, case, backend)
+    assert got.shape == (case.K, 3, 3)
+    torch.testing.assert_close(got, stock(x1, w, b, case), rtol=1e-4, atol=1e-4)
+    (gx,) = torch.autograd.grad(got.sum(), (x1,))
+    x2 = x1.detach().requires_grad_(True)
+    (gx_want,) = torch.autograd.grad(stock(x2, w, b, case).sum(), (x2,))
+    torch.testing.assert_close(gx, gx_want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend, device", backend_cases())
+def test_batch_size_zero(backend, device):
+    case = dataclasses.replace(CASES[2], N=0)
+    _, (x, w, b) = make_inputs(case, torch.float32, device)
+    out = fused(x, w, b, case, backend)
+    assert out.shape == (0, case.K, 3, 3)
+    gx, gw, gb = torch.autograd.grad(out.sum(), (x, w, b))
+    assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape
+    assert gw.abs().sum() == 0 and gb.abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend, device", backend_cases())
+def test_inference_and_partial_grads(backend, device):
+    case = CASES[5]
+    _, (x, w, b) = make_inputs(case, torch.float32, device, requires_grad=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, w, b, case, backend), stock(x, w, b, case), rtol=1e-4, atol=1e-4)
+    # Only the weight needs a gradient (frozen bias, input without grad).
+    w.requires_grad_(True)
+    (gw,) = torch.autograd.grad(fused(x, w, b, case, backend).sum(), (w,))
+    (gw_want,) = torch.autograd.grad(stock(x, w, b, case).sum(), (w,))
+    torch.testing.assert_close(gw, gw_want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- bad input
+
+BAD_INPUTS = [
+    ("rank2", dict(x=(3, 8)), r"expected 3-D \(C, H, W\) or 4-D"),
+    ("rank5", dict(x=(1, 2, 3, 8, 8)), r"expected 3-D \(C, H, W\) or 4-D"),
+    ("weight_rank", dict(w=(4, 3, 3)), "expected 4-D weight"),
+    ("channels", dict(x=(2, 5, 8, 8)), "channels but weight expects"),
+    ("bias_size", dict(b=(5,)), "bias must have shape"),
+    ("stride0", dict(stride=0), "stride must be positive"),
+    ("negative_padding", dict(padding=-1), "padding must be non-negative"),
+    ("dilation0", dict(dilation=0), "dilation must be positive"),
+    ("pool0", dict(pool=0), "pool_kernel_size must be positive"),
+    ("pool_stride0", dict(pool_stride=0), "pool_stride must be positive"),
+    ("pool_too_large", dict(pool=7), "larger than the conv output"),
+    ("input_too_small", dict(x=(2, 3, 2, 2)), "too small for kernel"),
+    ("pool_window_over_255", dict(x=(1, 3, 40, 40), pool=16), "one-byte argmax"),
+    ("stride_triple", dict(stride=(1, 1, 1)), "stride must be an int or a pair"),
+]
+
+
+@pytest.mark.parametrize("backend, device", backend_cases())
+@pytest.mark.parametrize("name, change, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_clear_error(backend, device, name, change, message):
+    x = torch.randn(*change.get("x", (2, 3, 8, 8)), device=device)
+    w = torch.randn(*change.get("w", (4, 3, 3, 3)), device=device)
+    b = torch.randn(*change.get("b", (4,)), device=device)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=message):
+        lo.conv2d_relu_maxpool2d(x, w, b, change.get("stride", 1), change.get("padding", 0),
+                                 change.get("dilation", 1), change.get("pool", 2), change.get("pool_stride"),
+                                 backend=backend)
+
+
+def test_dtype_and_device_mismatch():
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(3, 2, 3, 3)
+    with pytest.raises(ValueError, match="dtype"):
+        lo.conv2d_relu_maxpool2d(x, w.double())
+    with pytest.raises(ValueError, match="bias dtype"):
+        lo.conv2d_relu_maxpool2d(x, w, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="is on meta"):
+        lo.conv2d_relu_maxpool2d(x, w.to("meta"))
+    with pytest.raises(TypeError, match="floating-point"):
+        lo.conv2d_relu_maxpool2d(x.long(), w.long())
+
+
+def test_compiled_op_rejects_bad_input_directly():
+    """The C++ op checks its arguments too (for callers of torch.ops.lightnet_ops.* directly)."""
+    if "cpu" not in lo.backends():
+        pytest.fail("the extension is not built")
+    op = torch.ops.lightnet_ops.conv2d_relu_maxpool2d
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(3, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="input has 2 channels but weight expects 4"):
+        op(x, w, None, [1, 1], [0, 0], [1, 1], [2, 2], [2, 2], False)
+    with pytest.raises(RuntimeError, match="stride must be positive"):
+        op(x, w[:, :2], None, [0, 1], [0, 0], [1, 1], [2, 2], [2, 2], False)
+    with pytest.raises(RuntimeError, match="cpu backend supports float32 and float64"):
+        op(x.half(), w[:, :2].half(), None, [1, 1], [0, 0], [1, 1], [2, 2], [2, 2], False)
+    out, argmax = op(x, w[:, :2], None, [1, 1], [0, 0], [1, 1], [2, 2], [2, 2], True)
+    with pytest.raises(RuntimeError, match="argmax must be uint8"):
+        torch.ops.lightnet_ops.conv2d_relu_maxpool2d_backward(
+            out, x, w[:, :2], argmax.long(), [1, 1], [0, 0], [1, 1], [2, 2], [2, 2], [True, True, False])
+
+
+def test_unknown_and_unavailable_backends():
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(3, 2, 3, 3)
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        lo.conv2d_relu_maxpool2d(x, w, backend="gpu")
+    with pytest.raises(lo.BackendUnavailableError, match="cannot run on a tensor on cpu"):
+        lo.conv2d_relu_maxpool2d(x, w, backend="cuda")
+    with pytest.raises(lo.BackendUnavailableError, match="float32 and float64"):
+        lo.conv2d_relu_maxpool2d(x.half(), w.half(), backend="cpu")
+    # auto falls back to the reference backend for dtypes the C++ CPU kernels do not cover
+    out = lo.conv2d_relu_maxpool2d(x.bfloat16(), w.bfloat16())
+    torch.testing.assert_close(out, F.max_pool2d(F.relu(F.conv2d(x.bfloat16(), w.bfloat16())), 2))
+
+
+# ---------------------------------------------------------------- fuzzing
+
+@st.composite
+def problems(draw):
+    R, S = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    dil = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    pad = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    pool = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    pool_stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    # Choose the input big enough for the conv output to hold one pool window.
+    P_min, Q_min = pool
+    H = max(1, (P_min - 1) * stride[0] + dil[0] * (R - 1) + 1 - 2 * pad[0]) + draw(st.integers(0, 6))
+    W = max(1, (Q_min - 1) * stride[1] + dil[1] * (S - 1) + 1 - 2 * pad[1]) + draw(st.integers(0, 6))
+    return Case("fuzz", draw(st.integers(0, 3)), draw(st.integers(1, 4)), H, W, draw(st.integers(1, 5)), (R, S),
+                stride, pad, dil, pool, pool_stride, draw(st.booleans()))
+
+
+@pytest.mark.parametrize("backend", [b for b, d in backend_cases() if d == "cpu" and b != "reference"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=problems())
+def test_fuzz_against_reference(backend, case):
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    _, (x, w, b) = make_inputs(case, dtype, "cpu")
+    P = (case.H + 2 * case.padding[0] - case.dilation[0] * (case.kernel[0] - 1) - 1) // case.stride[0] + 1
+    Q = (case.W + 2 * case.padding[1] - case.dilation[1] * (case.kernel[1] - 1) - 1) // case.stride[1] + 1
+    if P < case.pool[0] or Q < case.pool[1]:
+        with pytest.raises(ValueError, match="larger than the conv output|too small"):
+            fused(x, w, b, case, backend)
+        return
+    got = outputs_and_grads(lambda *t: fused(*t, case, backend), (x, w, b))
+    want = outputs_and_grads(lambda *t: fused(*t, case, "reference"), (x, w, b))
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    for g, s in zip(got, want):
+        torch.testing.assert_close(g, s, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------- module
+
+def test_module_matches_nn_conv2d_init_and_state_dict():
+    torch.manual_seed(3)
+    stock_conv = torch.nn.Conv2d(3, 8, (3, 2), stride=2, padding=1)
+    torch.manual_seed(3)
+    fused_mod = lo.Conv2dReLUMaxPool2d(3, 8, (3, 2), stride=2, padding=1, pool_kernel_size=3, pool_stride=2)
+    torch.testing.assert_close(fused_mod.weight, stock_conv.weight, rtol=0, atol=0)
+    torch.testing.assert_close(fused_mod.bias, stock_conv.bias, rtol=0, atol=0)
+    assert [n for n, _ in fused_mod.named_parameters()] == ["weight", "bias"]
+    fused_mod.load_state_dict(stock_conv.state_dict())
+    x = torch.randn(2, 3, 17, 12)
+    torch.testing.assert_close(fused_mod(x), F.max_pool2d(F.relu(stock_conv(x)), 3, 2))
+    r = repr(fused_mod)
+    assert "Conv2dReLUMaxPool2d(3, 8, kernel_size=(3, 2), stride=(2, 2), padding=(1, 1)" in r
+    assert "pool_kernel_size=(3, 3), pool_stride=(2, 2)" in r
+    no_bias = lo.Conv2dReLUMaxPool2d(3, 8, 3, bias=False)
+    assert no_bias.bias is None and "bias=False" in repr(no_bias)
+    assert lo.Conv2dReLUMaxPool2d(2, 4, 3, dtype=torch.float64).weight.dtype == torch.float64

@@ -1,0 +1,550 @@
+"""lo.fuse: module-style models (torchvision VGG11 / AlexNet, nn.Sequential stacks), functional
+models (torch.fx rewrite), what must not be fused, state_dict round trips, inplace semantics."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lightnet_ops as lo
+from lightnet_ops.fuse import FusedChain
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    return t.abs().max().item() if t.numel() else 0.0
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float, name: str = "") -> None:
+    """max |actual - expected| <= rel * max |expected| (scale-aware: gradients of deep nets are tiny)."""
+    assert actual.shape == expected.shape, name
+    err = _max_abs(actual - expected)
+    scale = max(_max_abs(expected), 1e-30)
+    assert err <= rel * scale, f"{name}: max err {err:.3e} > {rel:.0e} * {scale:.3e}"
+
+
+def _out_and_grads(model: nn.Module, x: torch.Tensor, g: torch.Tensor | None = None, keep: bool = True):
+    """Output, input gradient and parameter gradients for the cotangent `g` (ones by default).
+    keep=False hands over the .grad tensors instead of copying them (and clears .grad)."""
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y = model(x)
+    y.backward(torch.ones_like(y) if g is None else g)
+    grads = {n: p.grad.clone() if keep else p.grad for n, p in model.named_parameters()}
+    if not keep:
+        model.zero_grad(set_to_none=True)
+    return y.detach(), x.grad.clone(), grads
+
+
+def _build_float64(name: str) -> nn.Module:
+    """torchvision model (weights=None) in eval mode, built on meta and filled straight in float64
+    with U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (much faster than its float32 init + conversion)."""
+    with torch.device("meta"):
+        model = getattr(torchvision.models, name)(weights=None)
+    model = model.to(torch.float64).to_empty(device="cpu").eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else p.numel()
+            p.uniform_(-(fan_in ** -0.5), fan_in ** -0.5, generator=gen)
+    return model
+
+
+def _fused_kinds(model) -> list[str]:
+    return [c.kind for c in model.fused_chains]
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision models (eval mode, float64 so that a flipped pool argmax cannot hide in tolerance)
+
+
+@pytest.mark.parametrize("name,size,expect", [
+    # vgg11: 8 convs, 5 followed by a pool (the others are Conv->ReLU->Conv); 2 Linear->ReLU
+    ("vgg11", 32, ["conv2d_relu_maxpool2d"] * 5 + ["linear_relu"] * 2),
+    # alexnet: pools of window 3 stride 2 after convs 1, 2 and 5; 2 Linear->ReLU
+    ("alexnet", 64, ["conv2d_relu_maxpool2d"] * 3 + ["linear_relu"] * 2),
+])
+def test_torchvision_fused_matches_original(name, size, expect):
+    model = _build_float64(name)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    g = torch.randn(2, 1000, dtype=torch.float64)
+    y0, gx0, grads0 = _out_and_grads(model, x, g, keep=False)
+    keys0 = list(model.state_dict().keys())
+    # inplace keeps memory down (VGG11 has 133M parameters): the fused model shares the Parameters
+    fused = lo.fuse(model, inplace=True)
+    assert fused is model
+    assert _fused_kinds(fused) == expect
+    assert list(fused.state_dict().keys()) == keys0
+    n_fused = sum(isinstance(m, (lo.Conv2dReLUMaxPool2d, lo.LinearReLU)) for m in fused.modules())
+    assert n_fused == len(expect)
+    y1, gx1, grads1 = _out_and_grads(fused, x, g, keep=False)
+    assert _max_abs(y0) > 0 and all(_max_abs(grads0[n]) > 0 for n in grads0)  # nothing vacuous
+    assert_close_rel(y1, y0, 1e-10, "output")
+    assert_close_rel(gx1, gx0, 1e-10, "input grad")
+    assert grads1.keys() == grads0.keys()
+    for n in grads0:
+        assert_close_rel(grads1[n], grads0[n], 1e-10, n)
+
+
+def test_alexnet_structure_and_names():
+    model = torchvision.models.alexnet(weights=None)
+    fused = lo.fuse(model)
+    f = fused.features
+    assert isinstance(f[0], lo.Conv2dReLUMaxPool2d) and isinstance(f[1], nn.Identity) and isinstance(f[2], nn.Identity)
+    assert f[0].pool_kernel_size == (3, 3) and f[0].pool_stride == (2, 2)
+    assert f[0].stride == (4, 4) and f[0].padding == (2, 2)
+    assert type(f[6]) is nn.Conv2d and type(f[7]) is nn.ReLU  # Conv->ReLU->Conv stays stock
+    assert isinstance(fused.classifier[1], lo.LinearReLU) and isinstance(fused.classifier[3], nn.Dropout)
+    assert fused.fused_chains[0] == FusedChain("conv2d_relu_maxpool2d", ("features.0", "features.1", "features.2"),
+                                               "module")
+
+
+def test_float32_error_within_stock_error():
+    """float32 module-style stack: |fused - ref64| <= k * |stock - ref64| + eps, outputs and grads."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Flatten(), nn.Linear(16 * 3 * 3, 32), nn.ReLU(), nn.Linear(32, 5),
+    ).eval()
+    fused = lo.fuse(model)
+    assert len(fused.fused_chains) == 3
+    ref = copy.deepcopy(model).double()
+    x = torch.randn(4, 3, 28, 28)
+    g = torch.randn(4, 5)
+    y_r, gx_r, gr_r = _out_and_grads(ref, x.double(), g.double())
+    y_s, gx_s, gr_s = _out_and_grads(model, x, g)
+    y_f, gx_f, gr_f = _out_and_grads(fused, x, g)
+
+    def check(f, s, r, name):
+        err_f = _max_abs(f.double() - r)
+        err_s = _max_abs(s.double() - r)
+        assert err_f <= 8 * err_s + 1e-6 * max(_max_abs(r), 1e-12), f"{name}: fused {err_f:.2e}, stock {err_s:.2e}"
+
+    check(y_f, y_s, y_r, "output")
+    check(gx_f, gx_s, gx_r, "input grad")
+    for n in gr_r:
+        check(gr_f[n], gr_s[n], gr_r[n], n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional (torch.fx) models: every spelling of the chain is recognised
+
+
+class AllSpellings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3)
+        self.c2 = nn.Conv2d(4, 6, (3, 2), padding=1, dilation=(1, 2))
+        self.c3 = nn.Conv2d(6, 6, 3, padding="same")
+        self.w4 = nn.Parameter(torch.randn(5, 6, 1, 1) * 0.3)
+        self.b4 = nn.Parameter(torch.randn(5) * 0.1)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d((2, 3), stride=(1, 2))
+        self.l1 = nn.Linear(5 * 3 * 1, 12)
+        self.l2 = nn.Linear(12, 12)
+        self.l3 = nn.Linear(12, 7)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(x)), (2, 2))            # F.relu + F.max_pool2d tuple window
+        x = self.pool(self.relu(self.c2(x)))                     # nn.ReLU(inplace) + nn.MaxPool2d
+        x = F.max_pool2d(torch.relu(self.c3(x)), 3, stride=1)    # torch.relu, window 3 stride 1
+        x = torch.max_pool2d(F.conv2d(x, self.w4, self.b4).relu(), 2)  # functional conv, Tensor.relu
+        x = torch.flatten(x, 1)
+        x = F.relu(self.l1(x), inplace=True)
+        x = self.l2(x).relu_()
+        return self.l3(x)
+
+
+def test_functional_model_all_spellings():
+    torch.manual_seed(2)
+    model = AllSpellings().double()
+    x = torch.randn(3, 2, 20, 24, dtype=torch.float64)
+    fused = lo.fuse(model)
+    assert isinstance(fused, fx.GraphModule)
+    assert _fused_kinds(fused) == ["conv2d_relu_maxpool2d"] * 4 + ["linear_relu"] * 2
+    code = fused.code
+    assert "max_pool2d" not in code and "relu" not in code.replace("linear_relu", "").replace(
+        "conv2d_relu_maxpool2d", "")
+    assert isinstance(fused.c1, lo.Conv2dReLUMaxPool2d) and fused.c1.weight is not model.c1.weight
+    assert fused.c3.padding == (1, 1)  # 'same' converted
+    y0, gx0, g0 = _out_and_grads(model, x)
+    y1, gx1, g1 = _out_and_grads(fused, x)
+    assert_close_rel(y1, y0, 1e-10, "output")
+    assert_close_rel(gx1, gx0, 1e-10, "input grad")
+    for n in g0:
+        assert_close_rel(g1[n], g0[n], 1e-10, n)
+
+
+def test_stock_lightnet_is_traced_and_fused():
+    torch.manual_seed(3)
+    stock = lo.StockLightNet().double()
+    fused = lo.fuse(stock)
+    assert _fused_kinds(fused) == ["conv2d_relu_maxpool2d"] * 2 + ["linear_relu"] * 2
+    x = torch.randn(4, 1, 32, 32, dtype=torch.float64)
+    y0, _, g0 = _out_and_grads(stock, x)
+    y1, _, g1 = _out_and_grads(fused, x)
+    assert_close_rel(y1, y0, 1e-10, "output")
+    for n in g0:
+        assert_close_rel(g1[n], g0[n], 1e-10, n)
+
+
+class SeedLightNet(nn.Module):
+    """The seed's class (num_flat_features loops over x.size(): torch.fx cannot trace it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3)
+        self.conv2 = nn.Conv2d(6, 16, 3)
+        self.fc1 = nn.Linear(6 * 6 * 16, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(-1, self.num_flat_features(x))
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+    def num_flat_features(self, x):
+        size = x.size()[1:]
+        num_feature = 1
+        for s in size:
+            num_feature *= s
+        return num_feature
+
+
+def test_untraceable_model_is_left_alone_with_a_note(capsys):
+    model = SeedLightNet()
+    fused = lo.fuse(model, verbose=True)
+    assert fused.fused_chains == [] and type(fused) is SeedLightNet
+    out = capsys.readouterr().out
+    assert "could not trace" in out and "backend='lightnet_ops'" in out
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+
+
+class Untraceable(nn.Module):
+    """Top level defeats torch.fx; its children are a functional block and a Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+        self.head = nn.Sequential(nn.Linear(4 * 3 * 3, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        x = self.block(x)
+        n = 1
+        for s in x.size()[1:]:
+            n *= s
+        return self.head(x.view(-1, n))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+
+    def forward(self, x):
+        return F.max_pool2d(F.relu(self.conv(x)), 2)
+
+
+def test_untraceable_top_level_fuses_children():
+    torch.manual_seed(4)
+    model = Untraceable().double()
+    fused = lo.fuse(model)
+    assert type(fused) is Untraceable
+    assert isinstance(fused.block, fx.GraphModule) and isinstance(fused.block.conv, lo.Conv2dReLUMaxPool2d)
+    assert isinstance(fused.head[0], lo.LinearReLU)
+    assert sorted(c.names[0] for c in fused.fused_chains) == ["block.conv", "head.0"]
+    assert list(fused.state_dict().keys()) == list(model.state_dict().keys())
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    y0, _, g0 = _out_and_grads(model, x)
+    y1, _, g1 = _out_and_grads(fused, x)
+    assert_close_rel(y1, y0, 1e-10, "output")
+    for n in g0:
+        assert_close_rel(g1[n], g0[n], 1e-10, n)
+
+
+def test_conv_module_called_twice_uses_functional_form():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            a = F.max_pool2d(F.relu(self.conv(x)), 2)
+            return self.conv(a)  # second call: plain conv, must stay a conv
+
+    torch.manual_seed(5)
+    model = Twice().double()
+    fused = lo.fuse(model)
+    assert len(fused.fused_chains) == 1
+    assert type(fused.conv) is nn.Conv2d  # the module stays; the fused call reads its weight
+    assert "conv2d_relu_maxpool2d" in fused.code
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    y0, _, g0 = _out_and_grads(model, x)
+    y1, _, g1 = _out_and_grads(fused, x)
+    assert_close_rel(y1, y0, 1e-10, "output")
+    for n in g0:
+        assert_close_rel(g1[n], g0[n], 1e-10, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Must not be fused
+
+
+class SkipConnection(nn.Module):
+    """The conv output is used twice (pool(relu(y)) + pool(y)); the second chain is fusable."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = F.max_pool2d(F.relu(y), 2) + F.max_pool2d(y, 2)
+        return F.max_pool2d(F.relu(self.conv2(z)), 2)
+
+
+class SecondConsumer(nn.Module):
+    """The ReLU output feeds the pool and a second consumer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        r = F.relu(self.conv(x))
+        p = F.max_pool2d(r, 2)
+        h = self.fc(p.mean((2, 3)) + r.mean((2, 3)))
+        return F.relu(h) + h  # the linear output is used twice: Linear->ReLU not fusable either
+
+
+class InplaceAlias(nn.Module):
+    """relu_ mutates the conv output in place and the pool reads the (aliased) conv output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        F.relu(y, inplace=True)
+        return F.max_pool2d(y, 2)
+
+
+def _seq(*mods):
+    return nn.Sequential(*mods)
+
+
+NOT_FUSABLE = {
+    "groups2": lambda: _seq(nn.Conv2d(4, 4, 3, groups=2), nn.ReLU(), nn.MaxPool2d(2)),
+    "pool_padding": lambda: _seq(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1)),
+    "pool_ceil": lambda: _seq(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)),
+    "pool_dilation": lambda: _seq(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.MaxPool2d(2, dilation=2)),
+    "padding_mode": lambda: _seq(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.MaxPool2d(2)),
+    "dropout_between": lambda: _seq(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Dropout(0.0), nn.MaxPool2d(2)),
+    "no_pool": lambda: _seq(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)),
+    "relu6": lambda: _seq(nn.Conv2d(4, 4, 3), nn.ReLU6(), nn.MaxPool2d(2)),
+    "avgpool": lambda: _seq(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.AvgPool2d(2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_FUSABLE))
+def test_sequential_not_fused(name):
+    torch.manual_seed(6)
+    model = NOT_FUSABLE[name]()
+    fused = lo.fuse(model)
+    assert fused.fused_chains == []
+    assert [type(m) for m in fused] == [type(m) for m in model]
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+
+
+def test_unsupported_chains_report_reason():
+    fused = lo.fuse(NOT_FUSABLE["groups2"]())
+    assert len(fused.skipped_chains) == 1 and "groups=2" in fused.skipped_chains[0].reason
+    fused = lo.fuse(NOT_FUSABLE["pool_padding"]())
+    assert "padding" in fused.skipped_chains[0].reason
+
+
+def test_module_with_hook_not_fused():
+    model = _seq(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    fused = lo.fuse(model)
+    assert fused.fused_chains == [] and "hooks" in fused.skipped_chains[0].reason
+    fused(torch.randn(1, 4, 8, 8))
+    assert seen == [torch.Size([1, 4, 6, 6])]
+
+
+@pytest.mark.parametrize("cls,n_fused", [(SkipConnection, 1), (SecondConsumer, 0), (InplaceAlias, 0)])
+def test_functional_intermediate_used_elsewhere_not_fused(cls, n_fused):
+    torch.manual_seed(7)
+    model = cls().double()
+    fused = lo.fuse(model)
+    assert len(fused.fused_chains) == n_fused
+    if cls is SkipConnection:
+        assert fused.fused_chains[0].names[0] == "conv2"
+        assert type(fused.conv) is nn.Conv2d
+    else:
+        assert type(fused) is cls  # nothing fused: the model keeps its class
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    y0, _, g0 = _out_and_grads(model, x)
+    y1, _, g1 = _out_and_grads(fused, x)
+    assert_close_rel(y1, y0, 1e-10, "output")
+    for n in g0:
+        assert_close_rel(g1[n], g0[n], 1e-10, n)
+
+
+def test_functional_unsupported_pool_skipped():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return F.max_pool2d(F.relu(self.conv(x)), 2, padding=1)
+
+    fused = lo.fuse(M())
+    assert fused.fused_chains == [] and "padding" in fused.skipped_chains[0].reason
+
+
+# ---------------------------------------------------------------------------------------------
+# state dicts, inplace, options
+
+
+def _vggish():
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, bias=False), nn.ReLU(), nn.Conv2d(6, 6, 1), nn.ReLU(), nn.MaxPool2d(2, 1),
+        nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(6 * 3 * 3, 10), nn.ReLU(), nn.Dropout(), nn.Linear(10, 2),
+    )
+
+
+@pytest.mark.parametrize("make", [_vggish, lo.StockLightNet, AllSpellings])
+def test_state_dict_round_trip(make):
+    torch.manual_seed(8)
+    a, b = make(), make()  # different weights
+    fused_b = lo.fuse(b)
+    assert fused_b.fused_chains
+    assert set(fused_b.state_dict().keys()) == set(a.state_dict().keys())
+    # stock checkpoint -> fused model
+    fused_b.load_state_dict(a.state_dict(), strict=True)
+    for k, v in a.state_dict().items():
+        assert torch.equal(fused_b.state_dict()[k], v), k
+    # fused checkpoint -> stock model
+    c = make()
+    c.load_state_dict(fused_b.state_dict(), strict=True)
+    for k, v in a.state_dict().items():
+        assert torch.equal(c.state_dict()[k], v), k
+
+
+def test_state_dict_keys_kept_for_unused_buffers():
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.spare = nn.Linear(3, 3)  # never called in forward
+            self.register_buffer("step", torch.tensor(3))
+
+        def forward(self, x):
+            return F.max_pool2d(F.relu(self.conv(x)), 2)
+
+    model = WithUnused()
+    fused = lo.fuse(model)
+    assert isinstance(fused, fx.GraphModule) and len(fused.fused_chains) == 1
+    assert set(fused.state_dict().keys()) == set(model.state_dict().keys())
+    model.load_state_dict(fused.state_dict())
+
+
+def test_not_inplace_leaves_original_untouched():
+    torch.manual_seed(9)
+    model = _vggish()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types_before = [type(m) for m in model]
+    rng = torch.get_rng_state()
+    fused = lo.fuse(model)
+    assert torch.equal(torch.get_rng_state(), rng)  # fusing draws no random numbers
+    assert fused is not model and [type(m) for m in model] == types_before
+    assert not hasattr(model, "fused_chains")
+    assert fused[0].weight is not model[0].weight
+    # training the fused copy does not touch the original
+    opt = torch.optim.SGD(fused.parameters(), lr=0.1)
+    fused(torch.randn(2, 3, 14, 14)).sum().backward()
+    opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not torch.equal(fused[0].weight, model[0].weight)
+
+
+def test_inplace_modifies_model_and_keeps_parameters():
+    torch.manual_seed(10)
+    model = _vggish()
+    params_before = list(model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built before fusing
+    fused = lo.fuse(model, inplace=True)
+    assert fused is model
+    assert isinstance(model[0], lo.Conv2dReLUMaxPool2d) and isinstance(model[1], nn.Identity)
+    assert isinstance(model[10], lo.LinearReLU)
+    assert all(a is b for a, b in zip(model.parameters(), params_before))
+    w = model[0].weight.detach().clone()
+    model(torch.randn(2, 3, 14, 14)).sum().backward()
+    opt.step()
+    assert not torch.equal(model[0].weight, w)  # the optimizer updated the fused module's weight
+
+
+def test_inplace_on_traced_model_shares_parameters():
+    model = lo.StockLightNet()
+    fused = lo.fuse(model, inplace=True)
+    assert isinstance(fused, fx.GraphModule)
+    assert fused.conv1.weight is model.conv1.weight and fused.fc1.bias is model.fc1.bias
+
+
+def test_training_flags_preserved():
+    model = _vggish().eval()
+    fused = lo.fuse(model)
+    assert not fused.training and not fused[0].training and not fused[8].training
+    model = lo.StockLightNet().eval()
+    fused = lo.fuse(model)
+    assert not fused.training and not fused.conv1.training
+
+
+def test_backend_option_and_verbose(capsys):
+    fused = lo.fuse(_vggish(), backend="reference", verbose=True)
+    assert fused[0].backend == "reference" and fused[10].backend == "reference"
+    out = capsys.readouterr().out
+    assert "3 chain(s) fused" in out and "0 -> 1 -> 2" in out and "10 -> 11" in out
+    assert "skipped" not in out
+    with pytest.raises(ValueError, match="unknown backend"):
+        lo.fuse(_vggish(), backend="bogus")
+    with pytest.raises(TypeError):
+        lo.fuse(lambda x: x)
+
+
+def test_graph_module_input_and_idempotence():
+    gm = fx.symbolic_trace(lo.StockLightNet())
+    fused = lo.fuse(gm)
+    assert len(fused.fused_chains) == 4
+    again = lo.fuse(fused)
+    assert again.fused_chains == []
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(again(x), gm(x), rtol=1e-5, atol=1e-6)
+
+
+def test_unbatched_input_through_fused_sequential():
+    model = _seq(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2))
+    fused = lo.fuse(model)
+    x = torch.randn(1, 10, 10)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-6, atol=1e-7)

@@ -1,0 +1,217 @@
+"""linear_relu: parity with F.relu(F.linear(...)) for every backend, gradcheck, opcheck,
+torch.compile, NaN, views, bad inputs, fuzzing, module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import backend_cases
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from parity import assert_matches
+
+import lightnet_ops as lo
+
+# (name, input shape, out_features, bias)
+CASES = [
+    ("lightnet_fc1", (4, 576), 120, True),
+    ("lightnet_fc2", (5, 120), 84, True),
+    ("odd_sizes", (7, 13), 9, True),
+    ("no_bias", (6, 10), 5, False),
+    ("leading_dims", (2, 3, 11), 6, True),
+    ("single_row", (1, 17), 1, True),
+    ("vector_input", (12,), 4, True),
+]
+TINY = {"odd_sizes", "no_bias", "leading_dims", "single_row", "vector_input"}
+
+DTYPES = {
+    ("reference", "cpu"): [torch.float64, torch.float32],
+    ("cpu", "cpu"): [torch.float64, torch.float32],
+    ("triton", "cpu"): [torch.float32],
+    ("reference", "cuda"): [torch.float32],
+    ("cuda", "cuda"): [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+    ("triton", "cuda"): [torch.float32, torch.float16, torch.bfloat16],
+}
+
+
+def parity_params():
+    for backend, device in backend_cases():
+        for dtype in DTYPES[(backend, device)]:
+            for case in CASES:
+                if backend == "triton" and device == "cpu" and case[0] not in TINY:
+                    continue  # the interpreter is slow; tiny cases cover the same code
+                yield pytest.param(backend, device, dtype, case, id=f"{backend}-{device}-{str(dtype)[6:]}-{case[0]}")
+
+
+def make_inputs(case, dtype, device, requires_grad=True):
+    _, shape, out_features, bias = case
+    x64 = torch.randn(*shape, dtype=torch.float64).to(dtype).double()
+    w64 = (torch.randn(out_features, shape[-1], dtype=torch.float64) / shape[-1] ** 0.5).to(dtype).double()
+    b64 = (torch.randn(out_features, dtype=torch.float64) * 0.3).to(dtype).double() if bias else None
+
+    def leaf(t, dt):
+        return None if t is None else t.to(device=device, dtype=dt).detach().requires_grad_(requires_grad)
+
+    return (leaf(x64, torch.float64), leaf(w64, torch.float64), leaf(b64, torch.float64)), (
+        leaf(x64, dtype), leaf(w64, dtype), leaf(b64, dtype))
+
+
+def outputs_and_grads(fn, tensors):
+    leaves = [t for t in tensors if t is not None]
+    out = fn(*tensors)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return [out.detach()] + list(torch.autograd.grad(out, leaves, g.to(device=out.device, dtype=out.dtype)))
+
+
+def stock(x, w, b):
+    return F.relu(F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("backend, device, dtype, case", list(parity_params()))
+def test_parity_with_stock(backend, device, dtype, case):
+    (x64, w64, b64), (x, w, b) = make_inputs(case, dtype, device)
+    ref = outputs_and_grads(stock, (x64, w64, b64))
+    want = outputs_and_grads(stock, (x, w, b))
+    got = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend=backend), (x, w, b))
+    for name, g, s, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want, ref):
+        assert_matches(g, s, r, f"{backend}/{device}/{dtype} {case[0]} {name}")
+
+
+@pytest.mark.parametrize("backend, device", [bd for bd in backend_cases() if bd[0] != "triton"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in TINY], ids=lambda c: c[0])
+def test_gradcheck(backend, device, case):
+    _, (x, w, b) = make_inputs(case, torch.float64, device)
+    inputs = tuple(t for t in (x, w, b) if t is not None)
+
+    def fn(*t):
+        return lo.linear_relu(t[0], t[1], t[2] if b is not None else None, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", [d for d in ("cpu", "cuda") if d in lo.backends()])
+def test_opcheck(device):
+    x, w, b = torch.randn(6, 10, device=device), torch.randn(5, 10, device=device), torch.randn(5, device=device)
+    fwd = torch.ops.lightnet_ops.linear_relu.default
+    torch.library.opcheck(fwd, (x, w, b))
+    torch.library.opcheck(fwd, (x, w, None))
+    out = fwd(x, w, b)
+    bwd = torch.ops.lightnet_ops.linear_relu_backward.default
+    torch.library.opcheck(bwd, (torch.randn_like(out), x, w, out, [True, True, True]))
+    torch.library.opcheck(bwd, (torch.randn_like(out), x, w, out, [False, True, False]))
+
+
+@pytest.mark.parametrize("backend, device", [bd for bd in backend_cases() if bd[0] != "triton"])
+def test_compile_fullgraph(backend, device):
+    _, (x, w, b) = make_inputs(CASES[4], torch.float32, device)
+
+    def f(x, w, b):
+        return lo.linear_relu(x, w, b, backend=backend).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(x, w, b)
+    got_grads = torch.autograd.grad(got, (x, w, b))
+    want = f(x, w, b)
+    for a, e in zip(got_grads, torch.autograd.grad(want, (x, w, b))):
+        torch.testing.assert_close(a, e)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend, device", backend_cases())
+def test_nan_and_zero_gate_like_stock(backend, device):
+    x = torch.tensor([[1.0, -2.0, float("nan")], [0.5, 0.25, -1.0]], device=device, requires_grad=True)
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], device=device,
+                     requires_grad=True)
+    b = torch.tensor([0.0, 0.0, 0.0, 0.0], device=device, requires_grad=True)
+    got = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend=backend), (x, w, b))
+    want = outputs_and_grads(stock, (x, w, b))
+    for name, g, s in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want):
+        assert torch.equal(torch.isnan(g), torch.isnan(s)), f"{name}: NaN positions differ"
+        torch.testing.assert_close(g, s, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend, device", backend_cases())
+def test_views_batch_zero_and_inference(backend, device):
+    w = torch.randn(6, 8, device=device, requires_grad=True)
+    b = torch.randn(6, device=device, requires_grad=True)
+    x = torch.randn(8, 5, device=device).t().requires_grad_(True)  # non-contiguous (5, 8)
+    got = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend=backend), (x, w, b))
+    want = outputs_and_grads(stock, (x, w, b))
+    for g, s in zip(got, want):
+        torch.testing.assert_close(g, s, rtol=1e-4, atol=1e-4)
+    empty = torch.randn(0, 8, device=device, requires_grad=True)
+    out = lo.linear_relu(empty, w, b, backend=backend)
+    assert out.shape == (0, 6)
+    gx, gw, gb = torch.autograd.grad(out.sum(), (empty, w, b))
+    assert gx.shape == (0, 8) and gw.abs().sum() == 0 and gb.abs().sum() == 0
+    with torch.no_grad():
+        torch.testing.assert_close(lo.linear_relu(x, w, b, backend=backend), stock(x, w, b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend, device", backend_cases())
+def test_saves_output_not_a_separate_mask(backend, device):
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+    w = torch.randn(6, 8, device=device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lo.linear_relu(x, w, backend=backend)
+    assert sorted(tuple(t.shape) for t in saved) == [(4, 6), (4, 8), (6, 8)]
+
+
+BAD = [
+    ("feature_mismatch", (4, 7), (5, 8), (5,), "input has 7 features but weight expects 8"),
+    ("weight_rank", (4, 8), (5, 8, 1), (5,), "expected 2-D weight"),
+    ("bias_size", (4, 8), (5, 8), (4,), r"bias must have shape \[5\]"),
+    ("scalar_input", (), (5, 8), (5,), "at least 1 dimension"),
+]
+
+
+@pytest.mark.parametrize("backend, device", backend_cases())
+@pytest.mark.parametrize("name, xs, ws, bs, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(backend, device, name, xs, ws, bs, message):
+    x, w, b = torch.randn(xs, device=device), torch.randn(ws, device=device), torch.randn(bs, device=device)
+    with pytest.raises(ValueError, match=message):
+        lo.linear_relu(x, w, b, backend=backend)
+
+
+def test_dtype_device_mismatch_and_direct_op_checks():
+    x, w = torch.randn(3, 4), torch.randn(2, 4)
+    with pytest.raises(ValueError, match="does not match weight dtype"):
+        lo.linear_relu(x, w.double())
+    with pytest.raises(ValueError, match="is on meta"):
+        lo.linear_relu(x, w.to("meta"))
+    if "cpu" not in lo.backends():
+        pytest.fail("the extension is not built")
+    with pytest.raises(RuntimeError, match="input has 4 features but weight expects 5"):
+        torch.ops.lightnet_ops.linear_relu(x, torch.randn(2, 5), None)
+    with pytest.raises(RuntimeError, match="expects 2-D input"):
+        torch.ops.lightnet_ops.linear_relu(x[0], w, None)
+
+
+@pytest.mark.parametrize("backend", [b for b, d in backend_cases() if d == "cpu" and b != "reference"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(0, 9), k=st.integers(1, 40), n=st.integers(1, 40), bias=st.booleans())
+def test_fuzz_against_reference(backend, m, k, n, bias):
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    case = ("fuzz", (m, k), n, bias)
+    _, (x, w, b) = make_inputs(case, dtype, "cpu")
+    got = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend=backend), (x, w, b))
+    want = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend="reference"), (x, w, b))
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    for g, s in zip(got, want):
+        torch.testing.assert_close(g, s, rtol=tol, atol=tol)
+
+
+def test_module_matches_nn_linear():
+    torch.manual_seed(5)
+    ref = torch.nn.Linear(20, 7)
+    torch.manual_seed(5)
+    mod = lo.LinearReLU(20, 7)
+    torch.testing.assert_close(mod.weight, ref.weight, rtol=0, atol=0)
+    torch.testing.assert_close(mod.bias, ref.bias, rtol=0, atol=0)
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 4, 20)
+    torch.testing.assert_close(mod(x), F.relu(ref(x)))
+    assert repr(mod) == "LinearReLU(in_features=20, out_features=7, bias=True)"
+    assert lo.LinearReLU(3, 2, bias=False).bias is None

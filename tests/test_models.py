@@ -1,0 +1,184 @@
+"""LightNet (fused) and StockLightNet: names, shapes and order of parameters, seeded init, state
+dicts both ways (also with the seed tutorial's own class), forward/backward parity, unbatched input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lightnet_ops as lo
+
+# The seed tutorial's class, verbatim (seed/lightnet_tutorial.md), with its globals.
+N_CHANNEL_IN, N_CHANNEL_OUT, H, W = 1, 6, 6, 6
+
+
+class SeedLightNet(nn.Module):
+
+    def __init__(self):
+        super(SeedLightNet, self).__init__()
+        self.conv1 = nn.Conv2d(N_CHANNEL_IN, N_CHANNEL_OUT, 3)
+        self.conv2 = nn.Conv2d(N_CHANNEL_OUT, 16, 3)
+        self.fc1 = nn.Linear(H * W * 16, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(-1, self.num_flat_features(x))
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+    def num_flat_features(self, x):
+        size = x.size()[1:]
+        num_feature = 1
+        for s in size:
+            num_feature *= s
+        return num_feature
+
+
+SEED_PARAMS = [
+    ("conv1.weight", (6, 1, 3, 3)), ("conv1.bias", (6,)),
+    ("conv2.weight", (16, 6, 3, 3)), ("conv2.bias", (16,)),
+    ("fc1.weight", (120, 576)), ("fc1.bias", (120,)),
+    ("fc2.weight", (84, 120)), ("fc2.bias", (84,)),
+    ("fc3.weight", (10, 84)), ("fc3.bias", (10,)),
+]
+
+FUSED_BACKENDS = ["cpu", "reference"]
+
+
+def _seeded(cls, seed=1234, **kw):
+    torch.manual_seed(seed)
+    return cls(**kw)
+
+
+@pytest.mark.parametrize("cls", [lo.LightNet, lo.StockLightNet, SeedLightNet])
+def test_parameter_names_shapes_order(cls):
+    net = cls()
+    assert [(n, tuple(p.shape)) for n, p in net.named_parameters()] == SEED_PARAMS
+    assert list(net.state_dict().keys()) == [n for n, _ in SEED_PARAMS]
+    assert [n for n, _ in net.named_children()] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+
+
+def test_submodule_types():
+    net = lo.LightNet()
+    assert isinstance(net.conv1, lo.Conv2dReLUMaxPool2d) and isinstance(net.conv2, lo.Conv2dReLUMaxPool2d)
+    assert isinstance(net.fc1, lo.LinearReLU) and isinstance(net.fc2, lo.LinearReLU)
+    assert type(net.fc3) is nn.Linear
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_seeded_init_identical(seed):
+    fused, stock, seed_net = _seeded(lo.LightNet, seed), _seeded(lo.StockLightNet, seed), _seeded(SeedLightNet, seed)
+    for (n, a), (_, b), (_, c) in zip(fused.named_parameters(), stock.named_parameters(), seed_net.named_parameters()):
+        assert torch.equal(a, b), n
+        assert torch.equal(a, c), n
+    # a different seed gives different weights (the comparison above is not vacuous)
+    other = _seeded(lo.LightNet, seed + 1)
+    assert not torch.equal(other.conv1.weight, fused.conv1.weight)
+
+
+@pytest.mark.parametrize("src_cls,dst_cls", [
+    (lo.StockLightNet, lo.LightNet), (lo.LightNet, lo.StockLightNet),
+    (SeedLightNet, lo.LightNet), (lo.LightNet, SeedLightNet),
+])
+def test_state_dict_loads_both_ways(src_cls, dst_cls):
+    src, dst = _seeded(src_cls, 1), _seeded(dst_cls, 2)
+    assert not torch.equal(src.fc1.weight, dst.fc1.weight)
+    dst.load_state_dict(src.state_dict(), strict=True)
+    for (n, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items()):
+        assert torch.equal(a, b), n
+    x = torch.randn(3, 1, 32, 32)
+    torch.testing.assert_close(dst(x), src(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_forward_backward_parity_float64(backend):
+    stock = _seeded(lo.StockLightNet, 3).double()
+    fused = _seeded(lo.LightNet, 3, backend=backend).double()
+    x = torch.randn(5, 1, 32, 32, dtype=torch.float64)
+    xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, yf = stock(xs), fused(xf)
+    torch.testing.assert_close(yf, ys, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(ys)
+    ys.backward(g)
+    yf.backward(g)
+    torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-10, atol=1e-12)
+    for (n, ps), (_, pf) in zip(stock.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(pf.grad, ps.grad, rtol=1e-10, atol=1e-12, msg=n)
+    # the fused model really ran the fused ops (hand-written backward in the autograd graph)
+    names = _autograd_node_names(yf)
+    assert "Conv2dReLUMaxPool2dFunctionBackward" in names and "LinearReLUFunctionBackward" in names
+    assert "MaxPool2DWithIndicesBackward0" in _autograd_node_names(ys)
+
+
+def _autograd_node_names(t: torch.Tensor) -> set[str]:
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def test_matches_seed_class_batched():
+    seed_net = _seeded(SeedLightNet, 4)
+    fused = _seeded(lo.LightNet, 4)
+    x = torch.randn(6, 1, 32, 32)
+    torch.testing.assert_close(fused(x), seed_net(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [lo.LightNet, lo.StockLightNet])
+def test_unbatched_input(cls):
+    net = _seeded(cls, 5)
+    x = torch.randn(1, 32, 32)
+    y = net(x)
+    assert y.shape == (10,)
+    torch.testing.assert_close(y, net(x.unsqueeze(0))[0], rtol=1e-6, atol=1e-7)
+    y.sum().backward()
+    assert net.conv1.weight.grad is not None and net.conv1.weight.grad.abs().sum() > 0
+
+
+def test_unbatched_fused_equals_stock():
+    x = torch.randn(1, 32, 32, dtype=torch.float64)
+    y_f = _seeded(lo.LightNet, 6).double()(x)
+    y_s = _seeded(lo.StockLightNet, 6).double()(x)
+    torch.testing.assert_close(y_f, y_s, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("in_channels,num_classes,input_size", [(3, 5, 28), (2, 7, 10), (1, 10, 41)])
+def test_other_configurations(in_channels, num_classes, input_size):
+    fused = _seeded(lo.LightNet, 8, in_channels=in_channels, num_classes=num_classes, input_size=input_size).double()
+    stock = _seeded(lo.StockLightNet, 8, in_channels=in_channels, num_classes=num_classes,
+                    input_size=input_size).double()
+    x = torch.randn(2, in_channels, input_size, input_size, dtype=torch.float64)
+    y = fused(x)
+    assert y.shape == (2, num_classes)
+    torch.testing.assert_close(y, stock(x), rtol=1e-10, atol=1e-12)
+
+
+def test_too_small_input_size_raises():
+    with pytest.raises(ValueError, match="input_size"):
+        lo.LightNet(input_size=9)
+    with pytest.raises(ValueError, match="input_size"):
+        lo.StockLightNet(input_size=9)
+
+
+def test_backend_is_passed_to_modules():
+    net = lo.LightNet(backend="reference")
+    assert {m.backend for m in (net.conv1, net.conv2, net.fc1, net.fc2)} == {"reference"}
+    with pytest.raises(ValueError, match="unknown backend"):
+        lo.LightNet(backend="nope")(torch.randn(1, 1, 32, 32))
+
+
+def test_batch_size_zero():
+    net = lo.LightNet()
+    y = net(torch.randn(0, 1, 32, 32))
+    assert y.shape == (0, 10)

@@ -1,0 +1,142 @@
+"""Pieces shared by the Triton kernels: interpreter detection, autotune config lists, the dtype
+policy of ``tl.dot`` and a deterministic channel-sum kernel (bias gradients)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+#: Whether Triton's interpreter runs the kernels (TRITON_INTERPRET=1 when triton was imported).
+#: Triton decides this when a kernel is decorated, so asking a decorated kernel is the ground truth
+#: (the env var spelling rules differ between Triton versions).
+INTERPRET: bool = type(_probe).__name__ == "InterpretedFunction"
+
+#: dtypes the Triton kernels run in (float32 accumulation throughout).
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+#: Autotune on GPUs (triton.autotune over each kernel's config list, keyed on the problem sizes).
+#: LIGHTNET_OPS_TRITON_AUTOTUNE=0 uses each kernel's default config instead: no benchmarking on the
+#: first call of every new problem size (short test runs, reproducible timings). Read at each launch.
+AUTOTUNE: bool = os.environ.get("LIGHTNET_OPS_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "")
+
+
+class Launcher:
+    """``kernel[grid](*args, **constexprs)`` that autotunes over `configs` on a GPU, and runs one fixed
+    config (`default` compiled, `interpreter_config` in the interpreter, which cannot benchmark) otherwise."""
+
+    def __init__(self, fn, configs: list, default: triton.Config, interpreter_config: triton.Config, key: list):
+        self.fn = fn                      # the @triton.jit function
+        self.configs = configs
+        self.default = interpreter_config if INTERPRET else default
+        self.tuned = None if INTERPRET else triton.autotune(configs=configs, key=key)(fn)
+
+    def __getitem__(self, grid):
+        if self.tuned is not None and AUTOTUNE:
+            return self.tuned[grid]
+        c = self.default
+        return lambda *args, **kw: self.fn[grid](*args, **kw, **c.kwargs, num_warps=c.num_warps,
+                                                 num_stages=c.num_stages)
+
+
+def autotune(configs: list, default: triton.Config, interpreter_config: triton.Config, key: list):
+    """Decorator: wraps a @triton.jit kernel into a `Launcher`."""
+    return lambda fn: Launcher(fn, configs, default, interpreter_config, key)
+
+
+def cfg(**kw) -> triton.Config:
+    """triton.Config(kw without num_warps/num_stages, num_warps=..., num_stages=...)."""
+    num_warps = kw.pop("num_warps", 4)
+    num_stages = kw.pop("num_stages", 3)
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """Constexpr flags of `mma` for tensors of `dtype`.
+
+    FP32_IEEE: float32 operands are multiplied in full float32 (IEEE), not TF32, so float32 results
+    keep float32 accuracy like stock PyTorch (TF32 would be ~1e-3 relative off).
+    UPCAST: the interpreter multiplies bfloat16 blocks as their raw uint16 storage, so under the
+    interpreter both operands are converted to float32 first (compiled code multiplies them natively).
+    """
+    return {
+        "FP32_IEEE": dtype == torch.float32,
+        "UPCAST": INTERPRET and dtype == torch.bfloat16,
+    }
+
+
+@triton.jit
+def mma(acc, a, b, FP32_IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with float32 accumulation; a (BM, BK) and b (BK, BN) of the same dtype."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif FP32_IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def relu_keep_nan(v):
+    """Stock ReLU: anything <= 0 becomes 0, NaN stays NaN."""
+    return tl.where(v <= 0, 0.0, v)
+
+
+@triton.jit(do_not_specialize=["B", "KC", "L"])
+def _channel_sum_kernel(
+    x_ptr,      # (B, KC, L) values, strides (stride_b, stride_k, stride_l)
+    gate_ptr,   # same layout as x (strides of x) when GATED: values where gate <= 0 count as 0
+    out_ptr,    # (KC) sums, in out_ptr's dtype
+    B, KC, L,
+    stride_b, stride_k, stride_l,
+    GATED: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """out[k] = sum over b, l of x[b, k, l], in a fixed order (deterministic), float32 accumulation."""
+    pid = tl.program_id(0)
+    offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < KC
+    k_off = offs_k.to(tl.int64) * stride_k
+    acc = tl.zeros([BLOCK_K, BLOCK_L], dtype=tl.float32)
+    n_l = tl.cdiv(L, BLOCK_L)
+    for b in range(0, B):
+        base = tl.cast(b, tl.int64) * stride_b   # tl.cast: the interpreter hands loop counters over as ints
+        for lt in range(0, n_l):
+            offs_l = lt * BLOCK_L + tl.arange(0, BLOCK_L)
+            mask = k_mask[:, None] & (offs_l < L)[None, :]
+            off = base + k_off[:, None] + offs_l.to(tl.int64)[None, :] * stride_l
+            v = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            if GATED:
+                g = tl.load(gate_ptr + off, mask=mask, other=0.0)
+                v = tl.where(g <= 0, 0.0, v)
+            acc += v
+    tl.store(out_ptr + offs_k, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=k_mask)
+
+
+def channel_sum(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """out (KC) = x.sum over dims 0 and 2 of a 3-D view x (B, KC, L); gate (same shape and strides as
+    x) zeroes the entries where gate <= 0. Returns `out`."""
+    B, KC, L = x.shape
+    if KC == 0:
+        return out
+    if B == 0 or L == 0:
+        return out.zero_()
+    if gate is not None and gate.stride() != x.stride():
+        raise ValueError("channel_sum: gate must have the same strides as x")
+    block_l = min(triton.next_power_of_2(L), 128)
+    block_k = 16 if block_l > 16 else 64
+    _channel_sum_kernel[(triton.cdiv(KC, block_k),)](
+        x, gate if gate is not None else x, out, B, KC, L, *x.stride(),
+        GATED=gate is not None, BLOCK_K=block_k, BLOCK_L=block_l,
+    )
+    return out
