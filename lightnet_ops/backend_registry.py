@@ -64,6 +64,9 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Evaluated at trace time and treated as a constant by TorchDynamo: find_spec and imports
+# cannot be traced, and the answer does not change within a process.
+@torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=None)
 def _triton_import_error() -> str | None:
     if importlib.util.find_spec("triton") is None:

@@ -16,7 +16,8 @@
 # files: a .json and a .png, else one bench_results.tar.gz).
 #
 # Environment overrides: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS
-# (default nproc), GPU_CHECK_PYTEST_ARGS (default "-x -q"), GPU_CHECK_BUDGET_S (default 430).
+# (default nproc), GPU_CHECK_PYTEST_ARGS (default "-x -q"), GPU_CHECK_PYTEST_CAP_S (default 200),
+# GPU_CHECK_BENCH_ARGS (extra bench arguments, e.g. "--modes fwd+bwd step"), GPU_CHECK_BUDGET_S (default 430).
 set -u
 
 OUT="${1:-gpu-check-results}"
@@ -79,7 +80,7 @@ run_step() {
 # 1. Build in place with every core, for Hopper unless told otherwise.
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-run_step build "$OUT/build.log" 240 180 "$PY" setup.py build_ext --inplace
+run_step build "$OUT/build.log" 240 420 "$PY" setup.py build_ext --inplace
 "$PY" -c "
 import torch, lightnet_ops
 from lightnet_ops import _ops
@@ -95,11 +96,11 @@ if "$PY" -c "import pytest_benchmark" >/dev/null 2>&1; then
   PYTEST_EXTRA+=(--benchmark-disable)
 fi
 # shellcheck disable=SC2086
-run_step pytest "$OUT/pytest.log" 200 120 "$PY" -m pytest ${GPU_CHECK_PYTEST_ARGS:--x -q} tests \
+run_step pytest "$OUT/pytest.log" ${GPU_CHECK_PYTEST_CAP_S:-200} 300 "$PY" -m pytest ${GPU_CHECK_PYTEST_ARGS:--x -q} tests \
   --junitxml "$OUT/junit.xml" -p no:cacheprovider "${PYTEST_EXTRA[@]}"
 
 # 3. Every kernel against the reference, then under compute-sanitizer.
-run_step exercise "$SAN_LOG" 60 100 "$PY" scripts/exercise_kernels.py
+run_step exercise "$SAN_LOG" 60 260 "$PY" scripts/exercise_kernels.py
 
 SANITIZER=""
 for cand in "$(command -v compute-sanitizer 2>/dev/null)" "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
@@ -117,15 +118,16 @@ if [ -z "$SANITIZER" ]; then
 else
   echo "compute-sanitizer: $SANITIZER ($("$SANITIZER" --version 2>&1 | tail -1))" >>"$SAN_LOG"
   # The caching allocator would hide out-of-bounds accesses inside its big blocks.
-  run_step memcheck "$SAN_LOG" 150 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  run_step memcheck "$SAN_LOG" 100 170 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 100 "$PY" scripts/exercise_kernels.py --quick
-  run_step racecheck "$SAN_LOG" 120 30 \
+  run_step racecheck "$SAN_LOG" 80 120 \
     "$SANITIZER" --tool racecheck --error-exitcode 1 --print-limit 100 "$PY" scripts/exercise_kernels.py --quick
 fi
 
 # 4. Quick benchmarks into a scratch folder; at most two result files are copied back.
 BENCH_TMP="$(mktemp -d)"
-run_step bench "$OUT/bench.log" 120 0 "$PY" -m lightnet_ops.bench --quick --out "$BENCH_TMP"
+# shellcheck disable=SC2086
+run_step bench "$OUT/bench.log" ${GPU_CHECK_BENCH_CAP_S:-120} 0 "$PY" -m lightnet_ops.bench --quick ${GPU_CHECK_BENCH_ARGS:-} --out "$BENCH_TMP"
 mapfile -t BENCH_FILES < <(find "$BENCH_TMP" -type f | sort)
 {
   echo "bench output files (${#BENCH_FILES[@]}):"

@@ -19,6 +19,10 @@ import lightnet_ops as lo  # noqa: E402
 from lightnet_ops import backend_registry  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+# Compare float32 against float32 stock without TF32 (PyTorch enables it for cuDNN by default),
+# so the "within k x stock's own error" rule measures real float32 accuracy.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 

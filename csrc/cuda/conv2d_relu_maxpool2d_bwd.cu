@@ -268,8 +268,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cu
   check_same_device(argmax, input, op, "argmax");
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto empty = at::empty({0}, input.options());
-  at::Tensor grad_input = empty, grad_weight = empty, grad_bias = empty;
+  // Each masked-off output is its own empty tensor: outputs of an op must not alias.
+  const auto empty = [&] { return at::empty({0}, input.options()); };
+  at::Tensor grad_input = empty(), grad_weight = empty(), grad_bias = empty();
 
   // No gradient reaches anything (empty batch or channels), or there is nothing to differentiate
   // against: every requested gradient is zero. cuDNN is not asked about degenerate sizes.

@@ -164,8 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(const a
       }
     });
   }
-  const auto empty = at::empty({0}, input.options());
-  at::Tensor grad_input = empty, grad_weight = empty;
+  // Each masked-off output is its own empty tensor: outputs of an op must not alias.
+  const auto empty = [&] { return at::empty({0}, input.options()); };
+  at::Tensor grad_input = empty(), grad_weight = empty();
   if (M > 0 && Nout > 0) {
     if (output_mask[0]) grad_input = at::mm(gated, weight);
     if (output_mask[1]) grad_weight = at::mm(gated.t(), input);
@@ -174,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(const a
     if (output_mask[0]) grad_input = at::zeros(input.sizes(), input.options());
     if (output_mask[1]) grad_weight = at::zeros(weight.sizes(), weight.options());
   }
-  return {grad_input, grad_weight, output_mask[2] ? grad_bias : empty};
+  return {grad_input, grad_weight, output_mask[2] ? grad_bias : empty()};
 }
 
 }  // namespace
