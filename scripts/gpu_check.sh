@@ -5,18 +5,18 @@
 # Steps (each runs even if an earlier one failed; each has a timeout so the whole run stays under
 # ~8 minutes; the summary lists every step's exit status, 124 meaning it timed out):
 #   build      MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace
-#   pytest     python3 -m pytest -x -q tests --junitxml OUTDIR/junit.xml
+#   pytest     python3 -m pytest, one process per test file (GPU-heavy files first)
 #   exercise   python3 scripts/exercise_kernels.py (every CUDA/Triton kernel vs the reference)
 #   memcheck   compute-sanitizer --tool memcheck on the exercise script
 #   racecheck  compute-sanitizer --tool racecheck on the exercise script
 #   bench      python3 -m lightnet_ops.bench --quick --out <tmp>; results copied to OUTDIR
 #
-# OUTDIR gets at most 8 files: build.log, pytest.log, junit.xml, sanitizer.log (exercise,
+# OUTDIR gets at most 8 files: build.log, pytest.log, sanitizer.log (exercise,
 # memcheck and racecheck sections), bench.log, summary.txt and the benchmark results (at most two
 # files: a .json and a .png, else one bench_results.tar.gz).
 #
 # Environment overrides: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS
-# (default nproc), GPU_CHECK_PYTEST_ARGS (default "-x -q"), GPU_CHECK_PYTEST_CAP_S (default 200),
+# (default nproc), GPU_CHECK_PYTEST_ARGS (default "-q -rfE --tb=short"), GPU_CHECK_PYTEST_CAP_S (default 200),
 # GPU_CHECK_BENCH_ARGS (extra bench arguments, e.g. "--modes fwd+bwd step"), GPU_CHECK_BUDGET_S (default 430).
 set -u
 
@@ -95,9 +95,21 @@ PYTEST_EXTRA=()
 if "$PY" -c "import pytest_benchmark" >/dev/null 2>&1; then
   PYTEST_EXTRA+=(--benchmark-disable)
 fi
-# shellcheck disable=SC2086
-run_step pytest "$OUT/pytest.log" ${GPU_CHECK_PYTEST_CAP_S:-200} 300 "$PY" -m pytest ${GPU_CHECK_PYTEST_ARGS:--x -q} tests \
-  --junitxml "$OUT/junit.xml" -p no:cacheprovider "${PYTEST_EXTRA[@]}"
+# One pytest process per test file, GPU-heavy files first: a crash (a segfault ends the process)
+# then costs one file's results, not the whole run's. Each file's exit status is logged.
+export GPU_CHECK_PY="$PY" GPU_CHECK_PYTEST_EXTRA="${PYTEST_EXTRA[*]}" GPU_CHECK_ARGS="${GPU_CHECK_PYTEST_ARGS:--q -rfE --tb=short}"
+run_step pytest "$OUT/pytest.log" ${GPU_CHECK_PYTEST_CAP_S:-200} 300 bash -c '
+  files="tests/test_conv2d_relu_maxpool2d.py tests/test_linear_relu.py tests/test_triton_kernels.py tests/test_cuda_build.py"
+  for f in tests/test_*.py; do case " $files " in *" $f "*) ;; *) files="$files $f" ;; esac; done
+  worst=0
+  for f in $files; do
+    echo "----- $f"
+    $GPU_CHECK_PY -X faulthandler -m pytest $GPU_CHECK_ARGS $GPU_CHECK_PYTEST_EXTRA -p no:cacheprovider "$f"
+    rc=$?
+    echo "----- $f: exit $rc"
+    [ $rc -ne 0 ] && worst=1
+  done
+  exit $worst'
 
 # 3. Every kernel against the reference, then under compute-sanitizer.
 run_step exercise "$SAN_LOG" 60 260 "$PY" scripts/exercise_kernels.py
