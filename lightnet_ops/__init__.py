@@ -6,7 +6,7 @@ Layers, top to bottom: modules (nn.Module) -> functional -> autograd (hand-writt
 
 from __future__ import annotations
 
-from . import _ops  # loads the compiled extension if it is built
+from . import _ops  # noqa: F401  (loads the compiled extension if it is built)
 from .autograd import Conv2dReLUMaxPool2dFunction, LinearReLUFunction
 from .backend_registry import BackendUnavailableError
 from .backend_registry import available_backends as backends

@@ -64,18 +64,28 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Evaluated at trace time and treated as a constant by TorchDynamo: find_spec and imports
-# cannot be traced, and the answer does not change within a process.
-@torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORT_ERROR: dict[str, str | None] = {}
+
+
 def _triton_import_error() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton)"
-    try:
-        from . import _triton_ops  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - report any import failure to the user
-        return f"the Triton kernels failed to import: {type(e).__name__}: {e}"
-    return None
+    """Why backend='triton' cannot be used in this process, or None. Computed once."""
+    if "error" not in _TRITON_IMPORT_ERROR:
+        if importlib.util.find_spec("triton") is None:
+            err = "triton is not installed (pip install triton)"
+        else:
+            try:
+                from . import _triton_ops  # noqa: F401
+                err = None
+            except Exception as e:  # noqa: BLE001 - report any import failure to the user
+                err = f"the Triton kernels failed to import: {type(e).__name__}: {e}"
+        _TRITON_IMPORT_ERROR["error"] = err
+    return _TRITON_IMPORT_ERROR["error"]
+
+
+# TorchDynamo cannot trace find_spec or imports; this marks the function as "evaluate at trace time
+# and treat the result as a constant" (exactly what torch.compiler.assume_constant_result sets,
+# without importing torch._dynamo when lightnet_ops is imported).
+_triton_import_error._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,7 +9,7 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HAS_CUDA, backend_cases
+from conftest import backend_cases
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from parity import assert_matches

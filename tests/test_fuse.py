@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lightnet_ops as lo
+from seed_model import SeedLightNet  # the seed tutorial's class, verbatim
 from lightnet_ops.fuse import FusedChain
 
 torchvision = pytest.importorskip("torchvision")
@@ -193,33 +194,6 @@ def test_stock_lightnet_is_traced_and_fused():
     assert_close_rel(y1, y0, 1e-10, "output")
     for n in g0:
         assert_close_rel(g1[n], g0[n], 1e-10, n)
-
-
-class SeedLightNet(nn.Module):
-    """The seed's class (num_flat_features loops over x.size(): torch.fx cannot trace it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 3)
-        self.conv2 = nn.Conv2d(6, 16, 3)
-        self.fc1 = nn.Linear(6 * 6 * 16, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = x.view(-1, self.num_flat_features(x))
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
-
-    def num_flat_features(self, x):
-        size = x.size()[1:]
-        num_feature = 1
-        for s in size:
-            num_feature *= s
-        return num_feature
 
 
 def test_untraceable_model_is_left_alone_with_a_note(capsys):

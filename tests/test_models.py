@@ -6,38 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import lightnet_ops as lo
-
-# The seed tutorial's class, verbatim (seed/lightnet_tutorial.md), with its globals.
-N_CHANNEL_IN, N_CHANNEL_OUT, H, W = 1, 6, 6, 6
-
-
-class SeedLightNet(nn.Module):
-
-    def __init__(self):
-        super(SeedLightNet, self).__init__()
-        self.conv1 = nn.Conv2d(N_CHANNEL_IN, N_CHANNEL_OUT, 3)
-        self.conv2 = nn.Conv2d(N_CHANNEL_OUT, 16, 3)
-        self.fc1 = nn.Linear(H * W * 16, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = x.view(-1, self.num_flat_features(x))
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
-
-    def num_flat_features(self, x):
-        size = x.size()[1:]
-        num_feature = 1
-        for s in size:
-            num_feature *= s
-        return num_feature
+from seed_model import SeedLightNet  # the seed tutorial's class, verbatim
 
 
 SEED_PARAMS = [
