@@ -95,6 +95,34 @@ class Scratch {
   T* data_;
 };
 
+// Copies n bytes (dst and src do not overlap) with at most two fixed-size moves per power-of-two
+// size class, the second overlapping the first: short rows (pooled rows of a few elements) cost
+// a handful of instructions instead of a memcpy call or a loop per element. Reads and writes
+// only [0, n).
+LIGHTNET_OPS_INLINE void copy_row_bytes(void* dst_, const void* src_, int64_t n) {
+  auto* dst = static_cast<unsigned char*>(dst_);
+  const auto* src = static_cast<const unsigned char*>(src_);
+  if (n >= 64) {
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) std::memcpy(dst + i, src + i, 64);
+    if (i < n) std::memcpy(dst + n - 64, src + n - 64, 64);
+  } else if (n >= 32) {
+    std::memcpy(dst, src, 32);
+    std::memcpy(dst + n - 32, src + n - 32, 32);
+  } else if (n >= 16) {
+    std::memcpy(dst, src, 16);
+    std::memcpy(dst + n - 16, src + n - 16, 16);
+  } else if (n >= 8) {
+    std::memcpy(dst, src, 8);
+    std::memcpy(dst + n - 8, src + n - 8, 8);
+  } else if (n >= 4) {
+    std::memcpy(dst, src, 4);
+    std::memcpy(dst + n - 4, src + n - 4, 4);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+  }
+}
+
 // Packs one sample's input (C, H, W) into the phase planes Z (see Direct); unused lanes are 0.
 template <typename T>
 LIGHTNET_OPS_INLINE void pack_input(const Direct& d, const T* in, T* Z) {
@@ -116,6 +144,13 @@ LIGHTNET_OPS_INLINE void pack_input(const Direct& d, const T* in, T* Z) {
           std::fill(row, row + lo, T(0));
           if (d.Mw == 1) {
             std::memcpy(row + lo, src + lo, (hi - lo) * sizeof(T));
+          } else if (d.Mw == 2) {
+            // Even columns with in-register shuffles (load_even reads no further than the last
+            // element it returns, so nothing past the input row is read).
+            int64_t X = lo;
+            for (; X + 8 <= hi; X += 8) Simd<T, 8>::store(row + X, Simd<T, 8>::load_even(src + 2 * X));
+            for (; X + 4 <= hi; X += 4) Simd<T, 4>::store(row + X, Simd<T, 4>::load_even(src + 2 * X));
+            for (; X < hi; ++X) row[X] = src[2 * X];
           } else {
             for (int64_t X = lo; X < hi; ++X) row[X] = src[X * d.Mw];
           }
@@ -222,18 +257,15 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
         }
       }
     }
-    // Drop the lanes past each pooled row (an index loop: short rows make memcpy calls dominate).
+    // Drop the lanes past each pooled row (packed rows are PWs long, pooled rows PW).
     T* out = a.out + n * d.K * F;
     uint8_t* am = a.argmax ? a.argmax + n * d.K * F : nullptr;
-    const int64_t* pooled = d.pooled.data();
     for (int64_t k = 0; k < d.K; ++k) {
       const T* o = obuf.data() + k * d.Fpad;
       const uint8_t* ab = abuf.data() + k * d.Fpad;
-      for (int64_t f = 0; f < d.Fs; ++f) {
-        const int64_t idx = pooled[f];
-        if (idx < 0) continue;
-        out[k * F + idx] = o[f];
-        if (am) am[k * F + idx] = ab[f];
+      for (int64_t ph = 0; ph < d.PH; ++ph) {
+        copy_row_bytes(out + k * F + ph * d.PW, o + ph * d.PWs, d.PW * int64_t(sizeof(T)));
+        if (am) copy_row_bytes(am + k * F + ph * d.PW, ab + ph * d.PWs, d.PW);
       }
     }
   }
@@ -267,10 +299,10 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
     for (int64_t k = 0; k < d.K; ++k) {
       const T* g = a.grad_out + (n * d.K + k) * F;
       const uint8_t* am = a.argmax + (n * d.K + k) * F;
-      for (int64_t f = 0; f < d.Fs; ++f) {
-        const int64_t idx = d.pooled[f];
-        gsbuf[f] = idx < 0 ? T(0) : g[idx];
-        asbuf[f] = idx < 0 ? kArgmaxReluZero : am[idx];
+      // Pooled rows into packed rows; the lanes past each row keep their 0 / sentinel fill.
+      for (int64_t ph = 0; ph < d.PH; ++ph) {
+        copy_row_bytes(gsbuf.data() + ph * d.PWs, g + ph * d.PW, d.PW * int64_t(sizeof(T)));
+        copy_row_bytes(asbuf.data() + ph * d.PWs, am + ph * d.PW, d.PW);
       }
       vec bsum = S::splat(0);
       const vec zero = S::splat(0);
