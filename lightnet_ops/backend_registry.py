@@ -40,15 +40,24 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend is not built / not installed / cannot run on the given tensor."""
 
 
+# Built once per name: every fused call looks its backend up (forward and backward), and building
+# a Backend (four torch.ops attribute lookups and a frozen dataclass) costs about a microsecond.
+_EXTENSION_BACKENDS: dict[str, Backend] = {}
+
+
 def _extension_backend(name: str) -> Backend:
-    ops = torch.ops.lightnet_ops
-    return Backend(
-        name,
-        ops.conv2d_relu_maxpool2d,
-        ops.conv2d_relu_maxpool2d_backward,
-        ops.linear_relu,
-        ops.linear_relu_backward,
-    )
+    impl = _EXTENSION_BACKENDS.get(name)
+    if impl is None:
+        ops = torch.ops.lightnet_ops
+        impl = Backend(
+            name,
+            ops.conv2d_relu_maxpool2d,
+            ops.conv2d_relu_maxpool2d_backward,
+            ops.linear_relu,
+            ops.linear_relu_backward,
+        )
+        _EXTENSION_BACKENDS[name] = impl
+    return impl
 
 
 REFERENCE = Backend(
@@ -151,6 +160,16 @@ def resolve(backend: str, tensor: torch.Tensor) -> Backend:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     device = tensor.device
+    # Fast path for the common case (a float CPU tensor with the C++ kernels built): the same
+    # answer as the general path below, without its checks.
+    if (
+        (backend == "auto" or backend == "cpu")
+        and device.type == "cpu"
+        and _HAS_CPU_KERNELS
+        and _ops.EXTENSION_AVAILABLE
+        and tensor.dtype in (torch.float32, torch.float64)
+    ):
+        return _extension_backend("cpu")
     if backend == "auto":
         if device.type == "cuda":
             backend = "cuda" if cuda_available() else ("triton" if triton_available() else "reference")

@@ -88,6 +88,10 @@ def linear_relu(
     """
     check_linear(input, weight, bias)
     impl = registry.resolve(backend, input)
+    if input.dim() == 2:  # the common case: no reshapes (each would add a view node to the graph)
+        if _needs_grad(input, weight, bias):
+            return LinearReLUFunction.apply(input, weight, bias, impl.name)
+        return impl.linear_forward(input, weight, bias)
     lead = input.shape[:-1]
     x2d = input.reshape(-1, input.shape[-1])
     if _needs_grad(input, weight, bias):

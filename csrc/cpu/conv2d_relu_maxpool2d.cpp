@@ -178,9 +178,11 @@ bool use_direct(const ConvPoolShape& s, int64_t elem_size) {
 
 // Scatters the pooled gradient (N, K, PH, PW) through the argmax into the conv-output gradient
 // (N, K, P, Q), zero-initialised. Planes are independent, so overlapping windows (pool stride <
-// pool window) accumulate without races.
+// pool window) accumulate without races. Bytes outside the window (not written by the forward,
+// e.g. an argmax from another pool configuration) route nothing instead of writing out of bounds.
 template <typename scalar_t>
 void route_grad(const ConvPoolShape& s, const scalar_t* grad_out, const uint8_t* argmax, scalar_t* grad_conv) {
+  const int64_t window = s.pool_kh * s.pool_kw;
   at::parallel_for(0, s.N * s.K, 1, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const scalar_t* g = grad_out + plane * s.PH * s.PW;
@@ -189,7 +191,7 @@ void route_grad(const ConvPoolShape& s, const scalar_t* grad_out, const uint8_t*
       for (int64_t ph = 0; ph < s.PH; ++ph) {
         for (int64_t pw = 0; pw < s.PW; ++pw) {
           const uint8_t a = am[ph * s.PW + pw];
-          if (a == kArgmaxReluZero) continue;
+          if (a == kArgmaxReluZero || a >= window) continue;
           const int64_t h = ph * s.pool_sh + a / s.pool_kw;
           const int64_t w = pw * s.pool_sw + a % s.pool_kw;
           dst[h * s.Q + w] += g[ph * s.PW + pw];

@@ -35,9 +35,15 @@ struct Direct {
   // grad_input first accumulates into window-shift planes dX[c][dy][dx][f] (dy = i*sh + r*dh,
   // dx = j*sw + s*dw), where every (window offset, tap) pair adds at the same aligned offset f, then
   // scatters them into the input gradient.
+  // The planes are then summed, per phase plane of the input (the layout of Z), with vector loads
+  // at the shifts (dy / Mh) * PWs + dx / Mw, and the phase planes un-packed into the input gradient.
+  // Each plane dX[c][dy][dx] starts Xmg zero lanes into its Xstride-element slot, so the shifted
+  // reads (up to Xmg lanes before a plane and Lz lanes into it) only ever see zeros beyond it.
   int64_t Dy, Dx;
+  int64_t Lz;               // lanes of a phase plane the sums cover: PHe * PWs rounded up to 16
+  int64_t Xmg, Xstride;     // zero margin before each dX plane, and the distance between planes
   std::vector<int64_t> xoff;  // [WIN][CRS]: start of the pair's plane in dX
-  int64_t dx_elems() const { return C * Dy * Dx * Fpad; }
+  int64_t dx_elems() const { return C * Dy * Dx * Xstride; }
   std::vector<int64_t> pooled;  // [Fpad]: pooled index ph * PW + pw of packed position f, or -1
   int64_t pack_elems() const { return C * Mh * Mw * Zlen; }
   int64_t grad_elems() const { return WIN * Kpad * Fpad; }
@@ -63,6 +69,9 @@ inline Direct make_direct(const ConvPoolShape& s, int64_t KB) {
   d.CRS = s.C * s.R * s.S;
   d.WIN = s.pool_kh * s.pool_kw;
   d.Dy = Dy, d.Dx = Dx;
+  d.Lz = (d.PHe * d.PWs + 15) / 16 * 16;
+  d.Xmg = ((Dy - 1) / d.Mh * d.PWs + (Dx - 1) / d.Mw + 15) / 16 * 16;
+  d.Xstride = d.Xmg + std::max(d.Fpad, d.Lz);
   d.pooled.assign(d.Fpad, -1);
   for (int64_t ph = 0; ph < s.PH; ++ph)
     for (int64_t pw = 0; pw < s.PW; ++pw) d.pooled[ph * d.PWs + pw] = ph * s.PW + pw;
@@ -76,7 +85,7 @@ inline Direct make_direct(const ConvPoolShape& s, int64_t KB) {
             const int64_t dy = i * s.stride_h + r * s.dil_h, dx = j * s.stride_w + t * s.dil_w;
             const int64_t idx = (i * s.pool_kw + j) * d.CRS + (c * s.R + r) * s.S + t;
             d.toff[idx] = ((c * d.Mh + dy % d.Mh) * d.Mw + dx % d.Mw) * d.Zlen + dy / d.Mh * d.PWs + dx / d.Mw;
-            d.xoff[idx] = ((c * Dy + dy) * Dx + dx) * d.Fpad;
+            d.xoff[idx] = ((c * Dy + dy) * Dx + dx) * d.Xstride + d.Xmg;
           }
   return d;
 }

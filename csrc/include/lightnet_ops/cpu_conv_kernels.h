@@ -95,6 +95,34 @@ class Scratch {
   T* data_;
 };
 
+// Copies n bytes (dst and src do not overlap) with at most two fixed-size moves per power-of-two
+// size class, the second overlapping the first: short rows (pooled rows of a few elements) cost
+// a handful of instructions instead of a memcpy call or a loop per element. Reads and writes
+// only [0, n).
+LIGHTNET_OPS_INLINE void copy_row_bytes(void* dst_, const void* src_, int64_t n) {
+  auto* dst = static_cast<unsigned char*>(dst_);
+  const auto* src = static_cast<const unsigned char*>(src_);
+  if (n >= 64) {
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) std::memcpy(dst + i, src + i, 64);
+    if (i < n) std::memcpy(dst + n - 64, src + n - 64, 64);
+  } else if (n >= 32) {
+    std::memcpy(dst, src, 32);
+    std::memcpy(dst + n - 32, src + n - 32, 32);
+  } else if (n >= 16) {
+    std::memcpy(dst, src, 16);
+    std::memcpy(dst + n - 16, src + n - 16, 16);
+  } else if (n >= 8) {
+    std::memcpy(dst, src, 8);
+    std::memcpy(dst + n - 8, src + n - 8, 8);
+  } else if (n >= 4) {
+    std::memcpy(dst, src, 4);
+    std::memcpy(dst + n - 4, src + n - 4, 4);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+  }
+}
+
 // Packs one sample's input (C, H, W) into the phase planes Z (see Direct); unused lanes are 0.
 template <typename T>
 LIGHTNET_OPS_INLINE void pack_input(const Direct& d, const T* in, T* Z) {
@@ -116,6 +144,13 @@ LIGHTNET_OPS_INLINE void pack_input(const Direct& d, const T* in, T* Z) {
           std::fill(row, row + lo, T(0));
           if (d.Mw == 1) {
             std::memcpy(row + lo, src + lo, (hi - lo) * sizeof(T));
+          } else if (d.Mw == 2) {
+            // Even columns with in-register shuffles (load_even reads no further than the last
+            // element it returns, so nothing past the input row is read).
+            int64_t X = lo;
+            for (; X + 8 <= hi; X += 8) Simd<T, 8>::store(row + X, Simd<T, 8>::load_even(src + 2 * X));
+            for (; X + 4 <= hi; X += 4) Simd<T, 4>::store(row + X, Simd<T, 4>::load_even(src + 2 * X));
+            for (; X < hi; ++X) row[X] = src[2 * X];
           } else {
             for (int64_t X = lo; X < hi; ++X) row[X] = src[X * d.Mw];
           }
@@ -127,23 +162,37 @@ LIGHTNET_OPS_INLINE void pack_input(const Direct& d, const T* in, T* Z) {
   }
 }
 
-// Adds the window-shift planes dX[c][dy][dx][f] (see Direct) into the sample's input gradient
-// (C, H, W); reads that fell into the padding drop out.
-template <typename T>
-LIGHTNET_OPS_INLINE void unshift_add(const Direct& d, const T* dX, T* gi) {
+// Writes the window-shift planes dX[c][dy][dx][f] (see Direct) into the sample's input gradient
+// (C, H, W): per phase plane (c, a, b) of the input, the planes with dy % Mh == a and dx % Mw == b
+// are summed with vector loads shifted by (dy / Mh) * PWs + dx / Mw (lanes past a plane's pooled
+// columns, and its margins, are zero), then the phase plane is un-packed like pack_input packs it.
+// Every input element belongs to exactly one phase-plane position, so it is written once; elements
+// that no window reads are not written (the gradient starts zero-filled).
+template <typename T, int V>
+LIGHTNET_OPS_INLINE void unshift_add(const Direct& d, const T* dX, T* tmp, T* gi) {
+  using S = Simd<T, V>;
+  using vec = typename S::vec;
   for (int64_t c = 0; c < d.C; ++c) {
-    for (int64_t dy = 0; dy < d.Dy; ++dy) {
-      for (int64_t dx = 0; dx < d.Dx; ++dx) {
-        const T* src = dX + ((c * d.Dy + dy) * d.Dx + dx) * d.Fpad;
-        const int64_t x0 = dx - d.pad_w;
-        const int64_t lo = x0 >= 0 ? 0 : std::min(d.PW, (-x0 + d.Mw - 1) / d.Mw);
-        const int64_t hi = std::max(lo, d.W - 1 - x0 < 0 ? 0 : std::min(d.PW, (d.W - 1 - x0) / d.Mw + 1));
-        for (int64_t ph = 0; ph < d.PH; ++ph) {
-          const int64_t y = ph * d.Mh + dy - d.pad_h;
+    for (int64_t a = 0; a < d.Mh; ++a) {
+      for (int64_t b = 0; b < d.Mw; ++b) {
+        for (int64_t e0 = 0; e0 < d.Lz; e0 += V) {
+          vec acc = S::splat(0);
+          // dy = a + u * Mh reads shift u rows, dx = b + v * Mw shift v columns.
+          for (int64_t dy = a, u = 0; dy < d.Dy; dy += d.Mh, ++u) {
+            const T* src = dX + ((c * d.Dy + dy) * d.Dx + b) * d.Xstride + d.Xmg + e0 - u * d.PWs;
+            for (int64_t dx = b; dx < d.Dx; dx += d.Mw, src += d.Mw * d.Xstride - 1) acc += S::load(src);
+          }
+          S::store(tmp + e0, acc);
+        }
+        const int64_t x0 = b - d.pad_w;  // input column of X = 0
+        const int64_t lo = x0 >= 0 ? 0 : std::min(d.PWs, (-x0 + d.Mw - 1) / d.Mw);
+        const int64_t hi = std::max(lo, d.W - 1 - x0 < 0 ? 0 : std::min(d.PWs, (d.W - 1 - x0) / d.Mw + 1));
+        for (int64_t Y = 0; Y < d.PHe; ++Y) {
+          const int64_t y = Y * d.Mh + a - d.pad_h;
           if (y < 0 || y >= d.H) continue;
-          const T* row = src + ph * d.PWs;
+          const T* row = tmp + Y * d.PWs;
           T* dst = gi + (c * d.H + y) * d.W + x0;
-          for (int64_t pw = lo; pw < hi; ++pw) dst[pw * d.Mw] += row[pw];
+          for (int64_t X = lo; X < hi; ++X) dst[X * d.Mw] = row[X];
         }
       }
     }
@@ -208,18 +257,15 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
         }
       }
     }
-    // Drop the lanes past each pooled row (an index loop: short rows make memcpy calls dominate).
+    // Drop the lanes past each pooled row (packed rows are PWs long, pooled rows PW).
     T* out = a.out + n * d.K * F;
     uint8_t* am = a.argmax ? a.argmax + n * d.K * F : nullptr;
-    const int64_t* pooled = d.pooled.data();
     for (int64_t k = 0; k < d.K; ++k) {
       const T* o = obuf.data() + k * d.Fpad;
       const uint8_t* ab = abuf.data() + k * d.Fpad;
-      for (int64_t f = 0; f < d.Fs; ++f) {
-        const int64_t idx = pooled[f];
-        if (idx < 0) continue;
-        out[k * F + idx] = o[f];
-        if (am) am[k * F + idx] = ab[f];
+      for (int64_t ph = 0; ph < d.PH; ++ph) {
+        copy_row_bytes(out + k * F + ph * d.PW, o + ph * d.PWs, d.PW * int64_t(sizeof(T)));
+        if (am) copy_row_bytes(am + k * F + ph * d.PW, ab + ph * d.PWs, d.PW);
       }
     }
   }
@@ -239,7 +285,8 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
   const Direct& d = *a.d;
   const int64_t Fv = (d.Fs + V - 1) / V * V;  // lanes the vector loops touch (<= Fpad)
   Scratch<T> zbuf(a.need_weight ? d.pack_elems() : 0);
-  Scratch<T> dxbuf(a.grad_input ? d.dx_elems() : 0);
+  Scratch<T> dxbuf(a.grad_input ? d.dx_elems() : 0);  // margins and tails stay zero
+  Scratch<T> phbuf(a.grad_input ? d.Lz : 0);          // one summed phase plane
   Scratch<T> gmbuf(d.grad_elems());                  // rows k >= K stay zero
   std::vector<T> gsbuf(d.Fpad, T(0));                // one gradient plane, packed layout
   std::vector<uint8_t> asbuf(d.Fpad, kArgmaxReluZero);  // its argmax; gaps never route
@@ -252,10 +299,10 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
     for (int64_t k = 0; k < d.K; ++k) {
       const T* g = a.grad_out + (n * d.K + k) * F;
       const uint8_t* am = a.argmax + (n * d.K + k) * F;
-      for (int64_t f = 0; f < d.Fs; ++f) {
-        const int64_t idx = d.pooled[f];
-        gsbuf[f] = idx < 0 ? T(0) : g[idx];
-        asbuf[f] = idx < 0 ? kArgmaxReluZero : am[idx];
+      // Pooled rows into packed rows; the lanes past each row keep their 0 / sentinel fill.
+      for (int64_t ph = 0; ph < d.PH; ++ph) {
+        copy_row_bytes(gsbuf.data() + ph * d.PWs, g + ph * d.PW, d.PW * int64_t(sizeof(T)));
+        copy_row_bytes(asbuf.data() + ph * d.PWs, am + ph * d.PW, d.PW);
       }
       vec bsum = S::splat(0);
       const vec zero = S::splat(0);
@@ -311,7 +358,10 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
       // Every (window offset, tap) pair adds weight * masked gradient into its window-shift plane
       // at the same, aligned offset f0 (no partially overlapping read-modify-writes, which would
       // stall store forwarding); the planes are scattered into the input gradient afterwards.
-      std::fill(dX, dX + d.dx_elems(), T(0));
+      for (int64_t p = 0; p < d.C * d.Dy * d.Dx; ++p) {
+        T* plane = dX + p * d.Xstride + d.Xmg;
+        std::fill(plane, plane + Fv, T(0));
+      }
       for (int64_t f0 = 0; f0 < Fv; f0 += V) {
         T* dxf = dX + f0;
         for (int64_t w = 0; w < d.WIN; ++w) {
@@ -331,7 +381,7 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
           }
         }
       }
-      unshift_add(d, dX, a.grad_input + n * CHW);
+      unshift_add<T, V>(d, dX, phbuf.data(), a.grad_input + n * CHW);
     }
   }
 }
