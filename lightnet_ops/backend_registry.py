@@ -12,7 +12,6 @@ Backends:
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -97,9 +96,8 @@ def _triton_import_error() -> str | None:
 _triton_import_error._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_backend() -> Backend:
-    from . import _triton_ops
+    from . import _triton_ops  # already imported by _triton_import_error()
 
     return _triton_ops.BACKEND
 
