@@ -62,7 +62,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 def _want_cuda() -> bool:
     flag = os.environ.get("LIGHTNET_OPS_CUDA")
     if flag is not None:
-        want = flag.strip() not in ("0", "", "false", "False", "off")
+        want = flag.strip().lower() not in ("0", "", "false", "off", "no")
         if want and (torch.version.cuda is None or CUDA_HOME is None):
             sys.exit("LIGHTNET_OPS_CUDA=1 but torch has no CUDA or no CUDA toolkit (nvcc) was found; set CUDA_HOME")
         return want

@@ -17,7 +17,7 @@ MAX_POOL_WINDOW = 255
 
 
 def pair(value: IntPair, name: str) -> list[int]:
-    """`3` -> `[3, 3]`; `(2, 3)` -> `[2, 3]`; anything else raises a ValueError naming `name`."""
+    """`3` -> `[3, 3]`; `(2, 3)` -> `[2, 3]`; anything else raises a TypeError/ValueError naming `name`."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):

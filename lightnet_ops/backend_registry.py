@@ -170,7 +170,8 @@ def resolve(backend: str, tensor: torch.Tensor) -> Backend:
         return _extension_backend("cpu")
     if backend == "auto":
         if device.type == "cuda":
-            backend = "cuda" if cuda_available() else ("triton" if triton_available() else "reference")
+            triton_ok = triton_available() and tensor.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            backend = "cuda" if cuda_available() else ("triton" if triton_ok else "reference")
         elif device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and cpu_available():
             backend = "cpu"
         else:

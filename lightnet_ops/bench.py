@@ -55,7 +55,13 @@ PEERS = ("stock", "compile")
 MODES = ("fwd", "fwd+bwd", "step")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join(REPO_ROOT, "benchmarks", "results")
+# In a source checkout results go next to the benchmark files; an installed copy (site-packages)
+# writes under the current directory instead.
+DEFAULT_OUT = (
+    os.path.join(REPO_ROOT, "benchmarks", "results")
+    if os.path.isdir(os.path.join(REPO_ROOT, "benchmarks"))
+    else os.path.join(os.getcwd(), "benchmarks", "results")
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -839,7 +845,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             versions=dict(torch=torch.__version__, triton=_version("triton"), lightnet_ops=lo.__version__,
                           python=platform.python_version()),
             backends=backends, lightnet_ops_backends=lo.backends(),
-            triton_interpret=os.environ.get("TRITON_INTERPRET"), copy_bandwidth=bw, elapsed_s=elapsed,
+            triton_interpret=os.environ.get("TRITON_INTERPRET"),
+            triton_autotune=os.environ.get("LIGHTNET_OPS_TRITON_AUTOTUNE", "1"), copy_bandwidth=bw, elapsed_s=elapsed,
             settings=asdict(settings), load_average_before=load_before, load_average_after=_load_average(),
             notes=["speedups are ratios of medians from the same run (round-robin sampling)",
                    "fwd = inference under torch.no_grad(); fwd+bwd = forward + torch.autograd.grad of input, "

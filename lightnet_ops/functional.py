@@ -4,6 +4,7 @@ choice, and the choice between the autograd path (keeps a uint8 argmax) and the 
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -93,7 +94,7 @@ def linear_relu(
             return LinearReLUFunction.apply(input, weight, bias, impl.name)
         return impl.linear_forward(input, weight, bias)
     lead = input.shape[:-1]
-    x2d = input.reshape(-1, input.shape[-1])
+    x2d = input.reshape(math.prod(lead), input.shape[-1])  # explicit rows: in_features may be 0
     if _needs_grad(input, weight, bias):
         out = LinearReLUFunction.apply(x2d, weight, bias, impl.name)
     else:

@@ -12,8 +12,8 @@
 #   bench      python3 -m lightnet_ops.bench --quick --out <tmp>; results copied to OUTDIR
 #
 # OUTDIR gets at most 8 files: build.log, pytest.log, sanitizer.log (exercise,
-# memcheck and racecheck sections), bench.log, summary.txt and the benchmark results (at most two
-# files: a .json and a .png, else one bench_results.tar.gz).
+# memcheck and racecheck sections), bench.log, summary.txt and the benchmark results (at most three
+# files: a .json, a .md table and a .png, else one bench_results.tar.gz).
 #
 # Environment overrides: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS
 # (default nproc), GPU_CHECK_PYTEST_ARGS (default "-q -rfE --tb=short"), GPU_CHECK_PYTEST_CAP_S (default 200),
@@ -148,7 +148,8 @@ mapfile -t BENCH_FILES < <(find "$BENCH_TMP" -type f | sort)
 if ((${#BENCH_FILES[@]} > 0)); then
   n_json=$(printf '%s\n' "${BENCH_FILES[@]}" | grep -c '\.json$')
   n_png=$(printf '%s\n' "${BENCH_FILES[@]}" | grep -c '\.png$')
-  if ((${#BENCH_FILES[@]} <= 2 && n_json <= 1 && n_png <= 1)); then
+  n_md=$(printf '%s\n' "${BENCH_FILES[@]}" | grep -c '\.md$')
+  if ((${#BENCH_FILES[@]} <= 3 && n_json <= 1 && n_png <= 1 && n_md <= 1)); then
     cp "${BENCH_FILES[@]}" "$OUT/"
   else
     tar -czf "$OUT/bench_results.tar.gz" -C "$BENCH_TMP" .

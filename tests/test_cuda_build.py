@@ -31,7 +31,7 @@ def _cuda_build_skip_reason() -> str | None:
         return "torch was built without CUDA, so setup.py builds the CPU-only extension"
     if not _nvcc_found():
         return "no CUDA toolkit (nvcc on PATH, CUDA_HOME or /usr/local/cuda), so setup.py builds the CPU-only extension"
-    if os.environ.get("LIGHTNET_OPS_CUDA", "").strip() in ("0", "false", "False", "off"):
+    if "LIGHTNET_OPS_CUDA" in os.environ and os.environ["LIGHTNET_OPS_CUDA"].strip().lower() in ("0", "", "false", "off", "no"):
         return "LIGHTNET_OPS_CUDA=0 is set: the CUDA sources were deliberately left out of the build"
     return None
 

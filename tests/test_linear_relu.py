@@ -90,7 +90,8 @@ def test_gradcheck(backend, device, case):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("device", [d for d in ("cpu", "cuda") if d in lo.backends()])
+@pytest.mark.parametrize("device", [d for d in ("cpu", "cuda") if d in lo.backends()]
+                         or [pytest.param("cpu", marks=pytest.mark.xfail(reason="extension not built", strict=True))])
 def test_opcheck(device):
     x, w, b = torch.randn(6, 10, device=device), torch.randn(5, 10, device=device), torch.randn(5, device=device)
     fwd = torch.ops.lightnet_ops.linear_relu.default

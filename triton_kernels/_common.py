@@ -26,7 +26,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 #: Autotune on GPUs (triton.autotune over each kernel's config list, keyed on the problem sizes).
 #: LIGHTNET_OPS_TRITON_AUTOTUNE=0 uses each kernel's default config instead: no benchmarking on the
-#: first call of every new problem size (short test runs, reproducible timings). Read at each launch.
+#: first call of every new problem size (short test runs, reproducible timings). Read when this module is imported.
 AUTOTUNE: bool = os.environ.get("LIGHTNET_OPS_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "")
 
 
