@@ -8,6 +8,15 @@ from __future__ import annotations
 
 import torch
 
+#: The dtypes each (backend, device) pair is tested in.
+DTYPES = {
+    ("reference", "cpu"): [torch.float64, torch.float32],
+    ("cpu", "cpu"): [torch.float64, torch.float32],
+    ("triton", "cpu"): [torch.float32],  # Triton's interpreter; the triton backend has no float64
+    ("reference", "cuda"): [torch.float32],
+    ("cuda", "cuda"): [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+    ("triton", "cuda"): [torch.float32, torch.float16, torch.bfloat16],
+}
 #: Multiple of stock's own error allowed, per dtype.
 ERROR_MULTIPLE = {torch.float32: 4.0, torch.float16: 4.0, torch.bfloat16: 4.0}
 #: Absolute floor, relative to the reference's magnitude, per dtype (covers stock error ~ 0).

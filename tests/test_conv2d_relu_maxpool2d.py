@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import backend_cases
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from parity import assert_matches
+from parity import DTYPES, assert_matches
 
 import lightnet_ops as lo
 from lightnet_ops._shapes import ARGMAX_RELU_ZERO
@@ -52,16 +52,6 @@ CASES = [
     Case("odd_tail_floor_mode", 1, 2, 10, 9, 3, (2, 2), pool=(3, 2)),
     Case("wide_channels", 2, 20, 9, 9, 24, (3, 3), padding=1, tiny=False),
 ]
-
-DTYPES = {
-    ("reference", "cpu"): [torch.float64, torch.float32],
-    ("cpu", "cpu"): [torch.float64, torch.float32],
-    ("triton", "cpu"): [torch.float32],
-    ("reference", "cuda"): [torch.float32],
-    ("cuda", "cuda"): [torch.float64, torch.float32, torch.float16, torch.bfloat16],
-    ("triton", "cuda"): [torch.float32, torch.float16, torch.bfloat16],
-}
-
 
 def parity_params():
     for backend, device in backend_cases():

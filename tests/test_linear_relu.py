@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import backend_cases
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from parity import assert_matches
+from parity import DTYPES, assert_matches
 
 import lightnet_ops as lo
 
@@ -24,16 +24,6 @@ CASES = [
     ("vector_input", (12,), 4, True),
 ]
 TINY = {"odd_sizes", "no_bias", "leading_dims", "single_row", "vector_input"}
-
-DTYPES = {
-    ("reference", "cpu"): [torch.float64, torch.float32],
-    ("cpu", "cpu"): [torch.float64, torch.float32],
-    ("triton", "cpu"): [torch.float32],
-    ("reference", "cuda"): [torch.float32],
-    ("cuda", "cuda"): [torch.float64, torch.float32, torch.float16, torch.bfloat16],
-    ("triton", "cuda"): [torch.float32, torch.float16, torch.bfloat16],
-}
-
 
 def parity_params():
     for backend, device in backend_cases():
