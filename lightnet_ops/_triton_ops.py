@@ -32,6 +32,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._ops import (
+    conv2d_relu_maxpool2d_backward_fake,
+    conv2d_relu_maxpool2d_fake,
+    linear_relu_backward_fake,
+    linear_relu_fake,
+)
 from ._shapes import check_linear, conv_pool_shape
 from .backend_registry import Backend
 
@@ -102,10 +108,6 @@ def _check_dtype_only(op: str, t: torch.Tensor) -> None:
         _check_runnable(op, t)
 
 
-def _empty(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    return like.new_empty((0,), dtype=dtype or like.dtype)
-
-
 def _check_conv_backward_args(s, grad_output: torch.Tensor, input: torch.Tensor, argmax: torch.Tensor) -> None:
     op = "conv2d_relu_maxpool2d_backward"
     if tuple(grad_output.shape) != s.out_shape:
@@ -171,11 +173,9 @@ def triton_conv2d_relu_maxpool2d(
 
 @triton_conv2d_relu_maxpool2d.register_fake
 def _(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, need_argmax):
-    s = conv_pool_shape(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride)
     _check_dtype_only("conv2d_relu_maxpool2d", input)
-    out = input.new_empty(s.out_shape)
-    argmax = input.new_empty(s.out_shape, dtype=torch.uint8) if need_argmax else _empty(input, torch.uint8)
-    return out, argmax
+    return conv2d_relu_maxpool2d_fake(input, weight, bias, stride, padding, dilation, pool_kernel_size,
+                                           pool_stride, need_argmax)
 
 
 @torch.library.custom_op(
@@ -213,11 +213,8 @@ def _(grad_output, input, weight, argmax, stride, padding, dilation, pool_kernel
     s = conv_pool_shape(input, weight, None, stride, padding, dilation, pool_kernel_size, pool_stride)
     _check_conv_backward_args(s, grad_output, input, argmax)
     _check_dtype_only("conv2d_relu_maxpool2d_backward", input)
-    return (
-        input.new_empty(input.shape) if output_mask[0] else _empty(input),
-        input.new_empty(weight.shape) if output_mask[1] else _empty(input),
-        input.new_empty((weight.shape[0],)) if output_mask[2] else _empty(input),
-    )
+    return conv2d_relu_maxpool2d_backward_fake(grad_output, input, weight, argmax, stride, padding, dilation,
+                                                    pool_kernel_size, pool_stride, output_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +243,7 @@ def _(input, weight, bias):
     if input.dim() != 2:
         raise ValueError(f"linear_relu: the op takes 2-D input (M, in_features), got shape {list(input.shape)}")
     _check_dtype_only("linear_relu", input)
-    return input.new_empty((input.shape[0], weight.shape[0]))
+    return linear_relu_fake(input, weight, bias)
 
 
 @torch.library.custom_op(
@@ -273,11 +270,7 @@ def triton_linear_relu_backward(
 def _(grad_output, input, weight, output, output_mask):
     _check_linear_backward_args(grad_output, input, weight, output)
     _check_dtype_only("linear_relu_backward", input)
-    return (
-        input.new_empty(input.shape) if output_mask[0] else _empty(input),
-        input.new_empty(weight.shape) if output_mask[1] else _empty(input),
-        input.new_empty((weight.shape[0],)) if output_mask[2] else _empty(input),
-    )
+    return linear_relu_backward_fake(grad_output, input, weight, output, output_mask)
 
 
 _ops = torch.ops.lightnet_ops

@@ -38,6 +38,19 @@ def backend_cases() -> list[tuple[str, str]]:
     return cases
 
 
+def autograd_node_names(t: torch.Tensor) -> set[str]:
+    """Type names of every autograd node reachable from t.grad_fn (which backward code would run)."""
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lightnet_ops as lo
+from conftest import autograd_node_names
 from seed_model import LightNet  # the seed tutorial's class, verbatim
 from lightnet_ops import compile_backend
 
@@ -29,18 +30,6 @@ def _fresh_dynamo():
     compile_backend.reports.clear()
     yield
     torch._dynamo.reset()
-
-
-def _autograd_node_names(t: torch.Tensor) -> set[str]:
-    seen, stack, names = set(), [t.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        stack.extend(f for f, _ in fn.next_functions)
-    return names
 
 
 def _kinds() -> list[str]:
@@ -96,7 +85,7 @@ def test_seed_lightnet_forward_backward_parity(dtype, tol):
         for (n, pe), (_, pc) in zip(eager.named_parameters(), model.named_parameters()):
             torch.testing.assert_close(pc.grad, pe.grad, rtol=tol, atol=tol, msg=n)
         # the hand-written backward ran, and the stock pool backward did not
-        names = _autograd_node_names(yc)
+        names = autograd_node_names(yc)
         assert "Conv2dReLUMaxPool2dFunctionBackward" in names and "LinearReLUFunctionBackward" in names
         assert "MaxPool2DWithIndicesBackward0" not in names
     assert _kinds()[:4] == ["conv2d_relu_maxpool2d"] * 2 + ["linear_relu"] * 2

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import lightnet_ops as lo
+from conftest import autograd_node_names
 from seed_model import SeedLightNet  # the seed tutorial's class, verbatim
 
 
@@ -82,21 +83,9 @@ def test_forward_backward_parity_float64(backend):
     for (n, ps), (_, pf) in zip(stock.named_parameters(), fused.named_parameters()):
         torch.testing.assert_close(pf.grad, ps.grad, rtol=1e-10, atol=1e-12, msg=n)
     # the fused model really ran the fused ops (hand-written backward in the autograd graph)
-    names = _autograd_node_names(yf)
+    names = autograd_node_names(yf)
     assert "Conv2dReLUMaxPool2dFunctionBackward" in names and "LinearReLUFunctionBackward" in names
-    assert "MaxPool2DWithIndicesBackward0" in _autograd_node_names(ys)
-
-
-def _autograd_node_names(t: torch.Tensor) -> set[str]:
-    seen, stack, names = set(), [t.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        stack.extend(f for f, _ in fn.next_functions)
-    return names
+    assert "MaxPool2DWithIndicesBackward0" in autograd_node_names(ys)
 
 
 def test_matches_seed_class_batched():

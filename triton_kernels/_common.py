@@ -60,6 +60,10 @@ def cfg(**kw) -> triton.Config:
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
 
 
+#: The one config every kernel uses under the interpreter (multi-config autotune fails there).
+INTERP_CONFIG = cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+
+
 def dot_flags(dtype: torch.dtype) -> dict:
     """Constexpr flags of `mma` for tensors of `dtype`.
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune, cfg, channel_sum, dot_flags, mma, relu_keep_nan
+from ._common import INTERP_CONFIG, INTERPRET, autotune, cfg, channel_sum, dot_flags, mma, relu_keep_nan
 
 #: argmax byte where ReLU zeroed the pooled value (constexpr: jit code may read it as a global).
 ARGMAX_RELU_ZERO = tl.constexpr(255)
@@ -44,7 +44,6 @@ _FWD_CONFIGS = [
     cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
     cfg(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=2, num_stages=2),
 ]
-_INTERP_CONFIG = cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
 # Problem sizes are not specialized on (divisibility by 16, == 1): one compile per dtype and config serves
 # every shape, and the index math does not benefit from the hints.
 _CONV_PARAMS = ["stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w"]
@@ -54,7 +53,7 @@ _BWD_SIZES = ["M", "C", "H", "W", "K", "R", "S", "P", "Q", "KRS", *_CONV_PARAMS]
 _WGRAD_SIZES = ["C", "H", "W", "K", "R", "S", "P", "Q", "CRS", "NPQ", *_CONV_PARAMS, "SPLIT"]
 
 
-@autotune(_FWD_CONFIGS, _FWD_CONFIGS[2], _INTERP_CONFIG, key=["M", "K", "CRS", "pool_kh", "pool_kw"])
+@autotune(_FWD_CONFIGS, _FWD_CONFIGS[2], INTERP_CONFIG, key=["M", "K", "CRS", "pool_kh", "pool_kw"])
 @triton.jit(do_not_specialize=_FWD_SIZES)
 def _conv_fwd_kernel(
     x_ptr,       # (N, C, H, W) input, contiguous
@@ -233,7 +232,7 @@ _BWD_CONFIGS = [
 ]
 
 
-@autotune(_BWD_CONFIGS, _BWD_CONFIGS[2], _INTERP_CONFIG, key=["M", "C", "KRS"])
+@autotune(_BWD_CONFIGS, _BWD_CONFIGS[2], INTERP_CONFIG, key=["M", "C", "KRS"])
 @triton.jit(do_not_specialize=_BWD_SIZES)
 def _conv_bwd_input_kernel(
     gc_ptr,      # (N, K, P, Q) conv-output gradient, contiguous
@@ -303,7 +302,7 @@ _WGRAD_CONFIGS = [
 ]
 
 
-@autotune(_WGRAD_CONFIGS, _WGRAD_CONFIGS[2], _INTERP_CONFIG, key=["K", "CRS", "NPQ", "SPLIT"])
+@autotune(_WGRAD_CONFIGS, _WGRAD_CONFIGS[2], INTERP_CONFIG, key=["K", "CRS", "NPQ", "SPLIT"])
 @triton.jit(do_not_specialize=_WGRAD_SIZES)
 def _conv_bwd_weight_kernel(
     gc_ptr,      # (N, K, P, Q) conv-output gradient, contiguous

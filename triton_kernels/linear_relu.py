@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune, cfg, channel_sum, dot_flags, mma, relu_keep_nan
+from ._common import INTERP_CONFIG, INTERPRET, autotune, cfg, channel_sum, dot_flags, mma, relu_keep_nan
 
 _GEMM_CONFIGS = [
     cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
@@ -30,11 +30,10 @@ _GEMM_CONFIGS = [
     cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
     cfg(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=2, num_stages=3),
 ]
-_INTERP_CONFIG = cfg(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
 
 
 # sizes are not specialized on (one compile serves all shapes); strides keep their alignment hints
-@autotune(_GEMM_CONFIGS, _GEMM_CONFIGS[3], _INTERP_CONFIG, key=["M", "N", "KR", "SPLIT", "GATE_A", "BIAS_GRAD"])
+@autotune(_GEMM_CONFIGS, _GEMM_CONFIGS[3], INTERP_CONFIG, key=["M", "N", "KR", "SPLIT", "GATE_A", "BIAS_GRAD"])
 @triton.jit(do_not_specialize=["M", "N", "KR", "SPLIT"])
 def _gemm_kernel(
     a_ptr,       # (M, KR) A, strides (stride_am, stride_ak)
