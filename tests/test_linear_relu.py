@@ -22,7 +22,11 @@ CASES = [
     ("leading_dims", (2, 3, 11), 6, True),
     ("single_row", (1, 17), 1, True),
     ("vector_input", (12,), 4, True),
+    # Several row blocks of the CPU gate/bias-sum pass (32 rows each, the last partial) and the
+    # side-by-side GEMM path (>= 2^16 multiply-adds).
+    ("fc1_batch_300", (300, 576), 120, True),
 ]
+CASES_BY_NAME = {c[0]: c for c in CASES}
 TINY = {"odd_sizes", "no_bias", "leading_dims", "single_row", "vector_input"}
 
 def parity_params():
@@ -95,7 +99,7 @@ def test_opcheck(device):
 
 @pytest.mark.parametrize("backend, device", [bd for bd in backend_cases() if bd[0] != "triton"])
 def test_compile_fullgraph(backend, device):
-    _, (x, w, b) = make_inputs(CASES[4], torch.float32, device)
+    _, (x, w, b) = make_inputs(CASES_BY_NAME["leading_dims"], torch.float32, device)
 
     def f(x, w, b):
         return lo.linear_relu(x, w, b, backend=backend).square().sum()
@@ -192,6 +196,26 @@ def test_fuzz_against_reference(backend, m, k, n, bias):
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     for g, s in zip(got, want):
         torch.testing.assert_close(g, s, rtol=tol, atol=tol)
+
+
+def test_cpu_backward_is_deterministic_across_thread_counts():
+    # The bias gradient is summed in fixed row blocks and the GEMMs may run side by side or split:
+    # the result must not depend on how many threads ran it.
+    torch.manual_seed(3)
+    x, w, out_grad = torch.randn(300, 576), torch.randn(120, 576) / 24, torch.randn(300, 120)
+    out = torch.ops.lightnet_ops.linear_relu(x, w, torch.randn(120))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.lightnet_ops.linear_relu_backward(out_grad, x, w, out, [True, True, True]))
+    finally:
+        torch.set_num_threads(threads)
+    for got in results[1:]:
+        torch.testing.assert_close(got[2], results[0][2], rtol=0, atol=0)  # bias grad: bitwise
+        for g, want in zip(got[:2], results[0][:2]):
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5)  # BLAS blocking may differ
 
 
 def test_module_matches_nn_linear():
