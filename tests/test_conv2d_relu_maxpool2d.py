@@ -51,7 +51,10 @@ CASES = [
     Case("pool_stride_gt_window", 1, 3, 12, 12, 4, (3, 3), pool=2, pool_stride=3),
     Case("odd_tail_floor_mode", 1, 2, 10, 9, 3, (2, 2), pool=(3, 2)),
     Case("wide_channels", 2, 20, 9, 9, 24, (3, 3), padding=1, tiny=False),
+    # C * R * S = 288 > 256: the CPU backend's ATen (oneDNN conv + fused pool pass) path by default.
+    Case("vgg_like_channels", 2, 32, 10, 9, 8, (3, 3), padding=1, tiny=False),
 ]
+CASES_BY_NAME = {c.name: c for c in CASES}
 
 def parity_params():
     for backend, device in backend_cases():
@@ -106,6 +109,30 @@ def test_parity_with_stock(backend, device, dtype, case):
     got = outputs_and_grads(lambda *t: fused(*t, case, backend), (x, w, b))
     for name, g, s, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want, ref):
         assert_matches(g, s, r, f"{backend}/{device}/{dtype} {case} {name}")
+
+
+CPU_PATH_CASES = ["lightnet_conv2", "nonsquare_stride", "dilation_padding", "pool3_stride2_overlapping",
+                  "kernel1x1_nobias", "pool_stride_gt_window", "odd_tail_floor_mode", "vgg_like_channels"]
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("path", ["direct", "aten"])
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("name", CPU_PATH_CASES)
+def test_cpu_paths_and_instruction_sets(monkeypatch, path, isa, name):
+    # The CPU backend picks a path per call (use_direct) and an instruction set per CPU; force each
+    # combination (an instruction set this CPU lacks falls back to the best it has) so that every
+    # compiled variant is checked here, not only the one the heuristic picks on this machine.
+    monkeypatch.setenv("LIGHTNET_OPS_CPU_CONV_PATH", path)
+    monkeypatch.setenv("LIGHTNET_OPS_CPU_ISA", isa)
+    case = CASES_BY_NAME[name]
+    for dtype in (torch.float64, torch.float32):
+        (x64, w64, b64), (x, w, b) = make_inputs(case, dtype, "cpu")
+        ref = outputs_and_grads(lambda *t: stock(*t, case), (x64, w64, b64))
+        want = outputs_and_grads(lambda *t: stock(*t, case), (x, w, b))
+        got = outputs_and_grads(lambda *t: fused(*t, case, "cpu"), (x, w, b))
+        for what, g, st_, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want, ref):
+            assert_matches(g, st_, r, f"{path}/{isa}/{dtype} {case} {what}")
 
 
 def _gradcheck_backends():

@@ -177,26 +177,38 @@ bool use_direct(const ConvPoolShape& s, int64_t elem_size) {
 // ------------------------------------------------------------------------------------------------
 
 // Scatters the pooled gradient (N, K, PH, PW) through the argmax into the conv-output gradient
-// (N, K, P, Q), zero-initialised. Planes are independent, so overlapping windows (pool stride <
-// pool window) accumulate without races. Bytes outside the window (not written by the forward,
+// (N, K, P, Q), writing every element of it (zeros where nothing routes), and, if plane_sums is
+// not null, the sum of what each (n, k) plane received (the bias gradient before the sum over the
+// batch). One pass per plane while it is in cache, instead of zero-fill, scatter and a separate
+// reduction over the dense gradient. Planes are independent, so overlapping windows (pool stride
+// < pool window) accumulate without races. Bytes outside the window (not written by the forward,
 // e.g. an argmax from another pool configuration) route nothing instead of writing out of bounds.
 template <typename scalar_t>
-void route_grad(const ConvPoolShape& s, const scalar_t* grad_out, const uint8_t* argmax, scalar_t* grad_conv) {
-  const int64_t window = s.pool_kh * s.pool_kw;
+void route_grad(const ConvPoolShape& s, const scalar_t* grad_out, const uint8_t* argmax, scalar_t* grad_conv,
+                scalar_t* plane_sums) {
+  // Offset of each argmax byte's position from its window's corner in the conv-output plane, -1
+  // for bytes that route nothing (a table: a division per element would cost more than the rest).
+  int64_t offset[256];
+  for (int a = 0; a < 256; ++a) {
+    offset[a] = (a == kArgmaxReluZero || a >= s.pool_kh * s.pool_kw) ? -1 : (a / s.pool_kw) * s.Q + a % s.pool_kw;
+  }
   at::parallel_for(0, s.N * s.K, 1, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const scalar_t* g = grad_out + plane * s.PH * s.PW;
       const uint8_t* am = argmax + plane * s.PH * s.PW;
       scalar_t* dst = grad_conv + plane * s.P * s.Q;
+      std::fill(dst, dst + s.P * s.Q, scalar_t(0));
+      scalar_t sum = 0;
       for (int64_t ph = 0; ph < s.PH; ++ph) {
         for (int64_t pw = 0; pw < s.PW; ++pw) {
-          const uint8_t a = am[ph * s.PW + pw];
-          if (a == kArgmaxReluZero || a >= window) continue;
-          const int64_t h = ph * s.pool_sh + a / s.pool_kw;
-          const int64_t w = pw * s.pool_sw + a % s.pool_kw;
-          dst[h * s.Q + w] += g[ph * s.PW + pw];
+          const int64_t off = offset[am[ph * s.PW + pw]];
+          if (off < 0) continue;
+          const scalar_t v = g[ph * s.PW + pw];
+          dst[ph * s.pool_sh * s.Q + pw * s.pool_sw + off] += v;
+          sum += v;
         }
       }
+      if (plane_sums != nullptr) plane_sums[plane] = sum;
     }
   });
 }
@@ -359,23 +371,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cp
     }
     return {grad_input, grad_weight, grad_bias};
   }
-  auto grad_conv = at::zeros({s.N, s.K, s.P, s.Q}, input.options());
+  auto grad_conv = at::empty({s.N, s.K, s.P, s.Q}, input.options());
+  at::Tensor grad_input = empty(), grad_weight = empty(), grad_bias = empty();
+  if (output_mask[2]) grad_bias = at::zeros({s.K}, input.options());
   if (grad_conv.numel() > 0) {
     const auto g = grad_output.contiguous();
     const auto am = argmax.contiguous();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_maxpool2d_backward_cpu", [&] {
+      std::vector<scalar_t> plane_sums(output_mask[2] ? s.N * s.K : 0);
       route_grad<scalar_t>(s, g.const_data_ptr<scalar_t>(), am.const_data_ptr<uint8_t>(),
-                           grad_conv.mutable_data_ptr<scalar_t>());
+                           grad_conv.mutable_data_ptr<scalar_t>(), output_mask[2] ? plane_sums.data() : nullptr);
+      if (output_mask[2]) {  // batch order: deterministic
+        scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+        for (int64_t n = 0; n < s.N; ++n) {
+          for (int64_t k = 0; k < s.K; ++k) gb[k] += plane_sums[n * s.K + k];
+        }
+      }
     });
   }
-  at::Tensor grad_input = empty(), grad_weight = empty(), grad_bias = empty();
   if (output_mask[0] || output_mask[1]) {
     auto grads = at::convolution_backward(grad_conv, input, weight, c10::nullopt, stride, padding, dilation, false,
                                           {0, 0}, 1, {output_mask[0], output_mask[1], false});
     if (output_mask[0]) grad_input = std::get<0>(grads);
     if (output_mask[1]) grad_weight = std::get<1>(grads);
   }
-  if (output_mask[2]) grad_bias = grad_conv.sum({0, 2, 3});
   return {grad_input, grad_weight, grad_bias};
 }
 
