@@ -18,6 +18,9 @@ MAX_POOL_WINDOW = 255
 
 def pair(value: IntPair, name: str) -> list[int]:
     """`3` -> `[3, 3]`; `(2, 3)` -> `[2, 3]`; anything else raises a TypeError/ValueError naming `name`."""
+    # Fast path (every call from the modules passes a pair of ints): this runs on every forward.
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return list(value)
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
@@ -92,6 +95,27 @@ def conv_pool_shape(
     pool_stride: Sequence[int],
 ) -> ConvPoolShape:
     """Validates a 4-D problem and returns its sizes. Raises ValueError/TypeError naming the problem."""
+    P, Q, PH, PW = check_conv_pool(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride)
+    N, C, H, W = input.shape
+    K, _, R, S = weight.shape
+    return ConvPoolShape(
+        N, C, H, W, K, R, S, tuple(stride), tuple(padding), tuple(dilation),
+        tuple(pool_kernel_size), tuple(pool_stride), P, Q, PH, PW,
+    )
+
+
+def check_conv_pool(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    pool_kernel_size: Sequence[int],
+    pool_stride: Sequence[int],
+) -> tuple[int, int, int, int]:
+    """Validates a 4-D problem; returns (P, Q, PH, PW). Raises ValueError/TypeError naming the problem.
+    (conv_pool_shape without building the dataclass: the functional API runs this on every call.)"""
     op = "conv2d_relu_maxpool2d"
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}: input must be a Tensor, got {type(input).__name__}")
@@ -138,10 +162,7 @@ def conv_pool_shape(
         _fail(op, f"pool window {tuple(pool_kernel_size)} is larger than the conv output ({P}, {Q})")
     PH = pool_out_size(P, pool_kernel_size[0], pool_stride[0])
     PW = pool_out_size(Q, pool_kernel_size[1], pool_stride[1])
-    return ConvPoolShape(
-        N, C, H, W, K, R, S, tuple(stride), tuple(padding), tuple(dilation),
-        tuple(pool_kernel_size), tuple(pool_stride), P, Q, PH, PW,
-    )
+    return P, Q, PH, PW
 
 
 def check_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:

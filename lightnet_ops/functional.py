@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from . import backend_registry as registry
-from ._shapes import IntPair, check_linear, conv_pool_shape, pair
+from ._shapes import IntPair, check_conv_pool, check_linear, pair
 from .autograd import Conv2dReLUMaxPool2dFunction, LinearReLUFunction
 
 
@@ -58,7 +58,7 @@ def conv2d_relu_maxpool2d(
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
-    conv_pool_shape(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s)
+    check_conv_pool(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s)
     impl = registry.resolve(backend, input)
     if _needs_grad(input, weight, bias):
         out = Conv2dReLUMaxPool2dFunction.apply(
