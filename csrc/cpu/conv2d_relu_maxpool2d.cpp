@@ -30,6 +30,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -281,8 +282,12 @@ void direct_backward_launch(const ConvPoolShape& s, const at::Tensor& grad_out, 
   const int64_t chunks = std::max<int64_t>(1, std::min({s.N, int64_t(16), budget}));
   const int64_t per_chunk = (s.N + chunks - 1) / chunks;
   const int64_t gw_stride = d.Kpad * d.CRS * cpu::kPartialLanes, gb_stride = d.Kpad * cpu::kPartialLanes;
-  std::vector<T> gw_part(need_w ? chunks * gw_stride : 0, T(0));
-  std::vector<T> gb_part(need_b ? chunks * gb_stride : 0, T(0));
+  const int64_t gw_entries = s.K * d.CRS, gb_entries = s.K;
+  // Per-lane partials (uninitialised; each chunk zeroes its own slice, in parallel and while it
+  // is about to be used) and their per-chunk lane sums.
+  std::unique_ptr<T[]> gw_part(need_w ? new T[chunks * gw_stride] : nullptr);
+  std::unique_ptr<T[]> gb_part(need_b ? new T[chunks * gb_stride] : nullptr);
+  std::vector<T> gw_chunk(need_w ? chunks * gw_entries : 0), gb_chunk(need_b ? chunks * gb_entries : 0);
   const DirectBwdArgs<T> a{&d,
                            input.const_data_ptr<T>(),
                            wpk.data(),
@@ -292,25 +297,35 @@ void direct_backward_launch(const ConvPoolShape& s, const at::Tensor& grad_out, 
                            need_w,
                            need_b};
   const BwdFn<T> fn = kernels<T>(isa, d.KB).bwd;
+  // Lane sums in lane order, per chunk (inside the parallel region: the slice is still in cache).
+  const auto sum_lanes = [](const T* part_sums, int64_t entries, T* dst) {
+    for (int64_t i = 0; i < entries; ++i) {
+      const T* lanes = part_sums + i * cpu::kPartialLanes;
+      T sum = lanes[0];
+      for (int64_t l = 1; l < cpu::kPartialLanes; ++l) sum += lanes[l];
+      dst[i] = sum;
+    }
+  };
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
       const int64_t n0 = ch * per_chunk, n1 = std::min(s.N, n0 + per_chunk);
-      if (n0 >= n1) continue;
-      fn(a, n0, n1, need_w ? gw_part.data() + ch * gw_stride : nullptr, need_b ? gb_part.data() + ch * gb_stride : nullptr);
+      T* gw = need_w ? gw_part.get() + ch * gw_stride : nullptr;
+      T* gb = need_b ? gb_part.get() + ch * gb_stride : nullptr;
+      if (gw) std::fill(gw, gw + gw_stride, T(0));
+      if (gb) std::fill(gb, gb + gb_stride, T(0));
+      if (n0 < n1) fn(a, n0, n1, gw, gb);
+      if (gw) sum_lanes(gw, gw_entries, gw_chunk.data() + ch * gw_entries);
+      if (gb) sum_lanes(gb, gb_entries, gb_chunk.data() + ch * gb_entries);
     }
   });
-  const auto reduce = [&](const std::vector<T>& part_sums, int64_t stride, int64_t entries, T* dst) {
+  // Chunk order: the result does not depend on the number of threads.
+  const auto reduce = [&](const std::vector<T>& chunk_sums, int64_t entries, T* dst) {
     for (int64_t ch = 0; ch < chunks; ++ch) {
-      for (int64_t i = 0; i < entries; ++i) {
-        const T* lanes = part_sums.data() + ch * stride + i * cpu::kPartialLanes;
-        T sum = lanes[0];
-        for (int64_t l = 1; l < cpu::kPartialLanes; ++l) sum += lanes[l];
-        dst[i] += sum;
-      }
+      for (int64_t i = 0; i < entries; ++i) dst[i] += chunk_sums[ch * entries + i];
     }
   };
-  if (need_w) reduce(gw_part, gw_stride, s.K * d.CRS, grad_weight.mutable_data_ptr<T>());
-  if (need_b) reduce(gb_part, gb_stride, s.K, grad_bias.mutable_data_ptr<T>());
+  if (need_w) reduce(gw_chunk, gw_entries, grad_weight.mutable_data_ptr<T>());
+  if (need_b) reduce(gb_chunk, gb_entries, grad_bias.mutable_data_ptr<T>());
 }
 
 // The direct backward multiplies only the input / weight elements that a selected conv position
