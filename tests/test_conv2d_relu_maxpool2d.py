@@ -135,6 +135,33 @@ def test_cpu_paths_and_instruction_sets(monkeypatch, path, isa, name):
             assert_matches(g, st_, r, f"{path}/{isa}/{dtype} {case} {what}")
 
 
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("path", ["direct", "aten"])
+def test_cpu_backward_is_deterministic_across_thread_counts(monkeypatch, path):
+    # Weight and bias gradients are summed over a fixed split of the batch (direct path) or per
+    # plane then in batch order (ATen path's bias): the same bits for any number of threads.
+    monkeypatch.setenv("LIGHTNET_OPS_CPU_CONV_PATH", path)
+    case = dataclasses.replace(CASES_BY_NAME["lightnet_conv2"], N=37)
+    _, (x, w, b) = make_inputs(case, torch.float32, "cpu", requires_grad=False)
+    params = ([1, 1], [0, 0], [1, 1], [2, 2], [2, 2])
+    out, argmax = torch.ops.lightnet_ops.conv2d_relu_maxpool2d(x, w, b, *params, True)
+    grad = torch.randn_like(out)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 2):
+            torch.set_num_threads(n)
+            results.append(torch.ops.lightnet_ops.conv2d_relu_maxpool2d_backward(
+                grad, x, w, argmax, *params, [True, True, True]))
+    finally:
+        torch.set_num_threads(threads)
+    for got in results[1:]:
+        # grad_weight through ATen's convolution_backward may block differently per thread count.
+        exact = (0, 1, 2) if path == "direct" else (0, 2)
+        for i in exact:
+            torch.testing.assert_close(got[i], results[0][i], rtol=0, atol=0)
+
+
 def _gradcheck_backends():
     out = []
     for backend, device in backend_cases():
