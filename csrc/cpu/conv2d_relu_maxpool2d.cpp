@@ -43,6 +43,10 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
+#if LIGHTNET_OPS_X86_DISPATCH
+#include <immintrin.h>  // intrinsics used only inside the AVX2 / AVX-512 target regions
+#endif
+
 // The kernel bodies, once per instruction set (see cpu_simd.h).
 namespace lightnet_ops {
 namespace cpu {

@@ -58,10 +58,29 @@ struct Simd {
 #endif
   }
   static LIGHTNET_OPS_INLINE bytes to_bytes(ivec v) { return __builtin_convertvector(v, bytes); }
+  // Zero-extends V bytes into the lanes. GCC 12 lowers __builtin_convertvector from bytes one lane
+  // at a time (an insert per lane); the AVX2 / AVX-512 regions use the one-instruction extension.
   static LIGHTNET_OPS_INLINE ivec from_bytes(const uint8_t* p) {
+    ivec out;
+#if LIGHTNET_OPS_X86_DISPATCH
+    if constexpr (kVecBytes == 64 && sizeof(ivec) == 64) {
+      const __m512i r = sizeof(lane_int) == 4 ? _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+                                              : _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+      std::memcpy(&out, &r, sizeof(out));
+      return out;
+    } else if constexpr (kVecBytes >= 32 && sizeof(ivec) == 32) {
+      int32_t four;
+      std::memcpy(&four, p, sizeof(four));
+      const __m256i r = sizeof(lane_int) == 4 ? _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))
+                                              : _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(four));
+      std::memcpy(&out, &r, sizeof(out));
+      return out;
+    }
+#endif
     bytes b;
     std::memcpy(&b, p, sizeof(b));
-    return __builtin_convertvector(b, ivec);
+    out = __builtin_convertvector(b, ivec);
+    return out;
   }
 };
 
