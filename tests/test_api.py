@@ -66,3 +66,20 @@ def test_backend_argument_validation():
     x, w = torch.randn(1, 1, 6, 6), torch.randn(2, 1, 3, 3)
     with pytest.raises(TypeError, match="backend must be a string"):
         lo.conv2d_relu_maxpool2d(x, w, backend=None)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in lo.backends()])
+def test_double_backward_raises_a_clear_error(backend):
+    # The hand-written backward ops are not themselves differentiable (@once_differentiable): a
+    # second derivative through them must fail loudly, not return a wrong (e.g. zero) gradient.
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = lo.conv2d_relu_maxpool2d(x, w, backend=backend).square().sum()
+    (gx,) = torch.autograd.grad(y, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    lw = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    (ga,) = torch.autograd.grad(lo.linear_relu(a, lw, backend=backend).square().sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        ga.sum().backward()
