@@ -49,7 +49,10 @@ void gate_and_sum(const scalar_t* grad, const scalar_t* output, scalar_t* gated,
                   int64_t cols) {
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   std::vector<scalar_t> partial(bias_grad != nullptr ? blocks * cols : 0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  // At least ~16K elements per task: smaller passes run on the calling thread (waking a worker
+  // costs more than the pass).
+  const int64_t grain = std::max<int64_t>(1, 16384 / (kRowsPerBlock * std::max<int64_t>(cols, 1)));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       scalar_t* sums = bias_grad != nullptr ? partial.data() + blk * cols : nullptr;
       if (sums != nullptr) std::fill(sums, sums + cols, scalar_t(0));
@@ -121,18 +124,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at
                            output_mask[2] ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr, g.size(0), g.size(1));
   });
   at::Tensor grad_input = empty(), grad_weight = empty();
-  // The two GEMMs have the same size (M * out * in multiply-adds) and are independent. Up to
-  // kSideBySideMacs, run them side by side, one thread each, instead of splitting each across
-  // the threads: measured on a 2-core machine, 390 us vs 430 us for LightNet's fc1 at batch 256
-  // (17.7M multiply-adds each). Larger GEMMs compete for the shared cache and memory bandwidth
-  // and lose (434 ms vs 386 ms at 4096 x 1024 x 4096), so they keep the BLAS's own threading.
+  // The two GEMMs have the same size (M * out * in multiply-adds) and are independent. Between
+  // kMinSideBySideMacs and kMaxSideBySideMacs, run them side by side, one thread each, instead of
+  // splitting each across the threads. Measured on a 2-core machine (whole backward, medians):
+  //   LightNet fc1 at batch 64 (4.4M each):   145 us side by side vs 186 us one after the other
+  //   LightNet fc1 at batch 256 (17.7M each): 390 us vs 430 us
+  //   LightNet fc2 at batch 64 / 256 (0.6M / 2.6M each): 44 / 115 us vs 42 / 111 us (no gain:
+  //     waking the second thread costs about what it saves)
+  //   4096 x 1024 x 4096 (17G each): 434 ms vs 386 ms (large GEMMs compete for the shared cache
+  //     and memory bandwidth, and each already splits well across threads)
   // Nested ATen/BLAS calls inside parallel_for run single-threaded.
-  // Tiny GEMMs (a few microseconds each) stay on the calling thread: waking a worker costs more
-  // (about 16 us vs 8 us for the whole backward at M=2, in=16, out=4 with two threads).
-  constexpr int64_t kSideBySideMacs = int64_t(1) << 27;
+  constexpr int64_t kMinSideBySideMacs = int64_t(1) << 22;
+  constexpr int64_t kMaxSideBySideMacs = int64_t(1) << 27;
   const int64_t macs = input.size(0) * input.size(1) * weight.size(0);
-  const bool side_by_side = output_mask[0] && output_mask[1] && macs >= (int64_t(1) << 16) &&
-                            macs <= kSideBySideMacs && at::get_num_threads() >= 2 && !at::in_parallel_region();
+  const bool side_by_side = output_mask[0] && output_mask[1] && macs >= kMinSideBySideMacs &&
+                            macs <= kMaxSideBySideMacs && at::get_num_threads() >= 2 && !at::in_parallel_region();
   if (side_by_side) {
     grad_input = at::empty({input.size(0), input.size(1)}, input.options());
     grad_weight = at::empty({weight.size(0), weight.size(1)}, input.options());
