@@ -59,7 +59,13 @@ def test_quick_run_writes_results(quick_run, capsys):
         assert by[(b, "fwd+bwd")]["memory_ratio_vs_stock"] == pytest.approx(24.0)
     assert all(r["saved_bytes"] is None for r in rows if r["mode"] == "fwd")
     assert by[("cpu", "fwd")]["flops"] == 2 * 6 * 30 * 30 * 9
-    assert by[("cpu", "fwd+bwd")]["peak_bytes"] is None  # CPU: no peak measurement
+    # Peak memory (profiler allocation records): the fused forward allocates only its output; with
+    # autograd also the uint8 argmax, then the three gradients, and no conv-sized temporaries.
+    out_bytes, argmax_bytes = 6 * 15 * 15 * 4, 6 * 15 * 15
+    assert by[("cpu", "fwd")]["peak_bytes"] == out_bytes
+    assert by[("cpu", "fwd+bwd")]["peak_bytes"] == out_bytes + argmax_bytes + 32 * 32 * 4 + 6 * 9 * 4 + 6 * 4
+    assert by[("stock", "fwd")]["peak_bytes"] >= 2 * 6 * 30 * 30 * 4  # conv output and ReLU output
+    assert by[("stock", "fwd+bwd")]["peak_bytes"] > by[("cpu", "fwd+bwd")]["peak_bytes"]
 
     png = (out / "speedups_cpu_quick.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
