@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "lightnet_ops/conv_params.h"
@@ -22,9 +23,8 @@ void check_cpu_dtype(const at::Tensor& t, const char* op) {
               " (use backend=\"reference\" for other dtypes)");
 }
 
-// Rows per task of the elementwise passes: big enough to amortise a task, small enough to split
-// a LightNet-sized batch across two threads. Fixed (not derived from the thread count) so that
-// the bias-gradient partial sums, and hence the result, do not depend on the thread count.
+// Rows per block of the backward gate pass, the unit of its bias-gradient partial sums. Fixed (not
+// derived from the thread count) so that the sums, and hence the result, do not depend on it.
 constexpr int64_t kRowsPerBlock = 32;
 
 // out[i, :] = relu(out[i, :] + bias) in place; bias may be null.
