@@ -60,10 +60,13 @@ def test_quick_run_writes_results(quick_run, capsys):
     assert all(r["saved_bytes"] is None for r in rows if r["mode"] == "fwd")
     assert by[("cpu", "fwd")]["flops"] == 2 * 6 * 30 * 30 * 9
     # Peak memory (profiler allocation records): the fused forward allocates only its output; with
-    # autograd also the uint8 argmax, then the three gradients, and no conv-sized temporaries.
+    # autograd also the uint8 argmax, then the three gradients plus the backward's small partial
+    # weight/bias sums (a few KiB here), and no conv-sized temporaries.
     out_bytes, argmax_bytes = 6 * 15 * 15 * 4, 6 * 15 * 15
+    grads_bytes = 32 * 32 * 4 + 6 * 9 * 4 + 6 * 4
     assert by[("cpu", "fwd")]["peak_bytes"] == out_bytes
-    assert by[("cpu", "fwd+bwd")]["peak_bytes"] == out_bytes + argmax_bytes + 32 * 32 * 4 + 6 * 9 * 4 + 6 * 4
+    needed = out_bytes + argmax_bytes + grads_bytes
+    assert needed <= by[("cpu", "fwd+bwd")]["peak_bytes"] <= needed + 8 * 1024
     assert by[("stock", "fwd")]["peak_bytes"] >= 2 * 6 * 30 * 30 * 4  # conv output and ReLU output
     assert by[("stock", "fwd+bwd")]["peak_bytes"] > by[("cpu", "fwd+bwd")]["peak_bytes"]
 
