@@ -38,6 +38,19 @@ def backend_cases() -> list[tuple[str, str]]:
     return cases
 
 
+def results_per_thread_count(fn, counts=(1, 2, 3, 2)):
+    """[fn() with torch.set_num_threads(n) for n in counts], restoring the thread count after."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(threads)
+
+
 def autograd_node_names(t: torch.Tensor) -> set[str]:
     """Type names of every autograd node reachable from t.grad_fn (which backward code would run)."""
     seen, stack, names = set(), [t.grad_fn], set()

@@ -9,7 +9,7 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backend_cases
+from conftest import backend_cases, results_per_thread_count
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from parity import DTYPES, assert_matches
@@ -146,15 +146,8 @@ def test_cpu_backward_is_deterministic_across_thread_counts(monkeypatch, path):
     params = ([1, 1], [0, 0], [1, 1], [2, 2], [2, 2])
     out, argmax = torch.ops.lightnet_ops.conv2d_relu_maxpool2d(x, w, b, *params, True)
     grad = torch.randn_like(out)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3, 2):
-            torch.set_num_threads(n)
-            results.append(torch.ops.lightnet_ops.conv2d_relu_maxpool2d_backward(
-                grad, x, w, argmax, *params, [True, True, True]))
-    finally:
-        torch.set_num_threads(threads)
+    results = results_per_thread_count(lambda: torch.ops.lightnet_ops.conv2d_relu_maxpool2d_backward(
+        grad, x, w, argmax, *params, [True, True, True]))
     for got in results[1:]:
         # grad_weight through ATen's convolution_backward may block differently per thread count.
         exact = (0, 1, 2) if path == "direct" else (0, 2)

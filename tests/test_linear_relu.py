@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backend_cases
+from conftest import backend_cases, results_per_thread_count
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from parity import DTYPES, assert_matches
@@ -204,14 +204,8 @@ def test_cpu_backward_is_deterministic_across_thread_counts():
     torch.manual_seed(3)
     x, w, out_grad = torch.randn(300, 576), torch.randn(120, 576) / 24, torch.randn(300, 120)
     out = torch.ops.lightnet_ops.linear_relu(x, w, torch.randn(120))
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(torch.ops.lightnet_ops.linear_relu_backward(out_grad, x, w, out, [True, True, True]))
-    finally:
-        torch.set_num_threads(threads)
+    results = results_per_thread_count(
+        lambda: torch.ops.lightnet_ops.linear_relu_backward(out_grad, x, w, out, [True, True, True]), (1, 2, 3))
     for got in results[1:]:
         torch.testing.assert_close(got[2], results[0][2], rtol=0, atol=0)  # bias grad: bitwise
         for g, want in zip(got[:2], results[0][:2]):

@@ -159,7 +159,8 @@ void pack_weight(const Direct& d, const T* w, const T* bias, T* wpk, T* bpk) {
 // 2x2 pool), and it reads each packed plane once per channel block. oneDNN is far better at large
 // C*R*S and large planes, far worse at LightNet's 1 and 6 input channels. Measured on a 2-core
 // AVX-512 EPYC (python -m lightnet_ops.bench --cases conv1_b64 conv2_b64 vgg_b8, once with each
-// LIGHTNET_OPS_CPU_CONV_PATH): LightNet conv1 (C*R*S = 9) and conv2 (54) are several times faster direct; the VGG block (C*R*S = 576, 64 channels, 56x56) is faster through oneDNN.
+// LIGHTNET_OPS_CPU_CONV_PATH): LightNet conv1 (C*R*S = 9) and conv2 (54) are several times faster
+// direct; the VGG block (C*R*S = 576, 64 channels, 56x56) is faster through oneDNN.
 // Overlapping pool windows (stride < window) make the direct path recompute conv values
 // (window area / stride area times), so their budget shrinks by that factor.
 // LIGHTNET_OPS_CPU_CONV_PATH=direct|aten overrides the choice (tests cover both paths with it).

@@ -68,11 +68,14 @@ struct Simd {
                                               : _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
       std::memcpy(&out, &r, sizeof(out));
       return out;
+    } else if constexpr (kVecBytes >= 32 && sizeof(ivec) == 32 && sizeof(lane_int) == 4) {
+      const __m256i r = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+      std::memcpy(&out, &r, sizeof(out));
+      return out;
     } else if constexpr (kVecBytes >= 32 && sizeof(ivec) == 32) {
-      int32_t four;
+      int32_t four;  // 4 lanes of int64: 4 bytes
       std::memcpy(&four, p, sizeof(four));
-      const __m256i r = sizeof(lane_int) == 4 ? _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))
-                                              : _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(four));
+      const __m256i r = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(four));
       std::memcpy(&out, &r, sizeof(out));
       return out;
     }
