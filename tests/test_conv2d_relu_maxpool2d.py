@@ -136,6 +136,25 @@ def test_cpu_paths_and_instruction_sets(monkeypatch, path, isa, name):
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("per_chunk", [1, 2, 3])
+@pytest.mark.parametrize("name", ["vgg_like_channels", "pool3_stride2_overlapping", "odd_tail_floor_mode"])
+def test_cpu_aten_path_batch_chunks(monkeypatch, per_chunk, name):
+    # The ATen-path forward convolves and pools the batch in chunks (several only for large conv
+    # outputs); force small chunks, including an uneven last one (5 = 3 + 2), so that the chunk
+    # offsets of the output and argmax are checked against stock.
+    monkeypatch.setenv("LIGHTNET_OPS_CPU_CONV_PATH", "aten")
+    monkeypatch.setenv("LIGHTNET_OPS_CPU_ATEN_CHUNK", str(per_chunk))
+    case = dataclasses.replace(CASES_BY_NAME[name], N=5)
+    for dtype in (torch.float64, torch.float32):
+        (x64, w64, b64), (x, w, b) = make_inputs(case, dtype, "cpu")
+        ref = outputs_and_grads(lambda *t: stock(*t, case), (x64, w64, b64))
+        want = outputs_and_grads(lambda *t: stock(*t, case), (x, w, b))
+        got = outputs_and_grads(lambda *t: fused(*t, case, "cpu"), (x, w, b))
+        for what, g, st_, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want, ref):
+            assert_matches(g, st_, r, f"chunk {per_chunk}/{dtype} {case} {what}")
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
 @pytest.mark.parametrize("path", ["direct", "aten"])
 def test_cpu_backward_is_deterministic_across_thread_counts(monkeypatch, path):
     # Weight and bias gradients are summed over a fixed split of the batch (direct path) or per
