@@ -406,8 +406,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cp
   // Each masked-off output is its own empty tensor: outputs must not alias.
   const auto empty = [&] { return at::empty({0}, input.options()); };
   if (use_direct(s, input.element_size()) && direct_backward_matches_stock(input, weight, output_mask)) {
-    // Outputs are accumulated into, so they start at zero (this also covers an empty batch).
-    at::Tensor grad_input = output_mask[0] ? at::zeros({s.N, s.C, s.H, s.W}, input.options()) : empty();
+    // grad_weight / grad_bias are accumulated into, so they start at zero (this also covers an
+    // empty batch); the kernel zeroes each sample's grad_input before writing it.
+    at::Tensor grad_input = output_mask[0] ? at::empty({s.N, s.C, s.H, s.W}, input.options()) : empty();
     at::Tensor grad_weight = output_mask[1] ? at::zeros({s.K, s.C, s.R, s.S}, input.options()) : empty();
     at::Tensor grad_bias = output_mask[2] ? at::zeros({s.K}, input.options()) : empty();
     if (s.N > 0 && (output_mask[0] || output_mask[1] || output_mask[2])) {

@@ -107,7 +107,7 @@ struct DirectBwdArgs {
   const T* wpk;           // packed like DirectFwdArgs::wpk
   const T* grad_out;      // (N, K, PH, PW) contiguous
   const uint8_t* argmax;  // (N, K, PH, PW) contiguous
-  T* grad_input;          // (N, C, H, W) zero-filled, or null
+  T* grad_input;          // (N, C, H, W) uninitialised (each sample is zeroed, then written), or null
   bool need_weight, need_bias;
 };
 

@@ -189,7 +189,7 @@ LIGHTNET_OPS_INLINE void pack_input(const Direct& d, const T* in, T* Z) {
 // are summed with vector loads shifted by (dy / Mh) * PWs + dx / Mw (lanes past a plane's pooled
 // columns, and its margins, are zero), then the phase plane is un-packed like pack_input packs it.
 // Every input element belongs to exactly one phase-plane position, so it is written once; elements
-// that no window reads are not written (the gradient starts zero-filled).
+// that no window reads are not written (the caller zeroes the sample's gradient first).
 template <typename T, int V>
 LIGHTNET_OPS_INLINE void unshift_add(const Direct& d, const T* dX, T* tmp, T* gi) {
   using S = Simd<T, V>;
@@ -403,6 +403,9 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
           }
         }
       }
+      // Zeroed here, per sample, while it is about to be written (cache-hot), instead of a separate
+      // zero-fill pass over the whole gradient: elements no window reads must read 0.
+      std::fill(a.grad_input + n * CHW, a.grad_input + (n + 1) * CHW, T(0));
       unshift_add<T, V>(d, dX, phbuf.data(), a.grad_input + n * CHW);
     }
   }
