@@ -4,6 +4,7 @@ backend this machine has, gradcheck, opcheck, torch.compile, ties/NaN, layouts, 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import pytest
@@ -115,15 +116,27 @@ CPU_PATH_CASES = ["lightnet_conv2", "nonsquare_stride", "dilation_padding", "poo
                   "kernel1x1_nobias", "pool_stride_gt_window", "odd_tail_floor_mode", "vgg_like_channels"]
 
 
+# The CPU backend's paths: direct kernels, or ATen's convolution followed by the scatter backward
+# or ATen's dense convolution_backward (csrc/cpu/conv2d_relu_maxpool2d.cpp).
+CPU_PATHS = {"direct": ("direct", None), "aten-scatter": ("aten", "scatter"), "aten-dense": ("aten", "dense")}
+
+
+def force_cpu_path(monkeypatch, path: str) -> None:
+    conv_path, aten_backward = CPU_PATHS[path]
+    monkeypatch.setenv("LIGHTNET_OPS_CPU_CONV_PATH", conv_path)
+    if aten_backward is not None:
+        monkeypatch.setenv("LIGHTNET_OPS_CPU_ATEN_BACKWARD", aten_backward)
+
+
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
-@pytest.mark.parametrize("path", ["direct", "aten"])
+@pytest.mark.parametrize("path", list(CPU_PATHS))
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 @pytest.mark.parametrize("name", CPU_PATH_CASES)
 def test_cpu_paths_and_instruction_sets(monkeypatch, path, isa, name):
-    # The CPU backend picks a path per call (use_direct) and an instruction set per CPU; force each
-    # combination (an instruction set this CPU lacks falls back to the best it has) so that every
-    # compiled variant is checked here, not only the one the heuristic picks on this machine.
-    monkeypatch.setenv("LIGHTNET_OPS_CPU_CONV_PATH", path)
+    # The CPU backend picks a path per call (use_direct, use_scatter_backward) and an instruction
+    # set per CPU; force each combination (an instruction set this CPU lacks falls back to the best
+    # it has) so that every compiled variant is checked here, not only the one the heuristic picks.
+    force_cpu_path(monkeypatch, path)
     monkeypatch.setenv("LIGHTNET_OPS_CPU_ISA", isa)
     case = CASES_BY_NAME[name]
     for dtype in (torch.float64, torch.float32):
@@ -155,11 +168,12 @@ def test_cpu_aten_path_batch_chunks(monkeypatch, per_chunk, name):
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
-@pytest.mark.parametrize("path", ["direct", "aten"])
+@pytest.mark.parametrize("path", list(CPU_PATHS))
 def test_cpu_backward_is_deterministic_across_thread_counts(monkeypatch, path):
-    # Weight and bias gradients are summed over a fixed split of the batch (direct path) or per
-    # plane then in batch order (ATen path's bias): the same bits for any number of threads.
-    monkeypatch.setenv("LIGHTNET_OPS_CPU_CONV_PATH", path)
+    # Weight and bias gradients are summed over a fixed split of the batch (direct path), per
+    # output channel by one thread in a fixed order (scatter backward), or per plane then in batch
+    # order (every path's bias): the same bits for any number of threads.
+    force_cpu_path(monkeypatch, path)
     case = dataclasses.replace(CASES_BY_NAME["lightnet_conv2"], N=37)
     _, (x, w, b) = make_inputs(case, torch.float32, "cpu", requires_grad=False)
     params = ([1, 1], [0, 0], [1, 1], [2, 2], [2, 2])
@@ -169,7 +183,7 @@ def test_cpu_backward_is_deterministic_across_thread_counts(monkeypatch, path):
         grad, x, w, argmax, *params, [True, True, True]))
     for got in results[1:]:
         # grad_weight through ATen's convolution_backward may block differently per thread count.
-        exact = (0, 1, 2) if path == "direct" else (0, 2)
+        exact = (0, 2) if path == "aten-dense" else (0, 1, 2)
         for i in exact:
             torch.testing.assert_close(got[i], results[0][i], rtol=0, atol=0)
 
@@ -289,6 +303,26 @@ def test_nan_propagates_like_stock(backend, device):
         torch.testing.assert_close(g, s, equal_nan=True, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("path", list(CPU_PATHS))
+@pytest.mark.parametrize("where", ["input", "weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_cpu_paths_non_finite_like_stock(monkeypatch, path, where, value):
+    # Stock's dense backward multiplies every input (weight) element by a gradient, zeros
+    # included, so one NaN or infinity spreads through grad_weight (grad_input). The sparse paths
+    # (direct, scatter) would skip those products; they hand non-finite operands to the dense path.
+    force_cpu_path(monkeypatch, path)
+    case = CASES_BY_NAME["vgg_like_channels"]
+    (_, _, _), (x, w, b) = make_inputs(case, torch.float32, "cpu")
+    with torch.no_grad():
+        (x if where == "input" else w).view(-1)[7] = value
+    got = outputs_and_grads(lambda *t: fused(*t, case, "cpu"), (x, w, b))
+    want = outputs_and_grads(lambda *t: stock(*t, case), (x, w, b))
+    for name, g, st_ in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want):
+        assert torch.equal(torch.isnan(g), torch.isnan(st_)), f"{name}: NaN positions differ from stock"
+        torch.testing.assert_close(g, st_, equal_nan=True, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("backend, device", backend_cases())
 def test_argmax_encoding_matches_reference(backend, device):
     """The compact argmax (one byte: window offset, or 255 where ReLU zeroed the output)."""
@@ -371,6 +405,19 @@ def test_batch_size_zero(backend, device):
     gx, gw, gb = torch.autograd.grad(out.sum(), (x, w, b))
     assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape
     assert gw.abs().sum() == 0 and gb.abs().sum() == 0
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("path", list(CPU_PATHS))
+def test_cpu_paths_batch_size_zero(monkeypatch, path):
+    force_cpu_path(monkeypatch, path)
+    case = dataclasses.replace(CASES_BY_NAME["vgg_like_channels"], N=0)
+    _, (x, w, b) = make_inputs(case, torch.float32, "cpu")
+    for _ in range(3):  # the gradients must be written as zeros, not left as whatever memory held
+        torch.randn(1 << 16).exp_()  # recycle some dirty memory first
+        gx, gw, gb = torch.autograd.grad(fused(x, w, b, case, "cpu").sum(), (x, w, b))
+        assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape
+        assert gw.abs().sum() == 0 and gb.abs().sum() == 0
 
 
 @pytest.mark.parametrize("backend, device", backend_cases())
@@ -483,6 +530,10 @@ def problems(draw):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=problems())
 def test_fuzz_against_reference(backend, case):
+    check_against_reference(backend, case)
+
+
+def check_against_reference(backend: str, case: Case) -> None:
     dtype = torch.float64 if backend != "triton" else torch.float32
     _, (x, w, b) = make_inputs(case, dtype, "cpu")
     P = (case.H + 2 * case.padding[0] - case.dilation[0] * (case.kernel[0] - 1) - 1) // case.stride[0] + 1
@@ -496,6 +547,26 @@ def test_fuzz_against_reference(backend, case):
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     for g, s in zip(got, want):
         torch.testing.assert_close(g, s, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("path", list(CPU_PATHS))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=problems())
+def test_fuzz_cpu_paths_against_reference(path, case):
+    # Every CPU path forced on random geometry (padding, dilation, strides, overlapping pools).
+    conv_path, aten_backward = CPU_PATHS[path]
+    env = {"LIGHTNET_OPS_CPU_CONV_PATH": conv_path, "LIGHTNET_OPS_CPU_ATEN_BACKWARD": aten_backward or ""}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # monkeypatch is function-scoped: hypothesis runs many examples per call
+    try:
+        check_against_reference("cpu", case)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ---------------------------------------------------------------- module

@@ -474,6 +474,200 @@ void bias_relu_pool_range(const PoolArgs<T>& a, int64_t p0, int64_t p1) {
   }
 }
 
+// Scatter backward of the ATen path (see conv2d_relu_maxpool2d.cpp): every live pooled element
+// feeds exactly the conv position its argmax selected, so the gradients are sums over those
+// elements only (a quarter of the conv positions for a 2x2 pool) instead of over a dense,
+// mostly-zero conv-output gradient. Vectorised over the (padded) input channels.
+
+// One register block of the scatter grad_weight: NT taps (offsets tap_off / tap_dy / tap_dx from
+// an element's first tap) x NV channel vectors, summed over `live` on top of `gw` (rows Cp apart;
+// `first` starts from zero instead). Compile-time NT / NV: no per-element lane checks.
+template <typename T, int V, int NT, int NV>
+LIGHTNET_OPS_INLINE void scatter_gw_block(const ScatterArgs<T>& a, const std::vector<LiveElement<T>>& live,
+                                          const int64_t* tap_off, const int64_t* tap_dy, const int64_t* tap_dx,
+                                          T* gw, bool first) {
+  using S = Simd<T, V>;
+  using vec = typename S::vec;
+  const ConvPoolShape& s = *a.s;
+  vec acc[NT][NV];
+  LIGHTNET_OPS_UNROLL
+  for (int tb = 0; tb < NT; ++tb)
+    LIGHTNET_OPS_UNROLL
+    for (int v = 0; v < NV; ++v) acc[tb][v] = first ? S::splat(0) : S::load(gw + tb * a.Cp + v * V);
+  for (const LiveElement<T>& e : live) {
+    const vec g = S::splat(e.grad);
+    const int64_t base = ((e.n * s.H + e.y0) * s.W + e.x0) * a.Cp;  // first tap (maybe in the padding)
+    LIGHTNET_OPS_UNROLL
+    for (int tb = 0; tb < NT; ++tb) {
+      if (!e.interior) {
+        const int64_t y = e.y0 + tap_dy[tb], x = e.x0 + tap_dx[tb];
+        if (y < 0 || y >= s.H || x < 0 || x >= s.W) continue;
+      }
+      const T* px = a.x_t + (base + tap_off[tb]);
+      LIGHTNET_OPS_UNROLL
+      for (int v = 0; v < NV; ++v) acc[tb][v] += g * S::load(px + v * V);
+    }
+  }
+  LIGHTNET_OPS_UNROLL
+  for (int tb = 0; tb < NT; ++tb)
+    LIGHTNET_OPS_UNROLL
+    for (int v = 0; v < NV; ++v) S::store(gw + tb * a.Cp + v * V, acc[tb][v]);
+}
+
+template <typename T, int V, int NT>
+LIGHTNET_OPS_INLINE void scatter_gw_block_nv(int nv, const ScatterArgs<T>& a, const std::vector<LiveElement<T>>& live,
+                                             const int64_t* off, const int64_t* dy, const int64_t* dx, T* gw,
+                                             bool first) {
+  switch (nv) {
+    case 1: return scatter_gw_block<T, V, NT, 1>(a, live, off, dy, dx, gw, first);
+    case 2: return scatter_gw_block<T, V, NT, 2>(a, live, off, dy, dx, gw, first);
+    case 3: return scatter_gw_block<T, V, NT, 3>(a, live, off, dy, dx, gw, first);
+    default: return scatter_gw_block<T, V, NT, 4>(a, live, off, dy, dx, gw, first);
+  }
+}
+
+// grad_weight rows [k0, k1): gw_t[k][t][c] = sum over the live elements e of plane k (samples in
+// order, then pooled positions in order) of grad(e) * x_t[n(e)][y0(e) + r*dh][x0(e) + s*dw][c]
+// for tap t = (r, s). Each row is summed by one thread in that fixed order: deterministic.
+// Samples outermost: one sample's input stays in this core's cache while all rows use it.
+template <typename T>
+void scatter_grad_weight_range(const ScatterArgs<T>& a, int64_t k0, int64_t k1) {
+  constexpr int V = kLanes<T>;
+  constexpr int TB = 3;  // filter taps per register block
+  constexpr int CB = 4;  // channel vectors per register block (at most TB * CB accumulators)
+  const ConvPoolShape& s = *a.s;
+  const int64_t RS = s.R * s.S, Cv = a.Cp / V;
+  std::vector<LiveElement<T>> live;
+  for (int64_t n = 0; n < s.N; ++n) {
+    for (int64_t k = k0; k < k1; ++k) {
+      live.clear();
+      collect_live(s, *a.offsets, a.grad_out, a.argmax, n, k, live);
+      for (int64_t t0 = 0; t0 < RS; t0 += TB) {
+        const int nt = static_cast<int>(std::min<int64_t>(TB, RS - t0));
+        int64_t tap_dy[TB] = {}, tap_dx[TB] = {}, tap_off[TB] = {};  // of each tap from the first
+        for (int tb = 0; tb < nt; ++tb) {
+          tap_dy[tb] = ((t0 + tb) / s.S) * s.dil_h;
+          tap_dx[tb] = ((t0 + tb) % s.S) * s.dil_w;
+        }
+        for (int64_t c0 = 0; c0 < Cv; c0 += CB) {
+          const int nv = static_cast<int>(std::min<int64_t>(CB, Cv - c0));
+          for (int tb = 0; tb < nt; ++tb) tap_off[tb] = (tap_dy[tb] * s.W + tap_dx[tb]) * a.Cp + c0 * V;
+          T* gw = a.gw_t + (k * RS + t0) * a.Cp + c0 * V;
+          if (nt == 3) {
+            scatter_gw_block_nv<T, V, 3>(nv, a, live, tap_off, tap_dy, tap_dx, gw, n == 0);
+          } else if (nt == 2) {
+            scatter_gw_block_nv<T, V, 2>(nv, a, live, tap_off, tap_dy, tap_dx, gw, n == 0);
+          } else {
+            scatter_gw_block_nv<T, V, 1>(nv, a, live, tap_off, tap_dy, tap_dx, gw, n == 0);
+          }
+        }
+      }
+    }
+  }
+}
+
+// One register block of the scatter grad_input: NT taps x NV channel vectors of
+// sum over (g, k) in `bucket` of g * w_t[k][t0 + tb][c0 + v], added into the input gradient at
+// the taps that lie inside the input (rows of tap_dst are the taps' gi offsets, -1 outside).
+template <typename T, int V, int NT, int NV>
+LIGHTNET_OPS_INLINE void scatter_gi_block(const ScatterArgs<T>& a, const std::pair<T, int64_t>* bucket,
+                                          int64_t count, int64_t w_off, const int64_t* tap_dst, T* gi) {
+  using S = Simd<T, V>;
+  using vec = typename S::vec;
+  vec acc[NT][NV];
+  LIGHTNET_OPS_UNROLL
+  for (int tb = 0; tb < NT; ++tb)
+    LIGHTNET_OPS_UNROLL
+    for (int v = 0; v < NV; ++v) acc[tb][v] = S::splat(0);
+  const int64_t RS = a.s->R * a.s->S;
+  for (int64_t i = 0; i < count; ++i) {
+    const vec g = S::splat(bucket[i].first);
+    const T* w = a.w_t + bucket[i].second * RS * a.Cp + w_off;
+    LIGHTNET_OPS_UNROLL
+    for (int tb = 0; tb < NT; ++tb)
+      LIGHTNET_OPS_UNROLL
+      for (int v = 0; v < NV; ++v) acc[tb][v] += g * S::load(w + tb * a.Cp + v * V);
+  }
+  LIGHTNET_OPS_UNROLL
+  for (int tb = 0; tb < NT; ++tb) {
+    if (tap_dst[tb] < 0) continue;
+    T* dst = gi + tap_dst[tb];
+    LIGHTNET_OPS_UNROLL
+    for (int v = 0; v < NV; ++v) S::store(dst + v * V, S::load(dst + v * V) + acc[tb][v]);
+  }
+}
+
+template <typename T, int V, int NT>
+LIGHTNET_OPS_INLINE void scatter_gi_block_nv(int nv, const ScatterArgs<T>& a, const std::pair<T, int64_t>* bucket,
+                                             int64_t count, int64_t w_off, const int64_t* tap_dst, T* gi) {
+  switch (nv) {
+    case 1: return scatter_gi_block<T, V, NT, 1>(a, bucket, count, w_off, tap_dst, gi);
+    case 2: return scatter_gi_block<T, V, NT, 2>(a, bucket, count, w_off, tap_dst, gi);
+    case 3: return scatter_gi_block<T, V, NT, 3>(a, bucket, count, w_off, tap_dst, gi);
+    default: return scatter_gi_block<T, V, NT, 4>(a, bucket, count, w_off, tap_dst, gi);
+  }
+}
+
+// grad_input samples [n0, n1). Per pooled position, the output channels are bucketed by their
+// argmax (channels whose window picked the same conv position read the same input patch); each
+// bucket's filters, weighted by the channels' gradients, are summed in registers (channels in
+// order) and added into the patch once, instead of one read-modify-write of the patch per
+// channel. Positions in order, window offsets in order: deterministic.
+template <typename T>
+void scatter_grad_input_range(const ScatterArgs<T>& a, int64_t n0, int64_t n1) {
+  constexpr int V = kLanes<T>;
+  constexpr int TB = 3;  // filter taps per register block
+  constexpr int CB = 4;  // channel vectors per register block
+  const ConvPoolShape& s = *a.s;
+  const int64_t RS = s.R * s.S, Cv = a.Cp / V, HWC = s.H * s.W * a.Cp, F = s.PH * s.PW;
+  const int64_t win = s.pool_kh * s.pool_kw;
+  std::vector<int64_t> tap_dy(RS), tap_dx(RS);  // input row / column of tap t from the first tap
+  for (int64_t t = 0; t < RS; ++t) {
+    tap_dy[t] = (t / s.S) * s.dil_h;
+    tap_dx[t] = (t % s.S) * s.dil_w;
+  }
+  std::vector<std::pair<T, int64_t>> buckets(win * s.K);  // (gradient, channel) per window offset
+  std::vector<int64_t> counts(win);
+  for (int64_t n = n0; n < n1; ++n) {
+    T* gi = a.gi_t + n * HWC;
+    std::fill(gi, gi + HWC, T(0));
+    for (int64_t ph = 0; ph < s.PH; ++ph) {
+      for (int64_t pw = 0; pw < s.PW; ++pw) {
+        const int64_t f = ph * s.PW + pw;
+        std::fill(counts.begin(), counts.end(), 0);
+        for (int64_t k = 0; k < s.K; ++k) {
+          const uint8_t am = a.argmax[(n * s.K + k) * F + f];
+          if (a.offsets->dy[am] < 0) continue;
+          buckets[am * s.K + counts[am]++] = {a.grad_out[(n * s.K + k) * F + f], k};
+        }
+        for (int64_t w = 0; w < win; ++w) {
+          if (counts[w] == 0) continue;
+          const int64_t y0 = (ph * s.pool_sh + a.offsets->dy[w]) * s.stride_h - s.pad_h;
+          const int64_t x0 = (pw * s.pool_sw + a.offsets->dx[w]) * s.stride_w - s.pad_w;
+          for (int64_t t0 = 0; t0 < RS; t0 += TB) {
+            const int nt = static_cast<int>(std::min<int64_t>(TB, RS - t0));
+            int64_t tap_dst[TB];  // offset in gi of each tap, -1 in the padding
+            for (int tb = 0; tb < nt; ++tb) {
+              const int64_t y = y0 + tap_dy[t0 + tb], x = x0 + tap_dx[t0 + tb];
+              tap_dst[tb] = (y < 0 || y >= s.H || x < 0 || x >= s.W) ? -1 : (y * s.W + x) * a.Cp;
+            }
+            for (int64_t c0 = 0; c0 < Cv; c0 += CB) {
+              const int nv = static_cast<int>(std::min<int64_t>(CB, Cv - c0));
+              const int64_t w_off = t0 * a.Cp + c0 * V;
+              int64_t dst[TB];
+              for (int tb = 0; tb < nt; ++tb) dst[tb] = tap_dst[tb] < 0 ? -1 : tap_dst[tb] + c0 * V;
+              const std::pair<T, int64_t>* bucket = buckets.data() + w * s.K;
+              if (nt == 3) scatter_gi_block_nv<T, V, 3>(nv, a, bucket, counts[w], w_off, dst, gi);
+              else if (nt == 2) scatter_gi_block_nv<T, V, 2>(nv, a, bucket, counts[w], w_off, dst, gi);
+              else scatter_gi_block_nv<T, V, 1>(nv, a, bucket, counts[w], w_off, dst, gi);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // Whether p[0..n) holds no NaN or infinity (x - x is 0 exactly for finite x, NaN otherwise).
 template <typename T>
 bool all_finite(const T* p, int64_t n) {
