@@ -273,12 +273,13 @@ int64_t padded_channels(int64_t C, int64_t elem_size) {
   return (C + lanes - 1) / lanes * lanes;
 }
 
-// (N, C, H, W) -> (N, H, W, Cp), or (K, C, R, S) -> (K, R, S, Cp), zeros in the padded channels.
-at::Tensor channels_last_padded(const at::Tensor& t, int64_t Cp) {
-  const int64_t C = t.size(1);
-  if (Cp == C) return t.permute({0, 2, 3, 1}).contiguous();
-  auto out = at::zeros({t.size(0), t.size(2), t.size(3), Cp}, t.options());
-  out.narrow(3, 0, C).copy_(t.permute({0, 2, 3, 1}));
+// (N, C, H, W) -> (N, H + 2 * pad_h, W + 2 * pad_w, Cp), or (K, C, R, S) -> (K, R, S, Cp) with no
+// spatial padding: zeros in the padded channels and around the image.
+at::Tensor channels_last_padded(const at::Tensor& t, int64_t Cp, int64_t pad_h = 0, int64_t pad_w = 0) {
+  const int64_t C = t.size(1), H = t.size(2), W = t.size(3);
+  if (Cp == C && pad_h == 0 && pad_w == 0) return t.permute({0, 2, 3, 1}).contiguous();
+  auto out = at::zeros({t.size(0), H + 2 * pad_h, W + 2 * pad_w, Cp}, t.options());
+  out.narrow(1, pad_h, H).narrow(2, pad_w, W).narrow(3, 0, C).copy_(t.permute({0, 2, 3, 1}));
   return out;
 }
 
@@ -292,7 +293,7 @@ void scatter_backward(const ConvPoolShape& s, const at::Tensor& grad_out, const 
                       const at::Tensor& weight, const at::Tensor& argmax, std::array<bool, 3> mask,
                       at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias) {
   const int64_t Cp = padded_channels(s.C, sizeof(T));
-  const at::Tensor x_t = mask[1] ? channels_last_padded(input, Cp) : at::Tensor();
+  const at::Tensor x_t = mask[1] ? channels_last_padded(input, Cp, s.pad_h, s.pad_w) : at::Tensor();
   const at::Tensor w_t = mask[0] ? channels_last_padded(weight, Cp) : at::Tensor();
   at::Tensor gi_t = mask[0] ? at::empty({s.N, s.H, s.W, Cp}, input.options()) : at::Tensor();
   // The kernel writes every grad_weight element once it has a sample; an empty batch gets zeros.

@@ -157,7 +157,8 @@ template <typename T>
 struct ScatterArgs {
   const ConvPoolShape* s;
   int64_t Cp;              // channels padded to a multiple of 64 bytes
-  const T* x_t;            // input as (N, H, W, Cp), or null when grad_weight is not needed
+  const T* x_t;            // input as (N, H + 2 * pad_h, W + 2 * pad_w, Cp), zeros in the conv padding,
+                           // or null when grad_weight is not needed
   const T* w_t;            // weight as (K, R, S, Cp), or null when grad_input is not needed
   const T* grad_out;       // (N, K, PH, PW)
   const uint8_t* argmax;   // (N, K, PH, PW)

@@ -479,86 +479,91 @@ void bias_relu_pool_range(const PoolArgs<T>& a, int64_t p0, int64_t p1) {
 // elements only (a quarter of the conv positions for a 2x2 pool) instead of over a dense,
 // mostly-zero conv-output gradient. Vectorised over the (padded) input channels.
 
-// One register block of the scatter grad_weight: NT taps (offsets tap_off / tap_dy / tap_dx from
-// an element's first tap) x NV channel vectors, summed over `live` on top of `gw` (rows Cp apart;
-// `first` starts from zero instead). Compile-time NT / NV: no per-element lane checks.
-template <typename T, int V, int NT, int NV>
-LIGHTNET_OPS_INLINE void scatter_gw_block(const ScatterArgs<T>& a, const std::vector<LiveElement<T>>& live,
-                                          const int64_t* tap_off, const int64_t* tap_dy, const int64_t* tap_dx,
-                                          T* gw, bool first) {
+// One register block of the scatter grad_weight: KT output channels x TB taps x NV vectors of
+// input channels, summed over every pooled position of one sample. Each position has one slot
+// per channel of the block: the gradient (0 where the element is dead or the channel is past the
+// block's end) and the offset in x_t of the first tap of the conv position it selected. x_t holds
+// the conv padding as zeros, so every tap reads inside it and nothing is bounds-checked. The sums
+// start from `gw` (rows (kk * RS + tb) * Cp apart) unless `first`.
+template <typename T, int V, int KT, int TB, int NV>
+LIGHTNET_OPS_INLINE void scatter_gw_block(const ScatterArgs<T>& a, const T* slot_g, const int64_t* slot_base, int64_t F,
+                                          const int64_t* tap_off, int nk, int nt, T* gw, bool first) {
   using S = Simd<T, V>;
   using vec = typename S::vec;
-  const ConvPoolShape& s = *a.s;
-  vec acc[NT][NV];
+  const int64_t row = a.s->R * a.s->S * a.Cp;  // between output channels in gw
+  vec acc[KT][TB][NV];
   LIGHTNET_OPS_UNROLL
-  for (int tb = 0; tb < NT; ++tb)
+  for (int kk = 0; kk < KT; ++kk)
     LIGHTNET_OPS_UNROLL
-    for (int v = 0; v < NV; ++v) acc[tb][v] = first ? S::splat(0) : S::load(gw + tb * a.Cp + v * V);
-  for (const LiveElement<T>& e : live) {
-    const vec g = S::splat(e.grad);
-    const int64_t base = ((e.n * s.H + e.y0) * s.W + e.x0) * a.Cp;  // first tap (maybe in the padding)
-    LIGHTNET_OPS_UNROLL
-    for (int tb = 0; tb < NT; ++tb) {
-      if (!e.interior) {
-        const int64_t y = e.y0 + tap_dy[tb], x = e.x0 + tap_dx[tb];
-        if (y < 0 || y >= s.H || x < 0 || x >= s.W) continue;
-      }
-      const T* px = a.x_t + (base + tap_off[tb]);
+    for (int tb = 0; tb < TB; ++tb)
       LIGHTNET_OPS_UNROLL
-      for (int v = 0; v < NV; ++v) acc[tb][v] += g * S::load(px + v * V);
+      for (int v = 0; v < NV; ++v)
+        acc[kk][tb][v] = (first || kk >= nk || tb >= nt) ? S::splat(0) : S::load(gw + kk * row + tb * a.Cp + v * V);
+  for (int64_t f = 0; f < F; ++f) {
+    LIGHTNET_OPS_UNROLL
+    for (int kk = 0; kk < KT; ++kk) {
+      const vec g = S::splat(slot_g[f * KT + kk]);
+      const T* px = a.x_t + slot_base[f * KT + kk];
+      LIGHTNET_OPS_UNROLL
+      for (int tb = 0; tb < TB; ++tb)
+        LIGHTNET_OPS_UNROLL
+        for (int v = 0; v < NV; ++v) acc[kk][tb][v] += g * S::load(px + tap_off[tb] + v * V);
     }
   }
-  LIGHTNET_OPS_UNROLL
-  for (int tb = 0; tb < NT; ++tb)
-    LIGHTNET_OPS_UNROLL
-    for (int v = 0; v < NV; ++v) S::store(gw + tb * a.Cp + v * V, acc[tb][v]);
-}
-
-template <typename T, int V, int NT>
-LIGHTNET_OPS_INLINE void scatter_gw_block_nv(int nv, const ScatterArgs<T>& a, const std::vector<LiveElement<T>>& live,
-                                             const int64_t* off, const int64_t* dy, const int64_t* dx, T* gw,
-                                             bool first) {
-  switch (nv) {
-    case 1: return scatter_gw_block<T, V, NT, 1>(a, live, off, dy, dx, gw, first);
-    case 2: return scatter_gw_block<T, V, NT, 2>(a, live, off, dy, dx, gw, first);
-    case 3: return scatter_gw_block<T, V, NT, 3>(a, live, off, dy, dx, gw, first);
-    default: return scatter_gw_block<T, V, NT, 4>(a, live, off, dy, dx, gw, first);
+  for (int kk = 0; kk < nk; ++kk) {
+    for (int tb = 0; tb < nt; ++tb) {
+      LIGHTNET_OPS_UNROLL
+      for (int v = 0; v < NV; ++v) S::store(gw + kk * row + tb * a.Cp + v * V, acc[kk][tb][v]);
+    }
   }
 }
 
 // grad_weight rows [k0, k1): gw_t[k][t][c] = sum over the live elements e of plane k (samples in
-// order, then pooled positions in order) of grad(e) * x_t[n(e)][y0(e) + r*dh][x0(e) + s*dw][c]
-// for tap t = (r, s). Each row is summed by one thread in that fixed order: deterministic.
-// Samples outermost: one sample's input stays in this core's cache while all rows use it.
+// order, then pooled positions in order) of grad(e) * x_t[n(e)][conv position's first tap + tap
+// t][c]. Each row is summed by one thread in that fixed order: deterministic. Blocks of KT output
+// channels: at a pooled position their patches lie in the same small input region (one of the
+// window's conv positions each), so a block's loads mostly hit L1 while it sweeps the sample.
 template <typename T>
 void scatter_grad_weight_range(const ScatterArgs<T>& a, int64_t k0, int64_t k1) {
   constexpr int V = kLanes<T>;
-  constexpr int TB = 3;  // filter taps per register block
-  constexpr int CB = 4;  // channel vectors per register block (at most TB * CB accumulators)
+  constexpr int KT = 4, TB = 3, CB = 2;  // KT * TB * CB = 24 accumulators
   const ConvPoolShape& s = *a.s;
-  const int64_t RS = s.R * s.S, Cv = a.Cp / V;
-  std::vector<LiveElement<T>> live;
+  const int64_t RS = s.R * s.S, Cv = a.Cp / V, F = s.PH * s.PW;
+  const int64_t Hp = s.H + 2 * s.pad_h, Wp = s.W + 2 * s.pad_w;
+  std::vector<T> slot_g(F * KT);
+  std::vector<int64_t> slot_base(F * KT);
   for (int64_t n = 0; n < s.N; ++n) {
-    for (int64_t k = k0; k < k1; ++k) {
-      live.clear();
-      collect_live(s, *a.offsets, a.grad_out, a.argmax, n, k, live);
+    for (int64_t kt0 = k0; kt0 < k1; kt0 += KT) {
+      const int nk = static_cast<int>(std::min<int64_t>(KT, k1 - kt0));
+      for (int kk = 0; kk < KT; ++kk) {
+        const T* g = a.grad_out + (n * s.K + kt0 + kk) * F;
+        const uint8_t* am = a.argmax + (n * s.K + kt0 + kk) * F;
+        for (int64_t ph = 0, f = 0; ph < s.PH; ++ph) {
+          for (int64_t pw = 0; pw < s.PW; ++pw, ++f) {
+            const uint8_t b = kk < nk ? am[f] : kArgmaxReluZero;
+            const bool live = a.offsets->dy[b] >= 0;
+            const int64_t p = ph * s.pool_sh + (live ? a.offsets->dy[b] : 0);
+            const int64_t q = pw * s.pool_sw + (live ? a.offsets->dx[b] : 0);
+            slot_g[f * KT + kk] = live ? g[f] : T(0);
+            slot_base[f * KT + kk] = live ? ((n * Hp + p * s.stride_h) * Wp + q * s.stride_w) * a.Cp : 0;
+          }
+        }
+      }
       for (int64_t t0 = 0; t0 < RS; t0 += TB) {
         const int nt = static_cast<int>(std::min<int64_t>(TB, RS - t0));
-        int64_t tap_dy[TB] = {}, tap_dx[TB] = {}, tap_off[TB] = {};  // of each tap from the first
-        for (int tb = 0; tb < nt; ++tb) {
-          tap_dy[tb] = ((t0 + tb) / s.S) * s.dil_h;
-          tap_dx[tb] = ((t0 + tb) % s.S) * s.dil_w;
+        int64_t tap_off[TB];  // padded-input offset of each tap from the first (repeats past nt)
+        for (int tb = 0; tb < TB; ++tb) {
+          const int64_t t = t0 + std::min(tb, nt - 1);
+          tap_off[tb] = ((t / s.S) * s.dil_h * Wp + (t % s.S) * s.dil_w) * a.Cp;
         }
-        for (int64_t c0 = 0; c0 < Cv; c0 += CB) {
-          const int nv = static_cast<int>(std::min<int64_t>(CB, Cv - c0));
-          for (int tb = 0; tb < nt; ++tb) tap_off[tb] = (tap_dy[tb] * s.W + tap_dx[tb]) * a.Cp + c0 * V;
-          T* gw = a.gw_t + (k * RS + t0) * a.Cp + c0 * V;
-          if (nt == 3) {
-            scatter_gw_block_nv<T, V, 3>(nv, a, live, tap_off, tap_dy, tap_dx, gw, n == 0);
-          } else if (nt == 2) {
-            scatter_gw_block_nv<T, V, 2>(nv, a, live, tap_off, tap_dy, tap_dx, gw, n == 0);
+        for (int64_t cv = 0; cv < Cv; cv += CB) {
+          int64_t off[TB];
+          for (int tb = 0; tb < TB; ++tb) off[tb] = tap_off[tb] + cv * V;
+          T* gw = a.gw_t + (kt0 * RS + t0) * a.Cp + cv * V;
+          if (cv + CB <= Cv) {
+            scatter_gw_block<T, V, KT, TB, CB>(a, slot_g.data(), slot_base.data(), F, off, nk, nt, gw, n == 0);
           } else {
-            scatter_gw_block_nv<T, V, 1>(nv, a, live, tap_off, tap_dy, tap_dx, gw, n == 0);
+            scatter_gw_block<T, V, KT, TB, 1>(a, slot_g.data(), slot_base.data(), F, off, nk, nt, gw, n == 0);
           }
         }
       }
