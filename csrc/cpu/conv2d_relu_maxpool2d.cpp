@@ -191,12 +191,14 @@ bool use_direct(const ConvPoolShape& s, int64_t elem_size) {
 // ATen path
 // ------------------------------------------------------------------------------------------------
 
-// Samples per chunk of the ATen-path forward: chunks whose conv output is at most about 4 MiB (L2
-// and L3 sized here), balanced, and at least one sample per thread so that oneDNN keeps every
-// thread busy. Measured at the VGG block (B8, 64->64, 56x56, 0.8 MB of conv output per sample) on
-// the 2-core EPYC: the whole batch at once 8.1-15 ms for the convolution alone (bimodal: the
-// fresh 6.4 MB output and oneDNN's reorder buffers page-fault on first touch in some processes),
-// chunks of 4 or 2 samples 8.5-8.7 ms in every process, chunks of 1 sample 10 ms.
+// Samples per chunk of the ATen-path forward: chunks whose conv output is at most about 4 MiB,
+// balanced, and at least one sample per thread so that oneDNN keeps every thread busy. Chunks keep
+// the forward's peak memory at one chunk's conv output (VGG block, B8, 64->64, 56x56: 7.8 MiB
+// instead of 13.9 MiB) and pool each chunk while it is in cache. Speed is the same on the 2-core
+// EPYC (8.7 ms for chunks of 4 samples or the whole batch) once glibc's allocator keeps freed
+// multi-MB blocks; while it still returns them to the system (its adaptive mmap / trim
+// thresholds, which depend on what the process allocated before), every call page-faults its
+// fresh buffers and both take 15-17 ms, whatever the chunk size.
 // LIGHTNET_OPS_CPU_ATEN_CHUNK=n overrides the samples per chunk (tests use it to get several chunks
 // from small shapes).
 int64_t aten_forward_chunk(const ConvPoolShape& s, int64_t elem_size) {
@@ -391,8 +393,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_cpu(const at::Tensor& i
     return {out, argmax};
   }
   // The batch goes through in chunks (aten_forward_chunk): each chunk's conv output is pooled
-  // while it is still in cache, and the next chunk's convolution reuses the freed buffer instead of
-  // one large fresh allocation whose first touch page-faults.
+  // while it is still in cache, and only one chunk's conv output is alive at a time.
   const int64_t per_chunk = aten_forward_chunk(s, input.element_size());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_maxpool2d_cpu", [&] {
     const PoolFn<scalar_t> fn = kernels<scalar_t>(cpu::cpu_isa(), 4).pool;
