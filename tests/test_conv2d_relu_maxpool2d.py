@@ -121,6 +121,17 @@ CPU_PATH_CASES = ["lightnet_conv2", "nonsquare_stride", "dilation_padding", "poo
 CPU_PATHS = {"direct": ("direct", None), "aten-scatter": ("aten", "scatter"), "aten-dense": ("aten", "dense")}
 
 
+def check_cpu_parity_float64_and_float32(case: Case, label: str) -> None:
+    """The cpu backend (as the environment forces it) against stock: output and every gradient."""
+    for dtype in (torch.float64, torch.float32):
+        (x64, w64, b64), (x, w, b) = make_inputs(case, dtype, "cpu")
+        ref = outputs_and_grads(lambda *t: stock(*t, case), (x64, w64, b64))
+        want = outputs_and_grads(lambda *t: stock(*t, case), (x, w, b))
+        got = outputs_and_grads(lambda *t: fused(*t, case, "cpu"), (x, w, b))
+        for what, g, st_, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want, ref):
+            assert_matches(g, st_, r, f"{label}/{dtype} {case} {what}")
+
+
 def force_cpu_path(monkeypatch, path: str) -> None:
     conv_path, aten_backward = CPU_PATHS[path]
     monkeypatch.setenv("LIGHTNET_OPS_CPU_CONV_PATH", conv_path)
@@ -138,14 +149,7 @@ def test_cpu_paths_and_instruction_sets(monkeypatch, path, isa, name):
     # it has) so that every compiled variant is checked here, not only the one the heuristic picks.
     force_cpu_path(monkeypatch, path)
     monkeypatch.setenv("LIGHTNET_OPS_CPU_ISA", isa)
-    case = CASES_BY_NAME[name]
-    for dtype in (torch.float64, torch.float32):
-        (x64, w64, b64), (x, w, b) = make_inputs(case, dtype, "cpu")
-        ref = outputs_and_grads(lambda *t: stock(*t, case), (x64, w64, b64))
-        want = outputs_and_grads(lambda *t: stock(*t, case), (x, w, b))
-        got = outputs_and_grads(lambda *t: fused(*t, case, "cpu"), (x, w, b))
-        for what, g, st_, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want, ref):
-            assert_matches(g, st_, r, f"{path}/{isa}/{dtype} {case} {what}")
+    check_cpu_parity_float64_and_float32(CASES_BY_NAME[name], f"{path}/{isa}")
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
@@ -157,14 +161,7 @@ def test_cpu_aten_path_batch_chunks(monkeypatch, per_chunk, name):
     # offsets of the output and argmax are checked against stock.
     monkeypatch.setenv("LIGHTNET_OPS_CPU_CONV_PATH", "aten")
     monkeypatch.setenv("LIGHTNET_OPS_CPU_ATEN_CHUNK", str(per_chunk))
-    case = dataclasses.replace(CASES_BY_NAME[name], N=5)
-    for dtype in (torch.float64, torch.float32):
-        (x64, w64, b64), (x, w, b) = make_inputs(case, dtype, "cpu")
-        ref = outputs_and_grads(lambda *t: stock(*t, case), (x64, w64, b64))
-        want = outputs_and_grads(lambda *t: stock(*t, case), (x, w, b))
-        got = outputs_and_grads(lambda *t: fused(*t, case, "cpu"), (x, w, b))
-        for what, g, st_, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want, ref):
-            assert_matches(g, st_, r, f"chunk {per_chunk}/{dtype} {case} {what}")
+    check_cpu_parity_float64_and_float32(dataclasses.replace(CASES_BY_NAME[name], N=5), f"chunk {per_chunk}")
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
