@@ -322,14 +322,15 @@ void scatter_backward(const ConvPoolShape& s, const at::Tensor& grad_out, const 
   if (mask[2]) {
     // Per plane in position order, then over the batch in order (the dense path's order).
     std::vector<T> plane_sums(s.N * s.K);
+    const int64_t F = s.PH * s.PW;
     at::parallel_for(0, s.N * s.K, 16, [&](int64_t p0, int64_t p1) {
-      std::vector<cpu::LiveElement<T>> live;
       for (int64_t plane = p0; plane < p1; ++plane) {
-        live.clear();
-        cpu::collect_live(s, offsets, grad_out.const_data_ptr<T>(), argmax.const_data_ptr<uint8_t>(),
-                          plane / s.K, plane % s.K, live);
+        const T* g = grad_out.const_data_ptr<T>() + plane * F;
+        const uint8_t* am = argmax.const_data_ptr<uint8_t>() + plane * F;
         T sum = 0;
-        for (const auto& e : live) sum += e.grad;
+        for (int64_t f = 0; f < F; ++f) {
+          if (offsets.dy[am[f]] >= 0) sum += g[f];  // live elements only
+        }
         plane_sums[plane] = sum;
       }
     });

@@ -140,16 +140,6 @@ struct ArgmaxOffsets {
   }
 };
 
-// One live pooled element of a (sample, output channel) plane, as the scatter backward of the
-// ATen path sees it: its gradient, its sample, and the input row / column of the first filter tap
-// of the conv position its argmax selected (negative or past the edge inside the padding).
-template <typename T>
-struct LiveElement {
-  T grad;
-  int64_t n, y0, x0;
-  bool interior;  // every filter tap reads inside the input (no bounds checks needed)
-};
-
 // Arguments of the scatter backward (ATen path, large channel counts). Channels are innermost
 // and padded with zeros to Cp, a multiple of the widest vector, so that every channel loop is
 // whole vectors.
@@ -166,26 +156,6 @@ struct ScatterArgs {
   T* gw_t;                 // grad_weight as (K, R, S, Cp), every element written, or null
   const ArgmaxOffsets* offsets;
 };
-
-// The live elements of plane (n, k) appended to `out`, in pooled-position order.
-template <typename T>
-inline void collect_live(const ConvPoolShape& s, const ArgmaxOffsets& offsets, const T* grad_out,
-                         const uint8_t* argmax, int64_t n, int64_t k, std::vector<LiveElement<T>>& out) {
-  const int64_t F = s.PH * s.PW;
-  const T* g = grad_out + (n * s.K + k) * F;
-  const uint8_t* am = argmax + (n * s.K + k) * F;
-  const int64_t y_span = (s.R - 1) * s.dil_h, x_span = (s.S - 1) * s.dil_w;
-  for (int64_t ph = 0; ph < s.PH; ++ph) {
-    for (int64_t pw = 0; pw < s.PW; ++pw) {
-      const uint8_t a = am[ph * s.PW + pw];
-      if (offsets.dy[a] < 0) continue;
-      const int64_t p = ph * s.pool_sh + offsets.dy[a], q = pw * s.pool_sw + offsets.dx[a];
-      const int64_t y0 = p * s.stride_h - s.pad_h, x0 = q * s.stride_w - s.pad_w;
-      const bool interior = y0 >= 0 && x0 >= 0 && y0 + y_span < s.H && x0 + x_span < s.W;
-      out.push_back({g[ph * s.PW + pw], n, y0, x0, interior});
-    }
-  }
-}
 
 }  // namespace cpu
 }  // namespace lightnet_ops

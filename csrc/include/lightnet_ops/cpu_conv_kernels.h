@@ -536,8 +536,9 @@ void scatter_grad_weight_range(const ScatterArgs<T>& a, int64_t k0, int64_t k1) 
     for (int64_t kt0 = k0; kt0 < k1; kt0 += KT) {
       const int nk = static_cast<int>(std::min<int64_t>(KT, k1 - kt0));
       for (int kk = 0; kk < KT; ++kk) {
-        const T* g = a.grad_out + (n * s.K + kt0 + kk) * F;
-        const uint8_t* am = a.argmax + (n * s.K + kt0 + kk) * F;
+        const int64_t plane = (n * s.K + kt0 + std::min(kk, nk - 1)) * F;  // slots past nk stay dead
+        const T* g = a.grad_out + plane;
+        const uint8_t* am = a.argmax + plane;
         for (int64_t ph = 0, f = 0; ph < s.PH; ++ph) {
           for (int64_t pw = 0; pw < s.PW; ++pw, ++f) {
             const uint8_t b = kk < nk ? am[f] : kArgmaxReluZero;
