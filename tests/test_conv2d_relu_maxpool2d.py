@@ -116,9 +116,19 @@ CPU_PATH_CASES = ["lightnet_conv2", "nonsquare_stride", "dilation_padding", "poo
                   "kernel1x1_nobias", "pool_stride_gt_window", "odd_tail_floor_mode", "vgg_like_channels"]
 
 
-# The CPU backend's paths: direct kernels, or ATen's convolution followed by the scatter backward
-# or ATen's dense convolution_backward (csrc/cpu/conv2d_relu_maxpool2d.cpp).
-CPU_PATHS = {"direct": ("direct", None), "aten-scatter": ("aten", "scatter"), "aten-dense": ("aten", "dense")}
+# The CPU backend's paths (csrc/cpu/conv2d_relu_maxpool2d.cpp): direct kernels; or the ATen path
+# -- forward by ATen's convolution or by Winograd F(2x2, 3x3) (3x3 filter, stride 1, 2x2 pool
+# only; other shapes keep the convolution), backward by the scatter kernels or ATen's dense
+# convolution_backward.
+CPU_PATHS = {
+    "direct": {"LIGHTNET_OPS_CPU_CONV_PATH": "direct"},
+    "aten-scatter": {"LIGHTNET_OPS_CPU_CONV_PATH": "aten", "LIGHTNET_OPS_CPU_ATEN_FORWARD": "conv",
+                     "LIGHTNET_OPS_CPU_ATEN_BACKWARD": "scatter"},
+    "aten-dense": {"LIGHTNET_OPS_CPU_CONV_PATH": "aten", "LIGHTNET_OPS_CPU_ATEN_FORWARD": "conv",
+                   "LIGHTNET_OPS_CPU_ATEN_BACKWARD": "dense"},
+    "aten-winograd": {"LIGHTNET_OPS_CPU_CONV_PATH": "aten", "LIGHTNET_OPS_CPU_ATEN_FORWARD": "winograd",
+                      "LIGHTNET_OPS_CPU_ATEN_BACKWARD": "scatter"},
+}
 
 
 def check_cpu_parity_float64_and_float32(case: Case, label: str) -> None:
@@ -133,10 +143,8 @@ def check_cpu_parity_float64_and_float32(case: Case, label: str) -> None:
 
 
 def force_cpu_path(monkeypatch, path: str) -> None:
-    conv_path, aten_backward = CPU_PATHS[path]
-    monkeypatch.setenv("LIGHTNET_OPS_CPU_CONV_PATH", conv_path)
-    if aten_backward is not None:
-        monkeypatch.setenv("LIGHTNET_OPS_CPU_ATEN_BACKWARD", aten_backward)
+    for name, value in CPU_PATHS[path].items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
@@ -162,6 +170,27 @@ def test_cpu_aten_path_batch_chunks(monkeypatch, per_chunk, name):
     monkeypatch.setenv("LIGHTNET_OPS_CPU_CONV_PATH", "aten")
     monkeypatch.setenv("LIGHTNET_OPS_CPU_ATEN_CHUNK", str(per_chunk))
     check_cpu_parity_float64_and_float32(dataclasses.replace(CASES_BY_NAME[name], N=5), f"chunk {per_chunk}")
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(N=st.integers(1, 3), C=st.integers(1, 40), K=st.integers(1, 40), H=st.integers(4, 13),
+       W=st.integers(4, 13), padding=st.integers(0, 2), bias=st.booleans())
+def test_cpu_winograd_forward_shapes(N, C, K, H, W, padding, bias):
+    # Winograd F(2x2, 3x3) for every geometry it accepts (3x3, stride 1, 2x2 pool): channel counts
+    # that are not whole vectors, odd conv outputs (the last row / column no window reads), padding,
+    # one sample (fewer than threads) and several.
+    case = Case("winograd", N, C, H, W, K, (3, 3), padding=padding, bias=bias)
+    saved = {k: os.environ.get(k) for k in CPU_PATHS["aten-winograd"]}
+    os.environ.update(CPU_PATHS["aten-winograd"])  # hypothesis runs many examples per call
+    try:
+        check_cpu_parity_float64_and_float32(case, "winograd")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
@@ -552,8 +581,7 @@ def check_against_reference(backend: str, case: Case) -> None:
 @given(case=problems())
 def test_fuzz_cpu_paths_against_reference(path, case):
     # Every CPU path forced on random geometry (padding, dilation, strides, overlapping pools).
-    conv_path, aten_backward = CPU_PATHS[path]
-    env = {"LIGHTNET_OPS_CPU_CONV_PATH": conv_path, "LIGHTNET_OPS_CPU_ATEN_BACKWARD": aten_backward or ""}
+    env = CPU_PATHS[path]
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # monkeypatch is function-scoped: hypothesis runs many examples per call
     try:

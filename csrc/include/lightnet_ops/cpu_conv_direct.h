@@ -157,5 +157,18 @@ struct ScatterArgs {
   const ArgmaxOffsets* offsets;
 };
 
+// Arguments of the Winograd F(2x2, 3x3) forward (ATen path; 3x3 filter, stride 1, dilation 1,
+// 2x2 pool with stride 2): each 2x2 pool window is one Winograd output tile, so the output
+// transform yields the window's four conv values together. Tile t = ph * PW + pw of sample n.
+template <typename T>
+struct WinogradArgs {
+  const ConvPoolShape* s;
+  int64_t Cp, Kp;      // channels / output channels padded to a multiple of 64 bytes
+  const T* x_t;        // input as (N, H + 2 * pad_h, W + 2 * pad_w, Cp), zeros in the padding
+  const T* bias;       // (K) or null
+  T* out;              // (N, K, PH, PW)
+  uint8_t* argmax;     // (N, K, PH, PW) or null
+};
+
 }  // namespace cpu
 }  // namespace lightnet_ops

@@ -674,6 +674,103 @@ void scatter_grad_input_range(const ScatterArgs<T>& a, int64_t n0, int64_t n1) {
   }
 }
 
+// Winograd F(2x2, 3x3) input transform of sample n: V[xi][t][c] = (B^T d B)[xi] for the 4x4
+// input tile d of tile t (rows 2*ph.., columns 2*pw.. of the padded input), vectorised over
+// channels. Returns whether every transformed value is finite (non-finite input: the caller
+// falls back to ATen's convolution, whose NaN / infinity placement is stock's).
+template <typename T>
+bool winograd_input_transform(const WinogradArgs<T>& a, int64_t n, T* V) {
+  constexpr int L = kLanes<T>;
+  using S = Simd<T, L>;
+  using vec = typename S::vec;
+  const ConvPoolShape& s = *a.s;
+  const int64_t Hp = s.H + 2 * s.pad_h, Wp = s.W + 2 * s.pad_w, TT = s.PH * s.PW, plane = TT * a.Cp;
+  vec check = S::splat(0);
+  for (int64_t ph = 0; ph < s.PH; ++ph) {
+    for (int64_t pw = 0; pw < s.PW; ++pw) {
+      const T* src = a.x_t + ((n * Hp + 2 * ph) * Wp + 2 * pw) * a.Cp;
+      T* dst = V + (ph * s.PW + pw) * a.Cp;
+      for (int64_t c = 0; c < a.Cp; c += L) {
+        vec d[4][4], t[4][4];
+        LIGHTNET_OPS_UNROLL
+        for (int r = 0; r < 4; ++r)
+          LIGHTNET_OPS_UNROLL
+          for (int q = 0; q < 4; ++q) d[r][q] = S::load(src + (r * Wp + q) * a.Cp + c);
+        LIGHTNET_OPS_UNROLL
+        for (int q = 0; q < 4; ++q) {  // B^T d
+          t[0][q] = d[0][q] - d[2][q];
+          t[1][q] = d[1][q] + d[2][q];
+          t[2][q] = d[2][q] - d[1][q];
+          t[3][q] = d[1][q] - d[3][q];
+        }
+        LIGHTNET_OPS_UNROLL
+        for (int r = 0; r < 4; ++r) {  // (B^T d) B
+          const vec v0 = t[r][0] - t[r][2], v1 = t[r][1] + t[r][2], v2 = t[r][2] - t[r][1], v3 = t[r][1] - t[r][3];
+          S::store(dst + (r * 4 + 0) * plane + c, v0);
+          S::store(dst + (r * 4 + 1) * plane + c, v1);
+          S::store(dst + (r * 4 + 2) * plane + c, v2);
+          S::store(dst + (r * 4 + 3) * plane + c, v3);
+          check += (v0 - v0) + (v1 - v1) + (v2 - v2) + (v3 - v3);  // NaN once anything is not finite
+        }
+      }
+    }
+  }
+  return S::hsum(check) == T(0);
+}
+
+// Winograd output transform of sample n fused with bias, max-pool, ReLU and argmax: the window's
+// conv values Y = A^T M A (2x2, row-major = window offsets 0..3) from M[xi][t][k], vectorised
+// over output channels; then stock's rules (bias before comparing, first maximum, NaN wins).
+template <typename T>
+void winograd_output_pool(const WinogradArgs<T>& a, int64_t n, const T* M) {
+  constexpr int L = kLanes<T>;
+  using S = Simd<T, L>;
+  using vec = typename S::vec;
+  using ivec = typename S::ivec;
+  const ConvPoolShape& s = *a.s;
+  const int64_t TT = s.PH * s.PW, plane = TT * a.Kp;
+  for (int64_t t = 0; t < TT; ++t) {
+    for (int64_t k0 = 0; k0 < a.Kp; k0 += L) {
+      const T* src = M + t * a.Kp + k0;
+      vec m[4][4];
+      LIGHTNET_OPS_UNROLL
+      for (int r = 0; r < 4; ++r)
+        LIGHTNET_OPS_UNROLL
+        for (int q = 0; q < 4; ++q) m[r][q] = S::load(src + (r * 4 + q) * plane);
+      vec u[2][4];
+      LIGHTNET_OPS_UNROLL
+      for (int q = 0; q < 4; ++q) {  // A^T M
+        u[0][q] = m[0][q] + m[1][q] + m[2][q];
+        u[1][q] = m[1][q] - m[2][q] - m[3][q];
+      }
+      T bias_lanes[L] = {};
+      for (int l = 0; l < L && k0 + l < s.K; ++l) bias_lanes[l] = a.bias ? a.bias[k0 + l] : T(0);
+      const vec b = S::load(bias_lanes);
+      vec y[4];
+      LIGHTNET_OPS_UNROLL
+      for (int i = 0; i < 2; ++i) {  // (A^T M) A, plus the bias
+        y[i * 2 + 0] = (u[i][0] + u[i][1] + u[i][2]) + b;
+        y[i * 2 + 1] = (u[i][1] - u[i][2] - u[i][3]) + b;
+      }
+      vec best = y[0];
+      ivec arg = S::isplat(0);
+      LIGHTNET_OPS_UNROLL
+      for (int w = 1; w < 4; ++w) {
+        const ivec take = S::pool_takes(y[w], best);
+        best = S::select(take, y[w], best);
+        arg = S::iselect(take, S::isplat(w), arg);
+      }
+      const vec o = S::relu(best);
+      const ivec am = S::iselect(S::relu_passes(best), arg, S::isplat(kArgmaxReluZero));
+      for (int l = 0; l < L && k0 + l < s.K; ++l) {
+        const int64_t idx = (n * s.K + k0 + l) * TT + t;
+        a.out[idx] = o[l];
+        if (a.argmax) a.argmax[idx] = static_cast<uint8_t>(am[l]);
+      }
+    }
+  }
+}
+
 // Whether p[0..n) holds no NaN or infinity (x - x is 0 exactly for finite x, NaN otherwise).
 template <typename T>
 bool all_finite(const T* p, int64_t n) {
