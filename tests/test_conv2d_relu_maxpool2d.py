@@ -194,6 +194,15 @@ def test_cpu_winograd_forward_shapes(N, C, K, H, W, padding, bias):
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("N", [1, 3])
+def test_cpu_winograd_forward_row_blocks(monkeypatch, N):
+    # Wide images: the Winograd forward works in blocks of about 256 tiles (here 2 pooled rows of
+    # 102), so 5 pooled rows are blocks of 2, 2 and a partial 1.
+    force_cpu_path(monkeypatch, "aten-winograd")
+    check_cpu_parity_float64_and_float32(Case("winograd_wide", N, 17, 11, 205, 20, (3, 3), padding=1), "winograd")
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
 @pytest.mark.parametrize("path", list(CPU_PATHS))
 def test_cpu_backward_is_deterministic_across_thread_counts(monkeypatch, path):
     # Weight and bias gradients are summed over a fixed split of the batch (direct path), per

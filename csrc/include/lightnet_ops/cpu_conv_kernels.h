@@ -674,22 +674,23 @@ void scatter_grad_input_range(const ScatterArgs<T>& a, int64_t n0, int64_t n1) {
   }
 }
 
-// Winograd F(2x2, 3x3) input transform of sample n: V[xi][t][c] = (B^T d B)[xi] for the 4x4
-// input tile d of tile t (rows 2*ph.., columns 2*pw.. of the padded input), vectorised over
-// channels. Returns whether every transformed value is finite (non-finite input: the caller
-// falls back to ATen's convolution, whose NaN / infinity placement is stock's).
+// Winograd F(2x2, 3x3) input transform of pooled rows [ph0, ph1) of sample n:
+// V[xi][t][c] = (B^T d B)[xi] for the 4x4 input tile d of tile t = (ph - ph0) * PW + pw (rows
+// 2*ph.., columns 2*pw.. of the padded input), vectorised over channels. Returns whether every
+// transformed value is finite (non-finite input: the caller falls back to ATen's convolution,
+// whose NaN / infinity placement is stock's).
 template <typename T>
-bool winograd_input_transform(const WinogradArgs<T>& a, int64_t n, T* V) {
+bool winograd_input_transform(const WinogradArgs<T>& a, int64_t n, int64_t ph0, int64_t ph1, T* V) {
   constexpr int L = kLanes<T>;
   using S = Simd<T, L>;
   using vec = typename S::vec;
   const ConvPoolShape& s = *a.s;
-  const int64_t Hp = s.H + 2 * s.pad_h, Wp = s.W + 2 * s.pad_w, TT = s.PH * s.PW, plane = TT * a.Cp;
+  const int64_t Hp = s.H + 2 * s.pad_h, Wp = s.W + 2 * s.pad_w, plane = (ph1 - ph0) * s.PW * a.Cp;
   vec check = S::splat(0);
-  for (int64_t ph = 0; ph < s.PH; ++ph) {
+  for (int64_t ph = ph0; ph < ph1; ++ph) {
     for (int64_t pw = 0; pw < s.PW; ++pw) {
       const T* src = a.x_t + ((n * Hp + 2 * ph) * Wp + 2 * pw) * a.Cp;
-      T* dst = V + (ph * s.PW + pw) * a.Cp;
+      T* dst = V + ((ph - ph0) * s.PW + pw) * a.Cp;
       for (int64_t c = 0; c < a.Cp; c += L) {
         vec d[4][4], t[4][4];
         LIGHTNET_OPS_UNROLL
@@ -718,18 +719,19 @@ bool winograd_input_transform(const WinogradArgs<T>& a, int64_t n, T* V) {
   return S::hsum(check) == T(0);
 }
 
-// Winograd output transform of sample n fused with bias, max-pool, ReLU and argmax: the window's
-// conv values Y = A^T M A (2x2, row-major = window offsets 0..3) from M[xi][t][k], vectorised
-// over output channels; then stock's rules (bias before comparing, first maximum, NaN wins).
+// Winograd output transform of pooled rows [ph0, ph1) of sample n fused with bias, max-pool,
+// ReLU and argmax: the window's conv values Y = A^T M A (2x2, row-major = window offsets 0..3)
+// from M[xi][t][k] (t as in winograd_input_transform), vectorised over output channels; then
+// stock's rules (bias before comparing, first maximum, NaN wins).
 template <typename T>
-void winograd_output_pool(const WinogradArgs<T>& a, int64_t n, const T* M) {
+void winograd_output_pool(const WinogradArgs<T>& a, int64_t n, int64_t ph0, int64_t ph1, const T* M) {
   constexpr int L = kLanes<T>;
   using S = Simd<T, L>;
   using vec = typename S::vec;
   using ivec = typename S::ivec;
   const ConvPoolShape& s = *a.s;
-  const int64_t TT = s.PH * s.PW, plane = TT * a.Kp;
-  for (int64_t t = 0; t < TT; ++t) {
+  const int64_t TT = s.PH * s.PW, tiles = (ph1 - ph0) * s.PW, plane = tiles * a.Kp, first = ph0 * s.PW;
+  for (int64_t t = 0; t < tiles; ++t) {
     for (int64_t k0 = 0; k0 < a.Kp; k0 += L) {
       const T* src = M + t * a.Kp + k0;
       vec m[4][4];
@@ -763,7 +765,7 @@ void winograd_output_pool(const WinogradArgs<T>& a, int64_t n, const T* M) {
       const vec o = S::relu(best);
       const ivec am = S::iselect(S::relu_passes(best), arg, S::isplat(kArgmaxReluZero));
       for (int l = 0; l < L && k0 + l < s.K; ++l) {
-        const int64_t idx = (n * s.K + k0 + l) * TT + t;
+        const int64_t idx = (n * s.K + k0 + l) * TT + first + t;
         a.out[idx] = o[l];
         if (a.argmax) a.argmax[idx] = static_cast<uint8_t>(am[l]);
       }
