@@ -3,6 +3,7 @@ backend this machine has, gradcheck, opcheck, torch.compile, ties/NaN, layouts, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Optional
@@ -142,6 +143,22 @@ def check_cpu_parity_float64_and_float32(case: Case, label: str) -> None:
             assert_matches(g, st_, r, f"{label}/{dtype} {case} {what}")
 
 
+@contextlib.contextmanager
+def cpu_path_env(path: str):
+    """force_cpu_path for hypothesis tests (monkeypatch is function-scoped; hypothesis runs many
+    examples per call): sets the variables, then restores what was there."""
+    saved = {k: os.environ.get(k) for k in CPU_PATHS[path]}
+    os.environ.update(CPU_PATHS[path])
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def force_cpu_path(monkeypatch, path: str) -> None:
     for name, value in CPU_PATHS[path].items():
         monkeypatch.setenv(name, value)
@@ -180,17 +197,9 @@ def test_cpu_winograd_forward_shapes(N, C, K, H, W, padding, bias):
     # Winograd F(2x2, 3x3) for every geometry it accepts (3x3, stride 1, 2x2 pool): channel counts
     # that are not whole vectors, odd conv outputs (the last row / column no window reads), padding,
     # one sample (fewer than threads) and several.
-    case = Case("winograd", N, C, H, W, K, (3, 3), padding=padding, bias=bias)
-    saved = {k: os.environ.get(k) for k in CPU_PATHS["aten-winograd"]}
-    os.environ.update(CPU_PATHS["aten-winograd"])  # hypothesis runs many examples per call
-    try:
-        check_cpu_parity_float64_and_float32(case, "winograd")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with cpu_path_env("aten-winograd"):
+        check_cpu_parity_float64_and_float32(Case("winograd", N, C, H, W, K, (3, 3), padding=padding, bias=bias),
+                                             "winograd")
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
@@ -590,17 +599,8 @@ def check_against_reference(backend: str, case: Case) -> None:
 @given(case=problems())
 def test_fuzz_cpu_paths_against_reference(path, case):
     # Every CPU path forced on random geometry (padding, dilation, strides, overlapping pools).
-    env = CPU_PATHS[path]
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # monkeypatch is function-scoped: hypothesis runs many examples per call
-    try:
+    with cpu_path_env(path):
         check_against_reference("cpu", case)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # ---------------------------------------------------------------- module
