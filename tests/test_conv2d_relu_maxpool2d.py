@@ -212,6 +212,38 @@ def test_cpu_winograd_forward_row_blocks(monkeypatch, N):
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+def test_cpu_winograd_overflow_falls_back_to_stock_result(monkeypatch):
+    # Finite inputs near float32's limit: a direct convolution stays finite, the Winograd
+    # transforms (sums of up to 16 inputs) overflow. The forward must notice and give stock's result.
+    force_cpu_path(monkeypatch, "aten-winograd")
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randint(0, 2, (2, 16, 10, 10), generator=g) * 2 - 1).float() * 1e38
+    w = torch.randn(16, 16, 3, 3, generator=g) * 0.01
+    b = torch.zeros(16)
+    want = F.max_pool2d(F.relu(F.conv2d(x, w, b)), 2)
+    assert torch.isfinite(want).all(), "test setup: stock's result should be finite"
+    got = lo.conv2d_relu_maxpool2d(x, w, b, backend="cpu")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+def test_cpu_winograd_forward_is_deterministic(monkeypatch):
+    # Each block of tiles is computed by one thread with a single-threaded GEMM: the same bits for
+    # any thread count, and for a sample alone or inside a batch.
+    force_cpu_path(monkeypatch, "aten-winograd")
+    case = Case("winograd_wide", 3, 17, 11, 205, 20, (3, 3), padding=1)
+    _, (x, w, b) = make_inputs(case, torch.float32, "cpu", requires_grad=False)
+    params = ([1, 1], [1, 1], [1, 1], [2, 2], [2, 2])
+    results = results_per_thread_count(lambda: torch.ops.lightnet_ops.conv2d_relu_maxpool2d(x, w, b, *params, True))
+    for out, argmax in results[1:]:
+        torch.testing.assert_close(out, results[0][0], rtol=0, atol=0)
+        torch.testing.assert_close(argmax, results[0][1], rtol=0, atol=0)
+    alone, alone_argmax = torch.ops.lightnet_ops.conv2d_relu_maxpool2d(x[1:2], w, b, *params, True)
+    torch.testing.assert_close(alone, results[0][0][1:2], rtol=0, atol=0)
+    torch.testing.assert_close(alone_argmax, results[0][1][1:2], rtol=0, atol=0)
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
 @pytest.mark.parametrize("path", list(CPU_PATHS))
 def test_cpu_backward_is_deterministic_across_thread_counts(monkeypatch, path):
     # Weight and bias gradients are summed over a fixed split of the batch (direct path), per

@@ -116,7 +116,7 @@ using ScatterFn = void (*)(const ScatterArgs<T>&, int64_t, int64_t);
 template <typename T>
 using WinogradInFn = bool (*)(const cpu::WinogradArgs<T>&, int64_t, int64_t, int64_t, T*);
 template <typename T>
-using WinogradOutFn = void (*)(const cpu::WinogradArgs<T>&, int64_t, int64_t, int64_t, const T*);
+using WinogradOutFn = bool (*)(const cpu::WinogradArgs<T>&, int64_t, int64_t, int64_t, const T*);
 
 template <typename T>
 struct Kernels {
@@ -371,8 +371,10 @@ bool use_winograd(const ConvPoolShape& s, int64_t elem_size) {
   return s.C * elem_size >= 64 && s.K * elem_size >= 64;
 }
 
-// Returns false, having written nothing final, when the weights or the input hold a NaN or an
-// infinity (the transforms would place NaNs differently from a direct convolution).
+// Returns false when the weights, the input or a conv value is not finite (the transforms would
+// place NaNs and infinities differently from a direct convolution, and their intermediates can
+// overflow before a direct sum would); out / argmax may then be partly written, and the caller
+// recomputes all of them with ATen's convolution.
 template <typename T>
 bool winograd_forward(const ConvPoolShape& s, const at::Tensor& input, const at::Tensor& weight,
                       const at::Tensor& bias, at::Tensor& out, at::Tensor& argmax, bool need_argmax) {
@@ -415,32 +417,30 @@ bool winograd_forward(const ConvPoolShape& s, const at::Tensor& input, const at:
                                out.mutable_data_ptr<T>(),
                                need_argmax ? argmax.mutable_data_ptr<uint8_t>() : nullptr};
   const Kernels<T> kern = kernels<T>(cpu::cpu_isa(), 4);
-  // Blocks of pooled rows, about 256 tiles each: the block's transformed tiles V and products M
-  // (16 x tiles x channels each; 0.8 MB for the VGG block's 64 channels) stay in this core's L2.
-  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(s.PH, 256 / std::max<int64_t>(1, s.PW)));
-  // One sample at a time per thread (the GEMMs inside the parallel region run single-threaded).
-  // Fewer samples than threads: samples one after the other, each GEMM on all threads.
-  const auto run = [&](int64_t n0, int64_t n1) {
+  // Work items are blocks of pooled rows of one sample, about 256 tiles each: the block's
+  // transformed tiles V and products M (16 x tiles x channels each; 0.8 MB for the VGG block's 64
+  // channels) stay in this core's L2. Each item runs on one thread with a single-threaded GEMM
+  // (nested inside the parallel region), so the result does not depend on the thread count.
+  const int64_t max_rows = std::max<int64_t>(1, std::min<int64_t>(s.PH, 256 / std::max<int64_t>(1, s.PW)));
+  const int64_t blocks = (s.PH + max_rows - 1) / max_rows;
+  const int64_t rows = (s.PH + blocks - 1) / blocks;  // balanced: VGG's 28 pooled rows are 4 x 7
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, s.N * blocks, 1, [&](int64_t i0, int64_t i1) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: no autograd
     at::Tensor V = at::empty({16, rows * s.PW, Cp}, input.options());
     at::Tensor M = at::empty({16, rows * s.PW, Kp}, input.options());
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t ph0 = 0; ph0 < s.PH; ph0 += rows) {
-        const int64_t ph1 = std::min(s.PH, ph0 + rows);
-        const bool full = ph1 - ph0 == rows;
-        at::Tensor v = full ? V : at::empty({16, (ph1 - ph0) * s.PW, Cp}, input.options());
-        at::Tensor m = full ? M : at::empty({16, (ph1 - ph0) * s.PW, Kp}, input.options());
-        if (!kern.winograd_input(a, n, ph0, ph1, v.mutable_data_ptr<T>())) return false;
-        at::bmm_out(m, v, U);
-        kern.winograd_output(a, n, ph0, ph1, m.const_data_ptr<T>());
+    for (int64_t item = i0; item < i1 && ok; ++item) {
+      const int64_t n = item / blocks, ph0 = (item % blocks) * rows, ph1 = std::min(s.PH, ph0 + rows);
+      const bool full = ph1 - ph0 == rows;
+      at::Tensor v = full ? V : at::empty({16, (ph1 - ph0) * s.PW, Cp}, input.options());
+      at::Tensor m = full ? M : at::empty({16, (ph1 - ph0) * s.PW, Kp}, input.options());
+      if (!kern.winograd_input(a, n, ph0, ph1, v.mutable_data_ptr<T>())) {
+        ok = false;
+        break;
       }
+      at::bmm_out(m, v, U);
+      if (!kern.winograd_output(a, n, ph0, ph1, m.const_data_ptr<T>())) ok = false;
     }
-    return true;
-  };
-  if (s.N < at::get_num_threads()) return run(0, s.N);
-  std::atomic<bool> ok{true};
-  at::parallel_for(0, s.N, 1, [&](int64_t n0, int64_t n1) {
-    if (!run(n0, n1)) ok = false;
   });
   return ok;
 }

@@ -722,15 +722,17 @@ bool winograd_input_transform(const WinogradArgs<T>& a, int64_t n, int64_t ph0, 
 // Winograd output transform of pooled rows [ph0, ph1) of sample n fused with bias, max-pool,
 // ReLU and argmax: the window's conv values Y = A^T M A (2x2, row-major = window offsets 0..3)
 // from M[xi][t][k] (t as in winograd_input_transform), vectorised over output channels; then
-// stock's rules (bias before comparing, first maximum, NaN wins).
+// stock's rules (bias before comparing, first maximum, NaN wins). Returns whether every conv value
+// was finite.
 template <typename T>
-void winograd_output_pool(const WinogradArgs<T>& a, int64_t n, int64_t ph0, int64_t ph1, const T* M) {
+bool winograd_output_pool(const WinogradArgs<T>& a, int64_t n, int64_t ph0, int64_t ph1, const T* M) {
   constexpr int L = kLanes<T>;
   using S = Simd<T, L>;
   using vec = typename S::vec;
   using ivec = typename S::ivec;
   const ConvPoolShape& s = *a.s;
   const int64_t TT = s.PH * s.PW, tiles = (ph1 - ph0) * s.PW, plane = tiles * a.Kp, first = ph0 * s.PW;
+  vec check = S::splat(0);
   for (int64_t t = 0; t < tiles; ++t) {
     for (int64_t k0 = 0; k0 < a.Kp; k0 += L) {
       const T* src = M + t * a.Kp + k0;
@@ -754,6 +756,7 @@ void winograd_output_pool(const WinogradArgs<T>& a, int64_t n, int64_t ph0, int6
         y[i * 2 + 0] = (u[i][0] + u[i][1] + u[i][2]) + b;
         y[i * 2 + 1] = (u[i][1] - u[i][2] - u[i][3]) + b;
       }
+      check += (y[0] - y[0]) + (y[1] - y[1]) + (y[2] - y[2]) + (y[3] - y[3]);  // NaN if any is not finite
       vec best = y[0];
       ivec arg = S::isplat(0);
       LIGHTNET_OPS_UNROLL
@@ -771,6 +774,7 @@ void winograd_output_pool(const WinogradArgs<T>& a, int64_t n, int64_t ph0, int6
       }
     }
   }
+  return S::hsum(check) == T(0);
 }
 
 // Whether p[0..n) holds no NaN or infinity (x - x is 0 exactly for finite x, NaN otherwise).
