@@ -31,6 +31,7 @@ The case definitions and ``build_runner`` are shared with the pytest-benchmark f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import fnmatch
 import importlib.metadata
@@ -42,6 +43,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -400,13 +402,45 @@ def saved_activation_bytes(forward: Callable[[], Any], exclude: list) -> int:
     return sum(seen.values())
 
 
+# Lines the profiler's C++ side writes to stderr on every start / stop (torch 2.14's kineto: a
+# "USDT:" trace of profiler_start / profiler_stop, and a CUDA probe on machines without a GPU).
+# They made up ~40% of a `make bench` log; everything else on stderr is passed through.
+_PROFILER_NOISE = (re.compile(r"^USDT:.*SyncActivityProfilerHandler"),
+                   re.compile(r"^ERROR:.*gpuGetDeviceCount failed"))
+
+
+@contextlib.contextmanager
+def _quiet_profiler_logs():
+    """Runs the body with file descriptor 2 captured, then writes the captured lines back to
+    stderr except the profiler's per-start/stop noise (_PROFILER_NOISE)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2 (e.g. an embedded interpreter): leave it alone
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(p.search(line) for p in _PROFILER_NOISE)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def _cpu_peak_bytes(fn: Callable[[], Any]) -> Optional[int]:
     """Peak of the bytes allocated through PyTorch's CPU allocator during one `fn()` (its result
     freed at the end) above the level before it, from the profiler's memory records; None if this
     torch does not expose them."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_profiler_logs(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 
 import pytest
 import torch
@@ -112,3 +113,15 @@ def test_saved_activation_bytes_counts_unique_storages():
 
     assert lb.saved_activation_bytes(forward, [x, w]) == 4 * 8 * 4
     assert lb.saved_activation_bytes(forward, []) == 4 * 8 * 4 + x.numel() * 4 + w.numel() * 4
+
+
+def test_profiler_noise_is_dropped_and_other_stderr_kept(capfd):
+    # The CPU peak-memory measurement starts the profiler once per row; its C++ side writes a
+    # "USDT:" trace on every start / stop. Those lines are dropped, anything else comes through.
+    with lb._quiet_profiler_logs():
+        os.write(2, b"USDT:2026-11-27 13:08:16 1:1 SyncActivityProfilerHandler.cpp:39] profiler_start\n")
+        os.write(2, b"a real warning\n")
+        os.write(2, b"ERROR:2026-11-27 13:08:16 1:1 DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35\n")
+    err = capfd.readouterr().err
+    assert "a real warning" in err
+    assert "USDT" not in err and "gpuGetDeviceCount" not in err

@@ -374,9 +374,15 @@ def test_nan_propagates_like_stock(backend, device):
     got = outputs_and_grads(lambda *t: fused(*t, case, backend), (x, w, b))
     want = outputs_and_grads(lambda *t: stock(*t, case), (x, w, b))
     assert torch.isnan(got[0]).any(), "test setup: NaN should reach the output"
+    assert_same_nans_and_close(got, want)
+
+
+def assert_same_nans_and_close(got: list, want: list) -> None:
+    """Output and gradients: NaN in the same places as stock, the rest close."""
     for name, g, s in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want):
         assert torch.equal(torch.isnan(g), torch.isnan(s)), f"{name}: NaN positions differ from stock"
-        torch.testing.assert_close(g, s, equal_nan=True, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, s, equal_nan=True, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
@@ -394,9 +400,7 @@ def test_cpu_paths_non_finite_like_stock(monkeypatch, path, where, value):
         (x if where == "input" else w).view(-1)[7] = value
     got = outputs_and_grads(lambda *t: fused(*t, case, "cpu"), (x, w, b))
     want = outputs_and_grads(lambda *t: stock(*t, case), (x, w, b))
-    for name, g, st_ in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want):
-        assert torch.equal(torch.isnan(g), torch.isnan(st_)), f"{name}: NaN positions differ from stock"
-        torch.testing.assert_close(g, st_, equal_nan=True, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert_same_nans_and_close(got, want)
 
 
 @pytest.mark.parametrize("backend, device", backend_cases())
