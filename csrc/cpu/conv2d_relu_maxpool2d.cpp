@@ -170,6 +170,15 @@ void pack_weight(const Direct& d, const T* w, const T* bias, T* wpk, T* bpk) {
   }
 }
 
+// A test / experiment override of a path choice: 1 if the variable `name` is `on`, 0 if it is
+// `off`, -1 (use the heuristic) if it is unset or anything else.
+int env_choice(const char* name, const char* on, const char* off) {
+  const char* env = std::getenv(name);
+  if (env == nullptr) return -1;
+  const std::string v(env);
+  return v == on ? 1 : (v == off ? 0 : -1);
+}
+
 // Path choice. The direct kernel recomputes nothing for non-overlapping pools and spends
 // C*R*S*KB multiply-adds per vector load, but it has no cache blocking over the packed input,
 // which is C*Dy*Dx*F elements per sample (16x the pooled plane per channel for a 3x3 filter and a
@@ -182,11 +191,7 @@ void pack_weight(const Direct& d, const T* w, const T* bias, T* wpk, T* bpk) {
 // (window area / stride area times), so their budget shrinks by that factor.
 // LIGHTNET_OPS_CPU_CONV_PATH=direct|aten overrides the choice (tests cover both paths with it).
 bool use_direct(const ConvPoolShape& s, int64_t elem_size) {
-  if (const char* env = std::getenv("LIGHTNET_OPS_CPU_CONV_PATH")) {
-    const std::string v(env);
-    if (v == "direct") return true;
-    if (v == "aten") return false;
-  }
+  if (const int forced = env_choice("LIGHTNET_OPS_CPU_CONV_PATH", "direct", "aten"); forced >= 0) return forced == 1;
   // Packed input per sample: about the padded input (phase planes) plus a few vector tails.
   const int64_t pack_bytes = s.C * (s.H + 2 * s.pad_h + 16) * (s.W + 2 * s.pad_w) * elem_size;
   const double recompute =
@@ -230,11 +235,10 @@ template <typename scalar_t>
 void route_grad(const ConvPoolShape& s, const scalar_t* grad_out, const uint8_t* argmax, scalar_t* grad_conv,
                 scalar_t* plane_sums) {
   // Offset of each argmax byte's position from its window's corner in the conv-output plane, -1
-  // for bytes that route nothing (a table: a division per element would cost more than the rest).
+  // for bytes that route nothing.
+  const cpu::ArgmaxOffsets window(s);
   int64_t offset[256];
-  for (int a = 0; a < 256; ++a) {
-    offset[a] = (a == kArgmaxReluZero || a >= s.pool_kh * s.pool_kw) ? -1 : (a / s.pool_kw) * s.Q + a % s.pool_kw;
-  }
+  for (int a = 0; a < 256; ++a) offset[a] = window.dy[a] < 0 ? -1 : window.dy[a] * s.Q + window.dx[a];
   at::parallel_for(0, s.N * s.K, 1, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const scalar_t* g = grad_out + plane * s.PH * s.PW;
@@ -256,6 +260,14 @@ void route_grad(const ConvPoolShape& s, const scalar_t* grad_out, const uint8_t*
   });
 }
 
+// grad_bias[k] += sum over n of plane_sums[n][k], in batch order (deterministic).
+template <typename T>
+void add_plane_sums_in_batch_order(const ConvPoolShape& s, const std::vector<T>& plane_sums, T* grad_bias) {
+  for (int64_t n = 0; n < s.N; ++n) {
+    for (int64_t k = 0; k < s.K; ++k) grad_bias[k] += plane_sums[n * s.K + k];
+  }
+}
+
 // The ATen path's backward. The routed conv-output gradient has at most one nonzero per pool
 // window (a quarter of it for a 2x2 pool, less where ReLU zeroed the window), yet a dense
 // convolution_backward multiplies all of it. The scatter backward works from the live pooled
@@ -268,10 +280,8 @@ void route_grad(const ConvPoolShape& s, const scalar_t* grad_out, const uint8_t*
 // k5 7-9 vs 6-7 ms; 8->32 56x56 k7 9.4-10.7 vs 10.7-11 ms; 3->64 224x224 k11 stride 4 36-38 vs
 // 42-56 ms. LIGHTNET_OPS_CPU_ATEN_BACKWARD=scatter|dense overrides the choice (tests cover both).
 bool use_scatter_backward(const ConvPoolShape& s, int64_t elem_size) {
-  if (const char* env = std::getenv("LIGHTNET_OPS_CPU_ATEN_BACKWARD")) {
-    const std::string v(env);
-    if (v == "scatter") return true;
-    if (v == "dense") return false;
+  if (const int forced = env_choice("LIGHTNET_OPS_CPU_ATEN_BACKWARD", "scatter", "dense"); forced >= 0) {
+    return forced == 1;
   }
   return s.C * elem_size >= 64;
 }
@@ -341,10 +351,7 @@ void scatter_backward(const ConvPoolShape& s, const at::Tensor& grad_out, const 
         plane_sums[plane] = sum;
       }
     });
-    T* gb = grad_bias.mutable_data_ptr<T>();
-    for (int64_t n = 0; n < s.N; ++n) {
-      for (int64_t k = 0; k < s.K; ++k) gb[k] += plane_sums[n * s.K + k];
-    }
+    add_plane_sums_in_batch_order(s, plane_sums, grad_bias.mutable_data_ptr<T>());
   }
 }
 
@@ -363,10 +370,8 @@ bool use_winograd(const ConvPoolShape& s, int64_t elem_size) {
   const bool geometry = s.R == 3 && s.S == 3 && s.stride_h == 1 && s.stride_w == 1 && s.dil_h == 1 &&
                         s.dil_w == 1 && s.pool_kh == 2 && s.pool_kw == 2 && s.pool_sh == 2 && s.pool_sw == 2;
   if (!geometry) return false;
-  if (const char* env = std::getenv("LIGHTNET_OPS_CPU_ATEN_FORWARD")) {
-    const std::string v(env);
-    if (v == "winograd") return true;
-    if (v == "conv") return false;
+  if (const int forced = env_choice("LIGHTNET_OPS_CPU_ATEN_FORWARD", "winograd", "conv"); forced >= 0) {
+    return forced == 1;
   }
   return s.C * elem_size >= 64 && s.K * elem_size >= 64;
 }
@@ -449,12 +454,17 @@ bool winograd_forward(const ConvPoolShape& s, const at::Tensor& input, const at:
 // Ops
 // ------------------------------------------------------------------------------------------------
 
-// Whether every element of t is finite (the instruction set's vectorised scan).
+// Whether every element of t is finite (the instruction set's vectorised scan, split across
+// threads above 64K elements).
 bool tensor_is_finite(const at::Tensor& t) {
-  bool finite = true;
+  std::atomic<bool> finite{true};
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "conv2d_relu_maxpool2d_all_finite", [&] {
     const auto c = t.contiguous();
-    finite = kernels<scalar_t>(cpu::cpu_isa(), 4).finite(c.const_data_ptr<scalar_t>(), c.numel());
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    const FiniteFn<scalar_t> fn = kernels<scalar_t>(cpu::cpu_isa(), 4).finite;
+    at::parallel_for(0, c.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+      if (!fn(p + b, e - b)) finite = false;
+    });
   });
   return finite;
 }
@@ -595,25 +605,8 @@ void direct_backward_launch(const ConvPoolShape& s, const at::Tensor& grad_out, 
 // gradient, which turns an infinite or NaN input (weight) element into NaN across grad_weight
 // (grad_input). To give the same NaNs, non-finite operands take the dense ATen backward (one
 // vectorised scan decides).
-bool direct_backward_matches_stock(const at::Tensor& input, const at::Tensor& weight, std::array<bool, 3> mask) {
-  bool finite = true;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_maxpool2d_backward_finite", [&] {
-    const FiniteFn<scalar_t> fn = kernels<scalar_t>(cpu::cpu_isa(), 4).finite;
-    if (mask[0]) {
-      const auto w = weight.contiguous();
-      finite = fn(w.const_data_ptr<scalar_t>(), w.numel());
-    }
-    if (finite && mask[1]) {
-      const auto x = input.contiguous();
-      const scalar_t* p = x.const_data_ptr<scalar_t>();
-      std::atomic<bool> ok{true};
-      at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t b, int64_t e) {
-        if (!fn(p + b, e - b)) ok = false;
-      });
-      finite = ok;
-    }
-  });
-  return finite;
+bool sparse_backward_matches_stock(const at::Tensor& input, const at::Tensor& weight, std::array<bool, 3> mask) {
+  return (!mask[0] || tensor_is_finite(weight)) && (!mask[1] || tensor_is_finite(input));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cpu(
@@ -633,7 +626,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cp
               grad_output.scalar_type(), " does not match input dtype ", input.scalar_type());
   // Each masked-off output is its own empty tensor: outputs must not alias.
   const auto empty = [&] { return at::empty({0}, input.options()); };
-  if (use_direct(s, input.element_size()) && direct_backward_matches_stock(input, weight, output_mask)) {
+  // The direct path, else the scatter backward, when their operands are finite; else dense.
+  const bool direct = use_direct(s, input.element_size());
+  const bool sparse = (direct || use_scatter_backward(s, input.element_size())) &&
+                      sparse_backward_matches_stock(input, weight, output_mask);
+  if (direct && sparse) {
     // grad_weight / grad_bias are accumulated into, so they start at zero (this also covers an
     // empty batch); the kernel zeroes each sample's grad_input before writing it.
     at::Tensor grad_input = output_mask[0] ? at::empty({s.N, s.C, s.H, s.W}, input.options()) : empty();
@@ -650,7 +647,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cp
     }
     return {grad_input, grad_weight, grad_bias};
   }
-  if (use_scatter_backward(s, input.element_size()) && direct_backward_matches_stock(input, weight, output_mask)) {
+  if (!direct && sparse) {
     at::Tensor grad_input = empty(), grad_weight = empty();
     at::Tensor grad_bias = output_mask[2] ? at::zeros({s.K}, input.options()) : empty();
     const auto g = grad_output.contiguous();
@@ -670,12 +667,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cp
       std::vector<scalar_t> plane_sums(output_mask[2] ? s.N * s.K : 0);
       route_grad<scalar_t>(s, g.const_data_ptr<scalar_t>(), am.const_data_ptr<uint8_t>(),
                            grad_conv.mutable_data_ptr<scalar_t>(), output_mask[2] ? plane_sums.data() : nullptr);
-      if (output_mask[2]) {  // batch order: deterministic
-        scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
-        for (int64_t n = 0; n < s.N; ++n) {
-          for (int64_t k = 0; k < s.K; ++k) gb[k] += plane_sums[n * s.K + k];
-        }
-      }
+      if (output_mask[2]) add_plane_sums_in_batch_order(s, plane_sums, grad_bias.mutable_data_ptr<scalar_t>());
     });
   }
   if (output_mask[0] || output_mask[1]) {
