@@ -117,12 +117,13 @@ CPU_PATH_CASES = ["lightnet_conv2", "nonsquare_stride", "dilation_padding", "poo
                   "kernel1x1_nobias", "pool_stride_gt_window", "odd_tail_floor_mode", "vgg_like_channels"]
 
 
-# The CPU backend's paths (csrc/cpu/conv2d_relu_maxpool2d.cpp): direct kernels; or the ATen path
-# -- forward by ATen's convolution or by Winograd F(2x2, 3x3) (3x3 filter, stride 1, 2x2 pool
-# only; other shapes keep the convolution), backward by the scatter kernels or ATen's dense
-# convolution_backward.
+# The CPU backend's paths (csrc/cpu/conv2d_relu_maxpool2d.cpp): direct kernels (grad_weight by
+# the direct kernel or the span kernel); or the ATen path -- forward by ATen's convolution or by
+# Winograd F(2x2, 3x3) (3x3 filter, stride 1, 2x2 pool only; other shapes keep the convolution),
+# backward by the scatter kernels or ATen's dense convolution_backward.
 CPU_PATHS = {
-    "direct": {"LIGHTNET_OPS_CPU_CONV_PATH": "direct"},
+    "direct": {"LIGHTNET_OPS_CPU_CONV_PATH": "direct", "LIGHTNET_OPS_CPU_DIRECT_WEIGHT_GRAD": "direct"},
+    "direct-span": {"LIGHTNET_OPS_CPU_CONV_PATH": "direct", "LIGHTNET_OPS_CPU_DIRECT_WEIGHT_GRAD": "span"},
     "aten-scatter": {"LIGHTNET_OPS_CPU_CONV_PATH": "aten", "LIGHTNET_OPS_CPU_ATEN_FORWARD": "conv",
                      "LIGHTNET_OPS_CPU_ATEN_BACKWARD": "scatter"},
     "aten-dense": {"LIGHTNET_OPS_CPU_CONV_PATH": "aten", "LIGHTNET_OPS_CPU_ATEN_FORWARD": "conv",

@@ -140,20 +140,44 @@ struct ArgmaxOffsets {
   }
 };
 
-// Arguments of the scatter backward (ATen path, large channel counts). Channels are innermost
-// and padded with zeros to Cp, a multiple of the widest vector, so that every channel loop is
-// whole vectors.
+// Arguments of the scatter backward. Channels are innermost (channels-last, not padded), so the S
+// taps of one filter row at one conv position read Ls = ((S - 1) * dil_w + 1) * C consecutive
+// elements of a padded input row: a "span". The kernels handle each filter row as whole vectors
+// over its span; lanes between dilated taps or past the span's end are computed and discarded
+// (grad_weight) or add zero (grad_input: the weight spans hold zeros there). The buffers carry
+// slack past their ends for the vectors that run over.
 template <typename T>
 struct ScatterArgs {
   const ConvPoolShape* s;
-  int64_t Cp;              // channels padded to a multiple of 64 bytes
-  const T* x_t;            // input as (N, H + 2 * pad_h, W + 2 * pad_w, Cp), zeros in the conv padding,
-                           // or null when grad_weight is not needed
-  const T* w_t;            // weight as (K, R, S, Cp), or null when grad_input is not needed
+  int64_t Ls, Lp;          // span length, and the span stride in w_t / gw_t (a multiple of 64 bytes)
+  int64_t row;             // elements per padded input row: (W + 2 * pad_w) * C
+  const T* x_t;            // input as (N, H + 2 * pad_h, W + 2 * pad_w, C), zeros in the conv padding, then
+                           // 64 bytes of zeros; or null when grad_weight is not needed
+  const T* w_t;            // weight spans (K, R, Lp): w_t[k][r][s * dil_w * C + c] = weight[k][c][r][s], zeros
+                           // elsewhere; or null when grad_input is not needed
   const T* grad_out;       // (N, K, PH, PW)
   const uint8_t* argmax;   // (N, K, PH, PW)
-  T* gi_t;                 // grad_input as (N, H, W, Cp), uninitialised (zeroed per sample), or null
-  T* gw_t;                 // grad_weight as (K, R, S, Cp), every element written, or null
+  T* gi_t;                 // grad_input as N blocks of gi_stride elements, each (H + 2 * pad_h, W + 2 * pad_w,
+                           // C) and slack; uninitialised (zeroed per sample); or null
+  int64_t gi_stride;
+  T* gw_t;                 // grad_weight spans (K, R, Lp), every element written; or null
+  const ArgmaxOffsets* offsets;
+};
+
+// Arguments of the span grad_weight of the direct path (few channels; see ScatterArgs for spans).
+// Per sample the kernel lays the input out as one span per padded input position (y, x) (the Ls
+// channels-last elements a filter row starting there reads), each in its own Lp-element,
+// 64-byte-aligned row: every vector load of the sweep is aligned.
+template <typename T>
+struct SpanGradWeightArgs {
+  const ConvPoolShape* s;
+  int64_t Ls, Lp;
+  int64_t Xn;               // span start columns per padded row: W + 2 * pad_w - (S - 1) * dil_w
+  const T* input;           // (N, C, H, W) contiguous
+  const T* grad_out;        // (N, K, PH, PW)
+  const uint8_t* argmax;    // (N, K, PH, PW)
+  const int64_t* pos_off;   // [PH * PW][pool window]: offset in the span rows of the conv position that
+                            // pooled position f selects with window offset w
   const ArgmaxOffsets* offsets;
 };
 
