@@ -1,6 +1,10 @@
 """autograd.Functions for the fused ops. Forward calls the backend's forward op; backward calls
 its hand-written backward op (never autograd through stock ops). The backend is passed as an
-already-resolved name (see registry.resolve)."""
+already-resolved name (see registry.resolve).
+
+The functional API uses these for the Triton and reference backends. The extension's backends
+(cpu, cuda) record the same backward through C++ twins of these classes (csrc/autograd.cpp),
+which skip Python in backward; these classes still accept them."""
 
 from __future__ import annotations
 

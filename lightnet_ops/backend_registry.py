@@ -33,6 +33,10 @@ class Backend:
     conv_backward: Callable
     linear_forward: Callable
     linear_backward: Callable
+    # True for the extension's ops (cpu, cuda): their forward ops carry a C++ autograd kernel
+    # (csrc/autograd.cpp) that records the hand-written backward itself. False: the functional API
+    # records it with the Python autograd.Functions (lightnet_ops/autograd.py).
+    records_autograd: bool = False
 
 
 class BackendUnavailableError(RuntimeError):
@@ -54,6 +58,7 @@ def _extension_backend(name: str) -> Backend:
             ops.conv2d_relu_maxpool2d_backward,
             ops.linear_relu,
             ops.linear_relu_backward,
+            records_autograd=True,
         )
         _EXTENSION_BACKENDS[name] = impl
     return impl

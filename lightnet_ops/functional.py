@@ -1,6 +1,7 @@
 """Functional API of the fused ops: argument normalisation, validation, unbatched input, backend
 choice, and the choice between the autograd path (keeps a uint8 argmax) and the inference path
-(writes only the output)."""
+(writes only the output). The extension's ops (cpu, cuda) record their hand-written backward in
+C++ (csrc/autograd.cpp); the other backends through the autograd.Functions in autograd.py."""
 
 from __future__ import annotations
 
@@ -60,12 +61,13 @@ def conv2d_relu_maxpool2d(
         input = input.unsqueeze(0)
     check_conv_pool(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s)
     impl = registry.resolve(backend, input)
-    if _needs_grad(input, weight, bias):
+    needs_grad = _needs_grad(input, weight, bias)
+    if needs_grad and not impl.records_autograd:
         out = Conv2dReLUMaxPool2dFunction.apply(
             input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, impl.name
         )
     else:
-        out, _ = impl.conv_forward(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, False)
+        out, _ = impl.conv_forward(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, needs_grad)
     return out.squeeze(0) if unbatched else out
 
 
@@ -90,13 +92,14 @@ def linear_relu(
     check_linear(input, weight, bias)
     impl = registry.resolve(backend, input)
     if input.dim() == 2:  # the common case: no reshapes (each would add a view node to the graph)
-        if _needs_grad(input, weight, bias):
-            return LinearReLUFunction.apply(input, weight, bias, impl.name)
-        return impl.linear_forward(input, weight, bias)
+        return _linear_relu_2d(impl, input, weight, bias)
     lead = input.shape[:-1]
     x2d = input.reshape(math.prod(lead), input.shape[-1])  # explicit rows: in_features may be 0
-    if _needs_grad(input, weight, bias):
-        out = LinearReLUFunction.apply(x2d, weight, bias, impl.name)
-    else:
-        out = impl.linear_forward(x2d, weight, bias)
-    return out.reshape(*lead, weight.shape[0])
+    return _linear_relu_2d(impl, x2d, weight, bias).reshape(*lead, weight.shape[0])
+
+
+def _linear_relu_2d(impl: registry.Backend, input: torch.Tensor, weight: torch.Tensor,
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if not impl.records_autograd and _needs_grad(input, weight, bias):
+        return LinearReLUFunction.apply(input, weight, bias, impl.name)
+    return impl.linear_forward(input, weight, bias)

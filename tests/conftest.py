@@ -52,16 +52,24 @@ def results_per_thread_count(fn, counts=(1, 2, 3, 2)):
 
 
 def autograd_node_names(t: torch.Tensor) -> set[str]:
-    """Type names of every autograd node reachable from t.grad_fn (which backward code would run)."""
+    """Names of every autograd node reachable from t.grad_fn (which backward code would run):
+    "MaxPool2DWithIndicesBackward0" for stock ops, "LinearReLUFunctionBackward" for the Python
+    autograd.Functions, "torch::autograd::CppNode<...LinearReLUFunction>" for the C++ ones."""
     seen, stack, names = set(), [t.grad_fn], set()
     while stack:
         fn = stack.pop()
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        names.add(type(fn).__name__)
+        names.add(fn.name())
         stack.extend(f for f, _ in fn.next_functions)
     return names
+
+
+def ran_fused_backwards(names: set[str]) -> bool:
+    """Whether both fused ops' hand-written backwards (Python or C++ autograd Function) are among
+    the node names."""
+    return all(any(op in n for n in names) for op in ("Conv2dReLUMaxPool2dFunction", "LinearReLUFunction"))
 
 
 @pytest.fixture(autouse=True)

@@ -83,3 +83,97 @@ def test_double_backward_raises_a_clear_error(backend):
     (ga,) = torch.autograd.grad(lo.linear_relu(a, lw, backend=backend).square().sum(), a, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         ga.sum().backward()
+
+
+
+# --- Where the hand-written backward is recorded -------------------------------------------------
+# The extension's forward ops carry a C++ autograd kernel (csrc/autograd.cpp); the functional API
+# calls them directly for cpu / cuda and goes through the Python autograd.Functions otherwise.
+
+CONV_PARAMS = ([1, 1], [1, 1], [1, 1], [2, 2], [2, 2])
+
+
+def _conv_args():
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    return x, w, b
+
+
+def _linear_args():
+    return (torch.randn(5, 7, dtype=torch.float64, requires_grad=True),
+            torch.randn(3, 7, dtype=torch.float64, requires_grad=True),
+            torch.randn(3, dtype=torch.float64, requires_grad=True))
+
+
+needs_extension = pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+
+
+@needs_extension
+def test_cpu_backend_records_the_cpp_node_other_backends_the_python_function():
+    x, w, b = _conv_args()
+    a, lw, lb = _linear_args()
+    assert "CppNode" in lo.conv2d_relu_maxpool2d(x, w, b, padding=1, backend="cpu").grad_fn.name()
+    assert "CppNode" in lo.linear_relu(a, lw, lb, backend="cpu").grad_fn.name()
+    assert lo.conv2d_relu_maxpool2d(x, w, b, backend="reference").grad_fn.name() == \
+        "Conv2dReLUMaxPool2dFunctionBackward"
+    assert lo.linear_relu(a, lw, lb, backend="reference").grad_fn.name() == "LinearReLUFunctionBackward"
+    with torch.no_grad():
+        assert lo.linear_relu(a, lw, lb, backend="cpu").grad_fn is None
+
+
+@needs_extension
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_raw_ops_are_differentiable(with_bias):
+    # torch.ops.lightnet_ops.* on tensors that require grad: gradcheck through the C++ autograd
+    # kernel, for every subset of inputs that require grad (masks reach the backward op).
+    ops = torch.ops.lightnet_ops
+    x, w, b = _conv_args()
+    a, lw, lb = _linear_args()
+    for needs in ([True, True, True], [False, True, True], [True, False, False], [False, False, True]):
+        cx, cw, cb = (t.detach().requires_grad_(n) for t, n in zip((x, w, b), needs))
+        bias = cb if with_bias else None
+        inputs = [t for t in (cx, cw, bias) if t is not None and t.requires_grad]
+        if not inputs:
+            continue
+        assert torch.autograd.gradcheck(lambda *_: ops.conv2d_relu_maxpool2d(cx, cw, bias, *CONV_PARAMS, True)[0],
+                                        inputs)
+        la, lww, lbb = (t.detach().requires_grad_(n) for t, n in zip((a, lw, lb), needs))
+        lbias = lbb if with_bias else None
+        linputs = [t for t in (la, lww, lbias) if t is not None and t.requires_grad]
+        if linputs:
+            assert torch.autograd.gradcheck(lambda *_: ops.linear_relu(la, lww, lbias), linputs)
+
+
+@needs_extension
+def test_raw_conv_op_without_argmax_refuses_to_record_a_graph():
+    x, w, b = _conv_args()
+    with pytest.raises(RuntimeError, match="need_argmax=False keeps no argmax"):
+        torch.ops.lightnet_ops.conv2d_relu_maxpool2d(x, w, b, *CONV_PARAMS, False)
+    with torch.no_grad():  # inference: fine, and no argmax is written
+        out, argmax = torch.ops.lightnet_ops.conv2d_relu_maxpool2d(x, w, b, *CONV_PARAMS, False)
+    assert argmax.numel() == 0 and out.shape == (2, 4, 4, 4)
+
+
+@needs_extension
+def test_python_functions_still_run_the_extension_backends():
+    # The public autograd.Function classes accept "cpu" too (their forward calls the op below
+    # its autograd kernel: Function.forward runs without grad recording).
+    x, w, b = _conv_args()
+    out = lo.Conv2dReLUMaxPool2dFunction.apply(x, w, b, (1, 1), (1, 1), (1, 1), (2, 2), (2, 2), "cpu")
+    assert out.grad_fn.name() == "Conv2dReLUMaxPool2dFunctionBackward"
+    ref = torch.nn.functional.max_pool2d(torch.relu(torch.nn.functional.conv2d(x, w, b, padding=1)), 2)
+    g = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@needs_extension
+def test_gradient_penalty_style_create_graph_raises_instead_of_dropping_terms():
+    # create_graph=True with a grad_output that does not require grad, but inputs that do: the
+    # second derivative would need the backward ops' own derivative, which does not exist.
+    a, lw, lb = _linear_args()
+    y = lo.linear_relu(a, lw, lb, backend="cpu")
+    (ga,) = torch.autograd.grad(y, a, torch.ones_like(y), create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        ga.square().sum().backward()
