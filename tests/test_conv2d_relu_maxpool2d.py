@@ -117,13 +117,16 @@ CPU_PATH_CASES = ["lightnet_conv2", "nonsquare_stride", "dilation_padding", "poo
                   "kernel1x1_nobias", "pool_stride_gt_window", "odd_tail_floor_mode", "vgg_like_channels"]
 
 
-# The CPU backend's paths (csrc/cpu/conv2d_relu_maxpool2d.cpp): direct kernels (grad_weight by
-# the direct kernel or the span kernel); or the ATen path -- forward by ATen's convolution or by
-# Winograd F(2x2, 3x3) (3x3 filter, stride 1, 2x2 pool only; other shapes keep the convolution),
-# backward by the scatter kernels or ATen's dense convolution_backward.
+# The CPU backend's paths (csrc/cpu/conv2d_relu_maxpool2d.cpp): direct kernels (forward by the
+# direct kernel or its Winograd F(2x2, 3x3) variant, grad_weight by the direct kernel or the span
+# kernel); or the ATen path -- forward by ATen's convolution or by Winograd F(2x2, 3x3), backward
+# by the scatter kernels or ATen's dense convolution_backward. Winograd takes only 3x3 filters
+# with stride 1 and a 2x2 pool with stride 2; other shapes keep the path's plain forward.
 CPU_PATHS = {
-    "direct": {"LIGHTNET_OPS_CPU_CONV_PATH": "direct", "LIGHTNET_OPS_CPU_DIRECT_WEIGHT_GRAD": "direct"},
-    "direct-span": {"LIGHTNET_OPS_CPU_CONV_PATH": "direct", "LIGHTNET_OPS_CPU_DIRECT_WEIGHT_GRAD": "span"},
+    "direct": {"LIGHTNET_OPS_CPU_CONV_PATH": "direct", "LIGHTNET_OPS_CPU_DIRECT_FORWARD": "direct",
+               "LIGHTNET_OPS_CPU_DIRECT_WEIGHT_GRAD": "direct"},
+    "direct-winograd-span": {"LIGHTNET_OPS_CPU_CONV_PATH": "direct", "LIGHTNET_OPS_CPU_DIRECT_FORWARD": "winograd",
+                             "LIGHTNET_OPS_CPU_DIRECT_WEIGHT_GRAD": "span"},
     "aten-scatter": {"LIGHTNET_OPS_CPU_CONV_PATH": "aten", "LIGHTNET_OPS_CPU_ATEN_FORWARD": "conv",
                      "LIGHTNET_OPS_CPU_ATEN_BACKWARD": "scatter"},
     "aten-dense": {"LIGHTNET_OPS_CPU_CONV_PATH": "aten", "LIGHTNET_OPS_CPU_ATEN_FORWARD": "conv",
@@ -195,12 +198,13 @@ def test_cpu_aten_path_batch_chunks(monkeypatch, per_chunk, name):
 @given(N=st.integers(1, 3), C=st.integers(1, 40), K=st.integers(1, 40), H=st.integers(4, 13),
        W=st.integers(4, 13), padding=st.integers(0, 2), bias=st.booleans())
 def test_cpu_winograd_forward_shapes(N, C, K, H, W, padding, bias):
-    # Winograd F(2x2, 3x3) for every geometry it accepts (3x3, stride 1, 2x2 pool): channel counts
-    # that are not whole vectors, odd conv outputs (the last row / column no window reads), padding,
-    # one sample (fewer than threads) and several.
-    with cpu_path_env("aten-winograd"):
-        check_cpu_parity_float64_and_float32(Case("winograd", N, C, H, W, K, (3, 3), padding=padding, bias=bias),
-                                             "winograd")
+    # Both Winograd F(2x2, 3x3) forwards (ATen path, direct path) for every geometry they accept
+    # (3x3, stride 1, 2x2 pool): channel counts that are not whole vectors, odd conv outputs (the
+    # last row / column no window reads), padding, one sample (fewer than threads) and several.
+    for path in ("aten-winograd", "direct-winograd-span"):
+        with cpu_path_env(path):
+            check_cpu_parity_float64_and_float32(
+                Case("winograd", N, C, H, W, K, (3, 3), padding=padding, bias=bias), path)
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
@@ -213,10 +217,11 @@ def test_cpu_winograd_forward_row_blocks(monkeypatch, N):
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
-def test_cpu_winograd_overflow_falls_back_to_stock_result(monkeypatch):
+@pytest.mark.parametrize("path", ["aten-winograd", "direct-winograd-span"])
+def test_cpu_winograd_overflow_falls_back_to_stock_result(monkeypatch, path):
     # Finite inputs near float32's limit: a direct convolution stays finite, the Winograd
     # transforms (sums of up to 16 inputs) overflow. The forward must notice and give stock's result.
-    force_cpu_path(monkeypatch, "aten-winograd")
+    force_cpu_path(monkeypatch, path)
     g = torch.Generator().manual_seed(5)
     x = (torch.randint(0, 2, (2, 16, 10, 10), generator=g) * 2 - 1).float() * 1e38
     w = torch.randn(16, 16, 3, 3, generator=g) * 0.01

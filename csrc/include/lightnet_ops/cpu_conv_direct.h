@@ -99,6 +99,10 @@ struct DirectFwdArgs {
   const T* bpk;     // [Kpad], zeros where there is no bias
   T* out;           // (N, K, PH, PW)
   uint8_t* argmax;  // (N, K, PH, PW) or null
+  // Winograd variant only (3x3 filter, stride 1, dilation 1, 2x2 pool with stride 2):
+  // U[k][c][xi] = (G g G^T)[xi] for the filter g of (k, c), and the bias per output channel.
+  const T* wino_u = nullptr;
+  const T* bias = nullptr;  // (K) or null
 };
 
 template <typename T>

@@ -304,6 +304,117 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
   }
 }
 
+// Winograd F(2x2, 3x3) variant of direct_forward, for samples [n0, n1) (3x3 filter, stride 1,
+// dilation 1, 2x2 pool with stride 2: each pool window is one Winograd output tile, and with the
+// phase planes Z the 4x4 input tile of every pooled position f is 16 vectors over f). Per vector
+// of positions: the input transform per input channel, then per output channel 16 sums over the
+// input channels (16 multiplies per tile and channel pair instead of 36) and the output transform,
+// whose four values go straight into bias, max-pool, ReLU and argmax. A sample whose transformed
+// input or conv values are not all finite is recomputed by direct_forward (the transforms place
+// NaNs and infinities differently, and can overflow where a direct sum would not).
+template <typename T, int V, int KB>
+LIGHTNET_OPS_INLINE void direct_winograd_forward(const DirectFwdArgs<T>& a, int64_t n0, int64_t n1) {
+  using S = Simd<T, V>;
+  using vec = typename S::vec;
+  using ivec = typename S::ivec;
+  const Direct& d = *a.d;
+  Scratch<T> zbuf(d.pack_elems());
+  Scratch<T> vbuf(d.C * 16 * V);                // transformed input tiles of one vector of positions
+  Scratch<T> obuf(d.K * d.Fpad);
+  std::vector<uint8_t> abuf(d.K * d.Fpad);
+  T* Z = zbuf.data();
+  const int64_t CHW = d.C * d.H * d.W, F = d.PH * d.PW;
+  // Offset in Z of input tile element (i, j) of channel c (add f): phase plane (i % 2, j % 2),
+  // shifted by (i / 2) rows and (j / 2) columns.
+  const auto tile_off = [&](int64_t c, int i, int j) {
+    return ((c * 2 + i % 2) * 2 + j % 2) * d.Zlen + (i / 2) * d.PWs + j / 2;
+  };
+  for (int64_t n = n0; n < n1; ++n) {
+    pack_input(d, a.input + n * CHW, Z);
+    vec check = S::splat(0);
+    for (int64_t f0 = 0; f0 < d.Fs; f0 += V) {
+      for (int64_t c = 0; c < d.C; ++c) {  // B^T d B
+        vec x[4][4], t[4][4];
+        LIGHTNET_OPS_UNROLL
+        for (int i = 0; i < 4; ++i)
+          LIGHTNET_OPS_UNROLL
+          for (int j = 0; j < 4; ++j) x[i][j] = S::load(Z + tile_off(c, i, j) + f0);
+        LIGHTNET_OPS_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          t[0][j] = x[0][j] - x[2][j];
+          t[1][j] = x[1][j] + x[2][j];
+          t[2][j] = x[2][j] - x[1][j];
+          t[3][j] = x[1][j] - x[3][j];
+        }
+        T* vc = vbuf.data() + c * 16 * V;
+        LIGHTNET_OPS_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const vec v0 = t[i][0] - t[i][2], v1 = t[i][1] + t[i][2], v2 = t[i][2] - t[i][1], v3 = t[i][1] - t[i][3];
+          S::store(vc + (i * 4 + 0) * V, v0);
+          S::store(vc + (i * 4 + 1) * V, v1);
+          S::store(vc + (i * 4 + 2) * V, v2);
+          S::store(vc + (i * 4 + 3) * V, v3);
+          check += (v0 - v0) + (v1 - v1) + (v2 - v2) + (v3 - v3);  // NaN once anything is not finite
+        }
+      }
+      for (int64_t k = 0; k < d.K; ++k) {
+        vec m[16];
+        LIGHTNET_OPS_UNROLL
+        for (int xi = 0; xi < 16; ++xi) m[xi] = S::splat(0);
+        const T* u = a.wino_u + k * d.C * 16;
+        for (int64_t c = 0; c < d.C; ++c, u += 16) {
+          const T* vc = vbuf.data() + c * 16 * V;
+          LIGHTNET_OPS_UNROLL
+          for (int xi = 0; xi < 16; ++xi) m[xi] += S::load(vc + xi * V) * u[xi];
+        }
+        vec w[2][4];  // A^T M
+        LIGHTNET_OPS_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          w[0][j] = m[j] + m[4 + j] + m[8 + j];
+          w[1][j] = m[4 + j] - m[8 + j] - m[12 + j];
+        }
+        const vec b = S::splat(a.bias ? a.bias[k] : T(0));
+        vec y[4];  // (A^T M) A plus the bias: the window's conv values, row-major
+        LIGHTNET_OPS_UNROLL
+        for (int i = 0; i < 2; ++i) {
+          y[i * 2 + 0] = (w[i][0] + w[i][1] + w[i][2]) + b;
+          y[i * 2 + 1] = (w[i][1] - w[i][2] - w[i][3]) + b;
+        }
+        check += (y[0] - y[0]) + (y[1] - y[1]) + (y[2] - y[2]) + (y[3] - y[3]);
+        vec best = y[0];
+        ivec arg = S::isplat(0);
+        LIGHTNET_OPS_UNROLL
+        for (int q = 1; q < 4; ++q) {
+          const ivec take = S::pool_takes(y[q], best);
+          best = S::select(take, y[q], best);
+          arg = S::iselect(take, S::isplat(q), arg);
+        }
+        S::store(obuf.data() + k * d.Fpad + f0, S::relu(best));
+        if (a.argmax) {
+          const auto bytes = S::to_bytes(S::iselect(S::relu_passes(best), arg, S::isplat(kArgmaxReluZero)));
+          std::memcpy(abuf.data() + k * d.Fpad + f0, &bytes, V);
+        }
+      }
+    }
+    // (The check also covers the dropped lanes past the pooled rows: a non-finite input element
+    // that only they read sends the sample to the direct kernel too, which is merely slower.)
+    if (S::hsum(check) != T(0)) {
+      direct_forward<T, V, KB>(a, n, n + 1);
+      continue;
+    }
+    T* out = a.out + n * d.K * F;
+    uint8_t* am = a.argmax ? a.argmax + n * d.K * F : nullptr;
+    for (int64_t k = 0; k < d.K; ++k) {
+      const T* o = obuf.data() + k * d.Fpad;
+      const uint8_t* ab = abuf.data() + k * d.Fpad;
+      for (int64_t ph = 0; ph < d.PH; ++ph) {
+        copy_row_bytes(out + k * F + ph * d.PW, o + ph * d.PWs, d.PW * int64_t(sizeof(T)));
+        if (am) copy_row_bytes(am + k * F + ph * d.PW, ab + ph * d.PWs, d.PW);
+      }
+    }
+  }
+}
+
 constexpr int kTermBlock = 3;  // filter taps per grad_weight register block (3: one 3-wide row)
 
 // Backward for samples [n0, n1); adds this range's weight / bias gradients, per lane, into
@@ -399,7 +510,31 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
         T* dxf = dX + f0;
         for (int64_t w = 0; w < d.WIN; ++w) {
           const int64_t* xoff = d.xoff.data() + w * d.CRS;
-          for (int64_t kb = 0; kb < d.Kpad / KB; ++kb) {
+          const int64_t blocks = d.Kpad / KB;
+          int64_t kb = 0;
+          // Two channel blocks at a time: two independent multiply-add chains per tap (one chain
+          // alone waits on its own latency) and half the read-modify-writes of the planes.
+          for (; kb + 2 <= blocks; kb += 2) {
+            vec g0[KB], g1[KB];
+            LIGHTNET_OPS_UNROLL
+            for (int q = 0; q < KB; ++q) {
+              g0[q] = S::load(Gm + (w * d.Kpad + kb * KB + q) * d.Fpad + f0);
+              g1[q] = S::load(Gm + (w * d.Kpad + (kb + 1) * KB + q) * d.Fpad + f0);
+            }
+            const T* wp0 = a.wpk + kb * d.CRS * KB;
+            const T* wp1 = wp0 + d.CRS * KB;
+            for (int64_t t = 0; t < d.CRS; ++t, wp0 += KB, wp1 += KB) {
+              vec acc0 = g0[0] * wp0[0], acc1 = g1[0] * wp1[0];
+              LIGHTNET_OPS_UNROLL
+              for (int q = 1; q < KB; ++q) {
+                acc0 += g0[q] * wp0[q];
+                acc1 += g1[q] * wp1[q];
+              }
+              T* p = dxf + xoff[t];
+              S::store(p, S::load(p) + (acc0 + acc1));
+            }
+          }
+          for (; kb < blocks; ++kb) {
             vec g[KB];
             LIGHTNET_OPS_UNROLL
             for (int q = 0; q < KB; ++q) g[q] = S::load(Gm + (w * d.Kpad + kb * KB + q) * d.Fpad + f0);
@@ -891,6 +1026,10 @@ bool all_finite(const T* p, int64_t n) {
 template <typename T, int KB>
 void direct_forward_range(const DirectFwdArgs<T>& a, int64_t n0, int64_t n1) {
   direct_forward<T, kLanes<T>, KB>(a, n0, n1);
+}
+template <typename T, int KB>
+void direct_winograd_forward_range(const DirectFwdArgs<T>& a, int64_t n0, int64_t n1) {
+  direct_winograd_forward<T, kLanes<T>, KB>(a, n0, n1);
 }
 template <typename T, int KB>
 void direct_backward_range(const DirectBwdArgs<T>& a, int64_t n0, int64_t n1, T* gw, T* gb) {
