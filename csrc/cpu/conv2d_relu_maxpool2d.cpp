@@ -309,9 +309,9 @@ bool use_span_grad_weight(const ConvPoolShape& s, int64_t elem_size);
 // dilation 1, 2x2 pool with stride 2). Per tile and output channel: 16 multiply-adds per input
 // channel instead of 36, plus the transforms (the output one per output channel), which only pay
 // off with a few input channels. Measured on the 2-core AVX-512 EPYC, float32, batch 64, 15x15,
-// K = 16, direct vs Winograd: C = 2 72 vs 73 us, 3 95 vs 92, 6 (LightNet conv2) 157 vs 141,
-// 16 370 vs 320 (and for LightNet conv1, C = 1, 32x32, K = 6: 85 vs 81, left direct: the gain is
-// within noise there). LIGHTNET_OPS_CPU_DIRECT_FORWARD=winograd|direct overrides the choice (tests
+// K = 16, direct vs Winograd: C = 2 72 vs 73 us, 3 89-96 vs 88-92, 6 (LightNet conv2) 150-159 vs
+// 128-136, 16 361-374 vs 274-289 (and for LightNet conv1, C = 1, 32x32, K = 6: 85 vs 81, left
+// direct: the gain is within noise there). LIGHTNET_OPS_CPU_DIRECT_FORWARD=winograd|direct overrides the choice (tests
 // cover both); shapes it cannot take always get the direct kernel.
 bool use_direct_winograd(const ConvPoolShape& s) {
   const bool fits = s.R == 3 && s.S == 3 && s.stride_h == 1 && s.stride_w == 1 && s.dil_h == 1 && s.dil_w == 1 &&

@@ -320,6 +320,7 @@ LIGHTNET_OPS_INLINE void direct_winograd_forward(const DirectFwdArgs<T>& a, int6
   const Direct& d = *a.d;
   Scratch<T> zbuf(d.pack_elems());
   Scratch<T> vbuf(d.C * 16 * V);                // transformed input tiles of one vector of positions
+  Scratch<T> mbuf(d.K * 16 * V);                // and their products with the transformed weights
   Scratch<T> obuf(d.K * d.Fpad);
   std::vector<uint8_t> abuf(d.K * d.Fpad);
   T* Z = zbuf.data();
@@ -357,16 +358,37 @@ LIGHTNET_OPS_INLINE void direct_winograd_forward(const DirectFwdArgs<T>& a, int6
           check += (v0 - v0) + (v1 - v1) + (v2 - v2) + (v3 - v3);  // NaN once anything is not finite
         }
       }
+      // M[k][xi] = sum over c of U[k][c][xi] * V[c][xi], two output channels x 8 positions per
+      // register block: each loaded V vector serves both channels.
+      for (int64_t k0 = 0; k0 < d.K; k0 += 2) {
+        const int64_t k1 = std::min(k0 + 1, d.K - 1);
+        for (int x0 = 0; x0 < 16; x0 += 8) {
+          vec acc0[8], acc1[8];
+          LIGHTNET_OPS_UNROLL
+          for (int x = 0; x < 8; ++x) acc0[x] = acc1[x] = S::splat(0);
+          const T* u0 = a.wino_u + k0 * d.C * 16 + x0;
+          const T* u1 = a.wino_u + k1 * d.C * 16 + x0;
+          const T* vc = vbuf.data() + x0 * V;
+          for (int64_t c = 0; c < d.C; ++c, u0 += 16, u1 += 16, vc += 16 * V) {
+            LIGHTNET_OPS_UNROLL
+            for (int x = 0; x < 8; ++x) {
+              vec v = S::load(vc + x * V);
+              LIGHTNET_OPS_IN_REGISTER(v);  // one load for both channels
+              acc0[x] += v * u0[x];
+              acc1[x] += v * u1[x];
+            }
+          }
+          LIGHTNET_OPS_UNROLL
+          for (int x = 0; x < 8; ++x) {
+            S::store(mbuf.data() + (k0 * 16 + x0 + x) * V, acc0[x]);
+            S::store(mbuf.data() + (k1 * 16 + x0 + x) * V, acc1[x]);
+          }
+        }
+      }
       for (int64_t k = 0; k < d.K; ++k) {
         vec m[16];
         LIGHTNET_OPS_UNROLL
-        for (int xi = 0; xi < 16; ++xi) m[xi] = S::splat(0);
-        const T* u = a.wino_u + k * d.C * 16;
-        for (int64_t c = 0; c < d.C; ++c, u += 16) {
-          const T* vc = vbuf.data() + c * 16 * V;
-          LIGHTNET_OPS_UNROLL
-          for (int xi = 0; xi < 16; ++xi) m[xi] += S::load(vc + xi * V) * u[xi];
-        }
+        for (int xi = 0; xi < 16; ++xi) m[xi] = S::load(mbuf.data() + (k * 16 + xi) * V);
         vec w[2][4];  // A^T M
         LIGHTNET_OPS_UNROLL
         for (int j = 0; j < 4; ++j) {
