@@ -124,8 +124,9 @@ CPU_PATH_CASES = ["lightnet_conv2", "nonsquare_stride", "dilation_padding", "poo
 # with stride 1 and a 2x2 pool with stride 2; other shapes keep the path's plain forward.
 CPU_PATHS = {
     "direct": {"LIGHTNET_OPS_CPU_CONV_PATH": "direct", "LIGHTNET_OPS_CPU_DIRECT_FORWARD": "direct",
-               "LIGHTNET_OPS_CPU_DIRECT_WEIGHT_GRAD": "direct"},
+               "LIGHTNET_OPS_CPU_DIRECT_INPUT_GRAD": "direct", "LIGHTNET_OPS_CPU_DIRECT_WEIGHT_GRAD": "direct"},
     "direct-winograd-span": {"LIGHTNET_OPS_CPU_CONV_PATH": "direct", "LIGHTNET_OPS_CPU_DIRECT_FORWARD": "winograd",
+                             "LIGHTNET_OPS_CPU_DIRECT_INPUT_GRAD": "winograd",
                              "LIGHTNET_OPS_CPU_DIRECT_WEIGHT_GRAD": "span"},
     "aten-scatter": {"LIGHTNET_OPS_CPU_CONV_PATH": "aten", "LIGHTNET_OPS_CPU_ATEN_FORWARD": "conv",
                      "LIGHTNET_OPS_CPU_ATEN_BACKWARD": "scatter"},
@@ -407,6 +408,27 @@ def test_cpu_paths_non_finite_like_stock(monkeypatch, path, where, value):
     got = outputs_and_grads(lambda *t: fused(*t, case, "cpu"), (x, w, b))
     want = outputs_and_grads(lambda *t: stock(*t, case), (x, w, b))
     assert_same_nans_and_close(got, want)
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("path", list(CPU_PATHS))
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_cpu_paths_non_finite_grad_output_like_stock(path, value):
+    # A non-finite incoming gradient: where ReLU zeroed the element it is dropped, elsewhere it
+    # spreads through the patch its conv position read, as in stock's dense backward. (The
+    # Winograd grad_input would smear it over the whole 4x4 tile: it hands the sample to the direct
+    # kernel.)
+    case = CASES_BY_NAME["lightnet_conv2"]
+    (_, _, _), (x, w, b) = make_inputs(case, torch.float32, "cpu")
+    results = []
+    for run in (lambda *t: fused(*t, case, "cpu"), lambda *t: stock(*t, case)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        with cpu_path_env(path):
+            out = run(*leaves)
+            g = torch.ones_like(out)
+            g.view(-1)[[3, 50, 77]] = value  # a few elements, live or ReLU-zeroed
+            results.append([out.detach(), *torch.autograd.grad(out, leaves, g)])
+    assert_same_nans_and_close(results[0], results[1])
 
 
 @pytest.mark.parametrize("backend, device", backend_cases())

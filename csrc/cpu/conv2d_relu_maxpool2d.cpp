@@ -311,16 +311,19 @@ bool use_span_grad_weight(const ConvPoolShape& s, int64_t elem_size);
 // off with a few input channels. Measured on the 2-core AVX-512 EPYC, float32, batch 64, 15x15,
 // K = 16, direct vs Winograd: C = 2 72 vs 73 us, 3 89-96 vs 88-92, 6 (LightNet conv2) 150-159 vs
 // 128-136, 16 361-374 vs 274-289 (and for LightNet conv1, C = 1, 32x32, K = 6: 85 vs 81, left
-// direct: the gain is within noise there). LIGHTNET_OPS_CPU_DIRECT_FORWARD=winograd|direct overrides the choice (tests
-// cover both); shapes it cannot take always get the direct kernel.
-bool use_direct_winograd(const ConvPoolShape& s) {
+// direct: the gain is within noise there). LIGHTNET_OPS_CPU_DIRECT_FORWARD=winograd|direct
+// overrides the choice (tests cover both); shapes it cannot take always get the direct kernel.
+// The same transforms, adjoint, give the direct backward's grad_input (16 multiply-adds per tile
+// and channel pair instead of 36, plus the transforms), from 4 input channels on. Measured
+// likewise, grad_input only, direct vs Winograd: C = 2 75 vs 80 us, 3 100 vs 110, 4 122 vs 116,
+// 5 149 vs 146, 6 (LightNet conv2) 175 vs 156 (whole backward 311 vs 297), 16 411 vs 343.
+// LIGHTNET_OPS_CPU_DIRECT_INPUT_GRAD=winograd|direct overrides that choice.
+bool use_direct_winograd(const ConvPoolShape& s, const char* override_variable, int64_t min_channels) {
   const bool fits = s.R == 3 && s.S == 3 && s.stride_h == 1 && s.stride_w == 1 && s.dil_h == 1 && s.dil_w == 1 &&
                     s.pool_kh == 2 && s.pool_kw == 2 && s.pool_sh == 2 && s.pool_sw == 2;
   if (!fits) return false;
-  if (const int forced = env_choice("LIGHTNET_OPS_CPU_DIRECT_FORWARD", "winograd", "direct"); forced >= 0) {
-    return forced == 1;
-  }
-  return s.C >= 3;
+  if (const int forced = env_choice(override_variable, "winograd", "direct"); forced >= 0) return forced == 1;
+  return s.C >= min_channels;
 }
 
 // Channels padded to a multiple of 64 bytes (the widest vector) for the Winograd forward.
@@ -573,7 +576,7 @@ void direct_forward_launch(const ConvPoolShape& s, const at::Tensor& input, cons
   const Kernels<T> kern = kernels<T>(isa, d.KB);
   FwdFn<T> fn = kern.fwd;
   std::vector<T> wino_u;
-  if (use_direct_winograd(s)) {
+  if (use_direct_winograd(s, "LIGHTNET_OPS_CPU_DIRECT_FORWARD", 3)) {
     wino_u.resize(s.K * s.C * 16);
     // The weights are finite (checked by the caller); their transform could still overflow.
     if (winograd_weights<T>(s, weight.const_data_ptr<T>(), [&](int64_t xi, int64_t c, int64_t k) -> T& {
@@ -648,6 +651,15 @@ void direct_backward_launch(const ConvPoolShape& s, const at::Tensor& grad_out, 
   const Direct d = cpu::make_direct(s, channel_block(isa, s.K));
   std::vector<T> wpk(d.Kpad * d.CRS);
   pack_weight<T>(d, weight.const_data_ptr<T>(), nullptr, wpk.data(), nullptr);
+  std::vector<T> wino_u;  // Winograd-transformed weights for grad_input, [K][C][16]
+  if (mask[0] && use_direct_winograd(s, "LIGHTNET_OPS_CPU_DIRECT_INPUT_GRAD", 4)) {
+    wino_u.resize(s.K * s.C * 16);
+    if (!winograd_weights<T>(s, weight.const_data_ptr<T>(), [&](int64_t xi, int64_t c, int64_t k) -> T& {
+          return wino_u[(k * s.C + c) * 16 + xi];
+        })) {
+      wino_u.clear();  // a transformed weight overflowed: the direct grad_input
+    }
+  }
   // A fixed split of the batch into chunks (a function of the shapes only): the partial weight /
   // bias gradients, kept per lane and reduced in lane then chunk order, do not depend on the number
   // of threads. Up to 16 chunks (enough to balance a few cores), fewer when the partials get large.
@@ -671,7 +683,8 @@ void direct_backward_launch(const ConvPoolShape& s, const at::Tensor& grad_out, 
                            argmax.const_data_ptr<uint8_t>(),
                            mask[0] ? grad_input.mutable_data_ptr<T>() : nullptr,
                            need_w,
-                           need_b};
+                           need_b,
+                           wino_u.empty() ? nullptr : wino_u.data()};
   const BwdFn<T> fn = kernels<T>(isa, d.KB).bwd;
   // Lane sums in lane order, per chunk (inside the parallel region: the slice is still in cache).
   const auto sum_lanes = [](const T* part_sums, int64_t entries, T* dst) {
@@ -777,8 +790,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cp
   const auto empty = [&] { return at::empty({0}, input.options()); };
   // The direct path, else the scatter backward, when their operands are finite; else dense.
   const bool direct = use_direct(s, input.element_size());
-  const bool sparse = (direct || use_scatter_backward(s, input.element_size())) &&
-                      sparse_backward_matches_stock(input, weight, output_mask);
+  // The scatter grad_input also adds its spans' zero lanes into neighbouring positions, which a
+  // non-finite gradient would turn into NaN there: a non-finite grad_output takes the dense path.
+  const bool sparse =
+      (direct || (use_scatter_backward(s, input.element_size()) &&
+                  (!output_mask[0] || tensor_is_finite(grad_output.contiguous())))) &&
+      sparse_backward_matches_stock(input, weight, output_mask);
   if (direct && sparse) {
     // grad_weight / grad_bias are accumulated into, so they start at zero (this also covers an
     // empty batch); the kernel zeroes each sample's grad_input before writing it.

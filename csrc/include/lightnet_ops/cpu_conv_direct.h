@@ -114,6 +114,8 @@ struct DirectBwdArgs {
   const uint8_t* argmax;  // (N, K, PH, PW) contiguous
   T* grad_input;          // (N, C, H, W) uninitialised (each sample is zeroed, then written), or null
   bool need_weight, need_bias;
+  // grad_input by the Winograd adjoint when set (shapes as for DirectFwdArgs::wino_u; same layout).
+  const T* wino_u = nullptr;
 };
 
 // Lanes kept per entry of the direct backward's partial weight / bias gradients (the widest

@@ -437,6 +437,119 @@ LIGHTNET_OPS_INLINE void direct_winograd_forward(const DirectFwdArgs<T>& a, int6
   }
 }
 
+// grad_input of one sample by the adjoint of the Winograd F(2x2, 3x3) forward (shapes as for
+// direct_winograd_forward), from the masked gradient planes Gm[w][k][f] of direct_backward: per
+// vector of pooled positions, P_k = A Gm_k A^T (the 2x2 window gradient into the transformed
+// domain), per input channel M_c = sum over k of U[k][c] (.) P_k (16 multiply-adds per tile and
+// channel pair instead of 36), and B M_c B^T, the tile's 4x4 input gradient, added into dZ (the
+// phase-plane layout of pack_input, in which neighbouring tiles overlap). dZ is then unpacked into
+// gi, every element written. Returns false, with gi not written, if a value is not finite: the
+// caller then uses the direct grad_input (the transforms place NaNs and infinities differently).
+template <typename T, int V>
+LIGHTNET_OPS_INLINE bool winograd_grad_input(const Direct& d, const T* U, const T* Gm, int64_t Fv, T* dZ, T* pbuf,
+                                             T* mbuf, T* gi) {
+  using S = Simd<T, V>;
+  using vec = typename S::vec;
+  std::fill(dZ, dZ + d.pack_elems(), T(0));
+  const auto tile_off = [&](int64_t c, int i, int j) {
+    return ((c * 2 + i % 2) * 2 + j % 2) * d.Zlen + (i / 2) * d.PWs + j / 2;
+  };
+  vec check = S::splat(0);
+  for (int64_t f0 = 0; f0 < Fv; f0 += V) {
+    for (int64_t k = 0; k < d.K; ++k) {  // A Gm A^T; Gm's window offset w = i * 2 + j
+      vec g[4];
+      LIGHTNET_OPS_UNROLL
+      for (int w = 0; w < 4; ++w) g[w] = S::load(Gm + (w * d.Kpad + k) * d.Fpad + f0);
+      vec h[4][2];
+      LIGHTNET_OPS_UNROLL
+      for (int j = 0; j < 2; ++j) {
+        h[0][j] = g[j];
+        h[1][j] = g[j] + g[2 + j];
+        h[2][j] = g[j] - g[2 + j];
+        h[3][j] = -g[2 + j];
+      }
+      T* p = pbuf + k * 16 * V;
+      LIGHTNET_OPS_UNROLL
+      for (int r = 0; r < 4; ++r) {
+        S::store(p + (r * 4 + 0) * V, h[r][0]);
+        S::store(p + (r * 4 + 1) * V, h[r][0] + h[r][1]);
+        S::store(p + (r * 4 + 2) * V, h[r][0] - h[r][1]);
+        S::store(p + (r * 4 + 3) * V, -h[r][1]);
+      }
+    }
+    // M_c, in register blocks of 2 input channels x 8 positions (each P vector loaded once for both).
+    for (int64_t c0 = 0; c0 < d.C; c0 += 2) {
+      const int64_t c1 = std::min(c0 + 1, d.C - 1);
+      for (int x0 = 0; x0 < 16; x0 += 8) {
+        vec acc0[8], acc1[8];
+        LIGHTNET_OPS_UNROLL
+        for (int x = 0; x < 8; ++x) acc0[x] = acc1[x] = S::splat(0);
+        const T* p = pbuf + x0 * V;
+        for (int64_t k = 0; k < d.K; ++k, p += 16 * V) {
+          const T* u0 = U + (k * d.C + c0) * 16 + x0;
+          const T* u1 = U + (k * d.C + c1) * 16 + x0;
+          LIGHTNET_OPS_UNROLL
+          for (int x = 0; x < 8; ++x) {
+            vec v = S::load(p + x * V);
+            LIGHTNET_OPS_IN_REGISTER(v);
+            acc0[x] += v * u0[x];
+            acc1[x] += v * u1[x];
+          }
+        }
+        LIGHTNET_OPS_UNROLL
+        for (int x = 0; x < 8; ++x) {
+          S::store(mbuf + (c0 * 16 + x0 + x) * V, acc0[x]);
+          S::store(mbuf + (c1 * 16 + x0 + x) * V, acc1[x]);
+        }
+      }
+    }
+    for (int64_t c = 0; c < d.C; ++c) {
+      vec m[16];
+      LIGHTNET_OPS_UNROLL
+      for (int xi = 0; xi < 16; ++xi) m[xi] = S::load(mbuf + (c * 16 + xi) * V);
+      vec t[4][4];  // rows: the transpose of the forward's B^T d
+      LIGHTNET_OPS_UNROLL
+      for (int q = 0; q < 4; ++q) {
+        t[0][q] = m[q];
+        t[1][q] = m[4 + q] - m[8 + q] + m[12 + q];
+        t[2][q] = m[4 + q] + m[8 + q] - m[q];
+        t[3][q] = -m[12 + q];
+      }
+      LIGHTNET_OPS_UNROLL
+      for (int i = 0; i < 4; ++i) {  // columns likewise
+        const vec dd[4] = {t[i][0], t[i][1] - t[i][2] + t[i][3], t[i][1] + t[i][2] - t[i][0], -t[i][3]};
+        LIGHTNET_OPS_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          T* z = dZ + tile_off(c, i, j) + f0;
+          S::store(z, S::load(z) + dd[j]);
+          check += dd[j] - dd[j];  // NaN once anything is not finite
+        }
+      }
+    }
+  }
+  if (S::hsum(check) != T(0)) return false;
+  // Row y of channel c interleaves the rows Y = (y + pad_h) / 2 of its two column-phase planes.
+  for (int64_t c = 0; c < d.C; ++c) {
+    for (int64_t y = 0; y < d.H; ++y) {
+      const int64_t yy = y + d.pad_h, Y = yy / 2;
+      T* dst = gi + (c * d.H + y) * d.W;
+      if (Y >= d.PHe) {
+        std::fill(dst, dst + d.W, T(0));
+        continue;
+      }
+      const T* row[2] = {dZ + ((c * 2 + yy % 2) * 2 + 0) * d.Zlen + Y * d.PWs,
+                         dZ + ((c * 2 + yy % 2) * 2 + 1) * d.Zlen + Y * d.PWs};
+      const int64_t covered = std::max<int64_t>(0, std::min(d.W, 2 * d.PWs - d.pad_w));  // columns tiles reach
+      for (int64_t x = 0; x < covered; ++x) {
+        const int64_t xx = x + d.pad_w;
+        dst[x] = row[xx & 1][xx >> 1];
+      }
+      std::fill(dst + covered, dst + d.W, T(0));
+    }
+  }
+  return true;
+}
+
 constexpr int kTermBlock = 3;  // filter taps per grad_weight register block (3: one 3-wide row)
 
 // Backward for samples [n0, n1); adds this range's weight / bias gradients, per lane, into
@@ -452,6 +565,10 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
   const int64_t Fv = (d.Fs + V - 1) / V * V;  // lanes the vector loops touch (<= Fpad)
   Scratch<T> zbuf(a.need_weight ? d.pack_elems() : 0);
   Scratch<T> dxbuf(a.grad_input ? d.dx_elems() : 0);  // margins and tails stay zero
+  const bool wino_gi = a.grad_input && a.wino_u;
+  Scratch<T> wzbuf(wino_gi ? d.pack_elems() : 0);    // Winograd grad_input: dZ,
+  Scratch<T> wpbuf(wino_gi ? d.K * 16 * V : 0);      // the P_k and
+  Scratch<T> wmbuf(wino_gi ? d.C * 16 * V : 0);      // the M_c of one vector of positions
   Scratch<T> phbuf(a.grad_input ? d.Lz : 0);          // one summed phase plane
   Scratch<T> gmbuf(d.grad_elems());                  // rows k >= K stay zero
   std::vector<T> gsbuf(d.Fpad, T(0));                // one gradient plane, packed layout
@@ -519,6 +636,10 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
           }
         }
       }
+    }
+    if (wino_gi && winograd_grad_input<T, V>(d, a.wino_u, Gm, Fv, wzbuf.data(), wpbuf.data(), wmbuf.data(),
+                                             a.grad_input + n * CHW)) {
+      continue;  // (grad_input is the last part of the sample's backward)
     }
     if (a.grad_input) {
       // Every (window offset, tap) pair adds weight * masked gradient into its window-shift plane
