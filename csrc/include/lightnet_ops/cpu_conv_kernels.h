@@ -232,6 +232,25 @@ LIGHTNET_OPS_INLINE void unshift_add(const Direct& d, const T* dX, T* tmp, T* gi
   }
 }
 
+// Writes sample n's output and argmax from the packed position layout (rows of PWs lanes, one
+// plane of Fpad lanes per output channel), dropping the lanes past each pooled row.
+template <typename T>
+LIGHTNET_OPS_INLINE void store_pooled_sample(const DirectFwdArgs<T>& a, int64_t n, const T* obuf,
+                                             const uint8_t* abuf) {
+  const Direct& d = *a.d;
+  const int64_t F = d.PH * d.PW;
+  T* out = a.out + n * d.K * F;
+  uint8_t* am = a.argmax ? a.argmax + n * d.K * F : nullptr;
+  for (int64_t k = 0; k < d.K; ++k) {
+    const T* o = obuf + k * d.Fpad;
+    const uint8_t* ab = abuf + k * d.Fpad;
+    for (int64_t ph = 0; ph < d.PH; ++ph) {
+      copy_row_bytes(out + k * F + ph * d.PW, o + ph * d.PWs, d.PW * int64_t(sizeof(T)));
+      if (am) copy_row_bytes(am + k * F + ph * d.PW, ab + ph * d.PWs, d.PW);
+    }
+  }
+}
+
 // Forward for samples [n0, n1).
 template <typename T, int V, int KB>
 LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, int64_t n1) {
@@ -243,7 +262,7 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
   Scratch<T> obuf(d.K * d.Fpad);              // output in the packed position layout
   std::vector<uint8_t> abuf(d.K * d.Fpad);    // argmax likewise
   T* Z = zbuf.data();
-  const int64_t CHW = d.C * d.H * d.W, F = d.PH * d.PW;
+  const int64_t CHW = d.C * d.H * d.W;
   for (int64_t n = n0; n < n1; ++n) {
     pack_input(d, a.input + n * CHW, Z);
     for (int64_t f0 = 0; f0 < d.Fs; f0 += V) {
@@ -290,17 +309,41 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
         }
       }
     }
-    // Drop the lanes past each pooled row (packed rows are PWs long, pooled rows PW).
-    T* out = a.out + n * d.K * F;
-    uint8_t* am = a.argmax ? a.argmax + n * d.K * F : nullptr;
-    for (int64_t k = 0; k < d.K; ++k) {
-      const T* o = obuf.data() + k * d.Fpad;
-      const uint8_t* ab = abuf.data() + k * d.Fpad;
-      for (int64_t ph = 0; ph < d.PH; ++ph) {
-        copy_row_bytes(out + k * F + ph * d.PW, o + ph * d.PWs, d.PW * int64_t(sizeof(T)));
-        if (am) copy_row_bytes(am + k * F + ph * d.PW, ab + ph * d.PWs, d.PW);
-      }
-    }
+    store_pooled_sample(a, n, obuf.data(), abuf.data());
+  }
+}
+
+// Winograd F(2x2, 3x3) output transform of one 2x2 output tile, fused with the pool: the
+// products m (4x4, row-major) go through A^T m A, plus the bias b, to the window's four conv
+// values, whose maximum (stock's rule: first maximum, NaN wins) and its window offset come back in
+// best / arg (before ReLU). check turns NaN once a conv value is not finite.
+template <typename T, int V>
+LIGHTNET_OPS_INLINE void winograd_output_pool_tile(const typename Simd<T, V>::vec* m, typename Simd<T, V>::vec b,
+                                                   typename Simd<T, V>::vec& check, typename Simd<T, V>::vec& best,
+                                                   typename Simd<T, V>::ivec& arg) {
+  using S = Simd<T, V>;
+  using vec = typename S::vec;
+  using ivec = typename S::ivec;
+  vec w[2][4];  // A^T m
+  LIGHTNET_OPS_UNROLL
+  for (int j = 0; j < 4; ++j) {
+    w[0][j] = m[j] + m[4 + j] + m[8 + j];
+    w[1][j] = m[4 + j] - m[8 + j] - m[12 + j];
+  }
+  vec y[4];  // (A^T m) A plus the bias: the window's conv values, row-major
+  LIGHTNET_OPS_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    y[i * 2 + 0] = (w[i][0] + w[i][1] + w[i][2]) + b;
+    y[i * 2 + 1] = (w[i][1] - w[i][2] - w[i][3]) + b;
+  }
+  check += (y[0] - y[0]) + (y[1] - y[1]) + (y[2] - y[2]) + (y[3] - y[3]);
+  best = y[0];
+  arg = S::isplat(0);
+  LIGHTNET_OPS_UNROLL
+  for (int q = 1; q < 4; ++q) {
+    const ivec take = S::pool_takes(y[q], best);
+    best = S::select(take, y[q], best);
+    arg = S::iselect(take, S::isplat(q), arg);
   }
 }
 
@@ -324,7 +367,7 @@ LIGHTNET_OPS_INLINE void direct_winograd_forward(const DirectFwdArgs<T>& a, int6
   Scratch<T> obuf(d.K * d.Fpad);
   std::vector<uint8_t> abuf(d.K * d.Fpad);
   T* Z = zbuf.data();
-  const int64_t CHW = d.C * d.H * d.W, F = d.PH * d.PW;
+  const int64_t CHW = d.C * d.H * d.W;
   // Offset in Z of input tile element (i, j) of channel c (add f): phase plane (i % 2, j % 2),
   // shifted by (i / 2) rows and (j / 2) columns.
   const auto tile_off = [&](int64_t c, int i, int j) {
@@ -389,28 +432,9 @@ LIGHTNET_OPS_INLINE void direct_winograd_forward(const DirectFwdArgs<T>& a, int6
         vec m[16];
         LIGHTNET_OPS_UNROLL
         for (int xi = 0; xi < 16; ++xi) m[xi] = S::load(mbuf.data() + (k * 16 + xi) * V);
-        vec w[2][4];  // A^T M
-        LIGHTNET_OPS_UNROLL
-        for (int j = 0; j < 4; ++j) {
-          w[0][j] = m[j] + m[4 + j] + m[8 + j];
-          w[1][j] = m[4 + j] - m[8 + j] - m[12 + j];
-        }
-        const vec b = S::splat(a.bias ? a.bias[k] : T(0));
-        vec y[4];  // (A^T M) A plus the bias: the window's conv values, row-major
-        LIGHTNET_OPS_UNROLL
-        for (int i = 0; i < 2; ++i) {
-          y[i * 2 + 0] = (w[i][0] + w[i][1] + w[i][2]) + b;
-          y[i * 2 + 1] = (w[i][1] - w[i][2] - w[i][3]) + b;
-        }
-        check += (y[0] - y[0]) + (y[1] - y[1]) + (y[2] - y[2]) + (y[3] - y[3]);
-        vec best = y[0];
-        ivec arg = S::isplat(0);
-        LIGHTNET_OPS_UNROLL
-        for (int q = 1; q < 4; ++q) {
-          const ivec take = S::pool_takes(y[q], best);
-          best = S::select(take, y[q], best);
-          arg = S::iselect(take, S::isplat(q), arg);
-        }
+        vec best;
+        ivec arg;
+        winograd_output_pool_tile<T, V>(m, S::splat(a.bias ? a.bias[k] : T(0)), check, best, arg);
         S::store(obuf.data() + k * d.Fpad + f0, S::relu(best));
         if (a.argmax) {
           const auto bytes = S::to_bytes(S::iselect(S::relu_passes(best), arg, S::isplat(kArgmaxReluZero)));
@@ -424,16 +448,7 @@ LIGHTNET_OPS_INLINE void direct_winograd_forward(const DirectFwdArgs<T>& a, int6
       direct_forward<T, V, KB>(a, n, n + 1);
       continue;
     }
-    T* out = a.out + n * d.K * F;
-    uint8_t* am = a.argmax ? a.argmax + n * d.K * F : nullptr;
-    for (int64_t k = 0; k < d.K; ++k) {
-      const T* o = obuf.data() + k * d.Fpad;
-      const uint8_t* ab = abuf.data() + k * d.Fpad;
-      for (int64_t ph = 0; ph < d.PH; ++ph) {
-        copy_row_bytes(out + k * F + ph * d.PW, o + ph * d.PWs, d.PW * int64_t(sizeof(T)));
-        if (am) copy_row_bytes(am + k * F + ph * d.PW, ab + ph * d.PWs, d.PW);
-      }
-    }
+    store_pooled_sample(a, n, obuf.data(), abuf.data());
   }
 }
 
@@ -1108,35 +1123,14 @@ bool winograd_output_pool(const WinogradArgs<T>& a, int64_t n, int64_t ph0, int6
   for (int64_t t = 0; t < tiles; ++t) {
     for (int64_t k0 = 0; k0 < a.Kp; k0 += L) {
       const T* src = M + t * a.Kp + k0;
-      vec m[4][4];
+      vec m[16];
       LIGHTNET_OPS_UNROLL
-      for (int r = 0; r < 4; ++r)
-        LIGHTNET_OPS_UNROLL
-        for (int q = 0; q < 4; ++q) m[r][q] = S::load(src + (r * 4 + q) * plane);
-      vec u[2][4];
-      LIGHTNET_OPS_UNROLL
-      for (int q = 0; q < 4; ++q) {  // A^T M
-        u[0][q] = m[0][q] + m[1][q] + m[2][q];
-        u[1][q] = m[1][q] - m[2][q] - m[3][q];
-      }
+      for (int xi = 0; xi < 16; ++xi) m[xi] = S::load(src + xi * plane);
       T bias_lanes[L] = {};
       for (int l = 0; l < L && k0 + l < s.K; ++l) bias_lanes[l] = a.bias ? a.bias[k0 + l] : T(0);
-      const vec b = S::load(bias_lanes);
-      vec y[4];
-      LIGHTNET_OPS_UNROLL
-      for (int i = 0; i < 2; ++i) {  // (A^T M) A, plus the bias
-        y[i * 2 + 0] = (u[i][0] + u[i][1] + u[i][2]) + b;
-        y[i * 2 + 1] = (u[i][1] - u[i][2] - u[i][3]) + b;
-      }
-      check += (y[0] - y[0]) + (y[1] - y[1]) + (y[2] - y[2]) + (y[3] - y[3]);  // NaN if any is not finite
-      vec best = y[0];
-      ivec arg = S::isplat(0);
-      LIGHTNET_OPS_UNROLL
-      for (int w = 1; w < 4; ++w) {
-        const ivec take = S::pool_takes(y[w], best);
-        best = S::select(take, y[w], best);
-        arg = S::iselect(take, S::isplat(w), arg);
-      }
+      vec best;
+      ivec arg;
+      winograd_output_pool_tile<T, L>(m, S::load(bias_lanes), check, best, arg);
       const vec o = S::relu(best);
       const ivec am = S::iselect(S::relu_passes(best), arg, S::isplat(kArgmaxReluZero));
       for (int l = 0; l < L && k0 + l < s.K; ++l) {
