@@ -166,7 +166,8 @@ struct ScatterArgs {
   T* gi_t;                 // grad_input as N blocks of gi_stride elements, each (H + 2 * pad_h, W + 2 * pad_w,
                            // C) and slack; uninitialised (zeroed per sample); or null
   int64_t gi_stride;
-  T* gw_t;                 // grad_weight spans (K, R, Lp), every element written; or null
+  T* gw_t;                 // grad_weight spans (K, R, Lp), the first Ls elements of each span written (the
+                           // kernel's vectors cover ceil(Ls / V) * V <= Lp); or null
   const ArgmaxOffsets* offsets;
 };
 
