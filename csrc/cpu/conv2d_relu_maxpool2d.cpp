@@ -489,6 +489,16 @@ bool winograd_weights(const ConvPoolShape& s, const T* w, At&& at) {
   return finite_check == T(0);
 }
 
+// The direct path's Winograd weights, [K][C][16] (see DirectFwdArgs::wino_u), from contiguous
+// weights; empty if a transformed value is not finite.
+template <typename T>
+std::vector<T> direct_winograd_weights(const ConvPoolShape& s, const at::Tensor& weight) {
+  std::vector<T> u(s.K * s.C * 16);
+  const bool finite = winograd_weights<T>(
+      s, weight.const_data_ptr<T>(), [&](int64_t xi, int64_t c, int64_t k) -> T& { return u[(k * s.C + c) * 16 + xi]; });
+  return finite ? u : std::vector<T>();
+}
+
 // Returns false when the weights, the input or a conv value is not finite (the transforms would
 // place NaNs and infinities differently from a direct convolution, and their intermediates can
 // overflow before a direct sum would); out / argmax may then be partly written, and the caller
@@ -575,17 +585,14 @@ void direct_forward_launch(const ConvPoolShape& s, const at::Tensor& input, cons
                      need_argmax ? argmax.mutable_data_ptr<uint8_t>() : nullptr};
   const Kernels<T> kern = kernels<T>(isa, d.KB);
   FwdFn<T> fn = kern.fwd;
-  std::vector<T> wino_u;
-  if (use_direct_winograd(s, "LIGHTNET_OPS_CPU_DIRECT_FORWARD", 3)) {
-    wino_u.resize(s.K * s.C * 16);
-    // The weights are finite (checked by the caller); their transform could still overflow.
-    if (winograd_weights<T>(s, weight.const_data_ptr<T>(), [&](int64_t xi, int64_t c, int64_t k) -> T& {
-          return wino_u[(k * s.C + c) * 16 + xi];
-        })) {
-      a.wino_u = wino_u.data();
-      a.bias = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
-      fn = kern.fwd_winograd;
-    }
+  // The weights are finite (checked by the caller); their transform could still overflow.
+  const std::vector<T> wino_u = use_direct_winograd(s, "LIGHTNET_OPS_CPU_DIRECT_FORWARD", 3)
+                                    ? direct_winograd_weights<T>(s, weight)
+                                    : std::vector<T>();
+  if (!wino_u.empty()) {
+    a.wino_u = wino_u.data();
+    a.bias = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+    fn = kern.fwd_winograd;
   }
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
@@ -651,15 +658,10 @@ void direct_backward_launch(const ConvPoolShape& s, const at::Tensor& grad_out, 
   const Direct d = cpu::make_direct(s, channel_block(isa, s.K));
   std::vector<T> wpk(d.Kpad * d.CRS);
   pack_weight<T>(d, weight.const_data_ptr<T>(), nullptr, wpk.data(), nullptr);
-  std::vector<T> wino_u;  // Winograd-transformed weights for grad_input, [K][C][16]
-  if (mask[0] && use_direct_winograd(s, "LIGHTNET_OPS_CPU_DIRECT_INPUT_GRAD", 4)) {
-    wino_u.resize(s.K * s.C * 16);
-    if (!winograd_weights<T>(s, weight.const_data_ptr<T>(), [&](int64_t xi, int64_t c, int64_t k) -> T& {
-          return wino_u[(k * s.C + c) * 16 + xi];
-        })) {
-      wino_u.clear();  // a transformed weight overflowed: the direct grad_input
-    }
-  }
+  // Empty (the direct grad_input) unless the Winograd one is chosen and its weights are finite.
+  const std::vector<T> wino_u = mask[0] && use_direct_winograd(s, "LIGHTNET_OPS_CPU_DIRECT_INPUT_GRAD", 4)
+                                    ? direct_winograd_weights<T>(s, weight)
+                                    : std::vector<T>();
   // A fixed split of the batch into chunks (a function of the shapes only): the partial weight /
   // bias gradients, kept per lane and reduced in lane then chunk order, do not depend on the number
   // of threads. Up to 16 chunks (enough to balance a few cores), fewer when the partials get large.

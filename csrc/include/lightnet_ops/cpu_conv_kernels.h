@@ -785,23 +785,35 @@ void bias_relu_pool_range(const PoolArgs<T>& a, int64_t p0, int64_t p1) {
 // consecutive elements of a padded input row (see ScatterArgs), handled as whole vectors.
 
 // Vector slots of the spans: slot j = (filter row r, vector v of the span), j = r * NV + v, with
-// NV = ceil(Ls / V) vectors per span. x_off: offset in x_t / gi_t from a conv position's first
-// element; w_off: offset in w_t / gw_t from a channel's first element.
+// NV = ceil(Ls / V) vectors per span. x_off: offset from a conv position's first element in the
+// input layout whose input rows are `row` elements apart (x_t / gi_t, or the span rows of
+// span_grad_weight_range); w_off: offset in w_t / gw_t from a channel's first element.
 struct SpanSlots {
   std::vector<int64_t> x_off, w_off;
 };
 
-template <typename T, int V>
-SpanSlots span_slots(const ScatterArgs<T>& a) {
-  const int64_t nv = (a.Ls + V - 1) / V;
+template <int V>
+SpanSlots span_slots(const ConvPoolShape& s, int64_t Ls, int64_t Lp, int64_t row) {
+  const int64_t nv = (Ls + V - 1) / V;
   SpanSlots slots;
-  for (int64_t r = 0; r < a.s->R; ++r) {
+  for (int64_t r = 0; r < s.R; ++r) {
     for (int64_t v = 0; v < nv; ++v) {
-      slots.x_off.push_back(r * a.s->dil_h * a.row + v * V);
-      slots.w_off.push_back(r * a.Lp + v * V);
+      slots.x_off.push_back(r * s.dil_h * row + v * V);
+      slots.w_off.push_back(r * Lp + v * V);
     }
   }
   return slots;
+}
+
+// The offsets of slots [0, nj) of a register block of NJ slots; slots past nj repeat the last
+// one (computed, not stored).
+template <int NJ>
+LIGHTNET_OPS_INLINE void block_slots(const int64_t* x_off, const int64_t* w_off, int nj, int64_t* xo, int64_t* wo) {
+  LIGHTNET_OPS_UNROLL
+  for (int j = 0; j < NJ; ++j) {
+    xo[j] = x_off[std::min(j, nj - 1)];
+    wo[j] = w_off[std::min(j, nj - 1)];
+  }
 }
 
 // The smallest of the compiled block sizes {1, 2, 3, 4, 6, 8, 12} that holds n slots (12 at most).
@@ -825,11 +837,7 @@ LIGHTNET_OPS_INLINE void scatter_gw_block(const T* x, const T* slot_g, const int
   using S = Simd<T, V>;
   using vec = typename S::vec;
   int64_t xo[NJ], wo[NJ];
-  LIGHTNET_OPS_UNROLL
-  for (int j = 0; j < NJ; ++j) {
-    xo[j] = x_off[std::min(j, nj - 1)];
-    wo[j] = w_off[std::min(j, nj - 1)];
-  }
+  block_slots<NJ>(x_off, w_off, nj, xo, wo);
   vec acc[KT][NJ];
   LIGHTNET_OPS_UNROLL
   for (int kk = 0; kk < KT; ++kk)
@@ -873,7 +881,7 @@ void scatter_grad_weight_range(const ScatterArgs<T>& a, int64_t k0, int64_t k1) 
   constexpr int V = kLanes<T>;
   constexpr int KT = 4, NJ = 6;  // KT * NJ = 24 accumulators
   const ConvPoolShape& s = *a.s;
-  const SpanSlots slots = span_slots<T, V>(a);
+  const SpanSlots slots = span_slots<V>(s, a.Ls, a.Lp, a.row);
   const int64_t J = static_cast<int64_t>(slots.x_off.size()), F = s.PH * s.PW;
   const int64_t Hp = s.H + 2 * s.pad_h, Wp = s.W + 2 * s.pad_w;
   std::vector<T> slot_g(F * KT);
@@ -918,11 +926,7 @@ LIGHTNET_OPS_INLINE void scatter_gi_block(const ScatterArgs<T>& a, const std::pa
   using S = Simd<T, V>;
   using vec = typename S::vec;
   int64_t xo[NJ], wo[NJ];
-  LIGHTNET_OPS_UNROLL
-  for (int j = 0; j < NJ; ++j) {
-    xo[j] = x_off[std::min(j, nj - 1)];
-    wo[j] = w_off[std::min(j, nj - 1)];
-  }
+  block_slots<NJ>(x_off, w_off, nj, xo, wo);
   vec acc[NJ];
   LIGHTNET_OPS_UNROLL
   for (int j = 0; j < NJ; ++j) acc[j] = S::splat(0);
@@ -949,7 +953,7 @@ void scatter_grad_input_range(const ScatterArgs<T>& a, int64_t n0, int64_t n1) {
   constexpr int V = kLanes<T>;
   constexpr int NJ = 12;  // accumulators per register block
   const ConvPoolShape& s = *a.s;
-  const SpanSlots slots = span_slots<T, V>(a);
+  const SpanSlots slots = span_slots<V>(s, a.Ls, a.Lp, a.row);
   const int64_t J = static_cast<int64_t>(slots.x_off.size()), F = s.PH * s.PW;
   const int64_t win = s.pool_kh * s.pool_kw, Wp = s.W + 2 * s.pad_w;
   std::vector<std::pair<T, int64_t>> buckets(win * s.K);  // (gradient, channel) per window offset
@@ -1003,14 +1007,8 @@ void span_grad_weight_range(const SpanGradWeightArgs<T>& a, int64_t n0, int64_t 
   const ConvPoolShape& s = *a.s;
   const int64_t Hp = s.H + 2 * s.pad_h, Wp = s.W + 2 * s.pad_w, F = s.PH * s.PW, win = s.pool_kh * s.pool_kw;
   const int64_t nv = (a.Ls + V - 1) / V;
-  std::vector<int64_t> x_off, w_off;  // slot j = (filter row r, vector v)
-  for (int64_t r = 0; r < s.R; ++r) {
-    for (int64_t v = 0; v < nv; ++v) {
-      x_off.push_back(r * s.dil_h * a.Xn * a.Lp + v * V);
-      w_off.push_back(r * a.Lp + v * V);
-    }
-  }
-  const int64_t J = static_cast<int64_t>(x_off.size());
+  const SpanSlots slots = span_slots<V>(s, a.Ls, a.Lp, a.Xn * a.Lp);  // span rows: Xn rows of Lp per input row
+  const int64_t J = static_cast<int64_t>(slots.x_off.size());
   // Samples channels-last, zeros in the padding and the slack. Two buffers: sample n + 1 is
   // transposed before sample n's sweep, so that its element-wise stores have retired by the time
   // its span rows are read from it in vectors (a vector load that spans several recent stores
@@ -1054,8 +1052,8 @@ void span_grad_weight_range(const SpanGradWeightArgs<T>& a, int64_t n0, int64_t 
       }
       for (int64_t j0 = 0; j0 < J; j0 += NJ) {
         const int nj = static_cast<int>(std::min<int64_t>(NJ, J - j0));
-        span_gw_block<T, V, KT>(rows.data(), slot_g.data(), slot_base.data(), F, x_off.data() + j0,
-                                w_off.data() + j0, nk, nj, gw + kt0 * s.R * a.Lp, s.R * a.Lp, false);
+        span_gw_block<T, V, KT>(rows.data(), slot_g.data(), slot_base.data(), F, slots.x_off.data() + j0,
+                                slots.w_off.data() + j0, nk, nj, gw + kt0 * s.R * a.Lp, s.R * a.Lp, false);
       }
     }
   }
