@@ -452,13 +452,60 @@ LIGHTNET_OPS_INLINE void direct_winograd_forward(const DirectFwdArgs<T>& a, int6
   }
 }
 
+// Whether p[0..n) holds no NaN or infinity (x - x is 0 exactly for finite x, NaN otherwise).
+template <typename T>
+bool all_finite(const T* p, int64_t n) {
+  constexpr int V = kLanes<T>;
+  using S = Simd<T, V>;
+  typename S::vec acc = S::splat(0);
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    const auto x = S::load(p + i);
+    acc += x - x;
+  }
+  T tail = 0;
+  for (; i < n; ++i) tail += p[i] - p[i];
+  return S::hsum(acc) + tail == T(0);
+}
+
+// dst[2i] = even[i], dst[2i + 1] = odd[i] for the n elements of dst, eight pairs per step through
+// two in-register shuffles instead of a scalar move per element. Reads up to 8 elements past the
+// last pair of each source row (the caller's buffer has that slack); writes only dst[0..n). A
+// short tail is copied out of one stored half only: a load spanning two recent stores cannot be
+// forwarded from them and stalls.
+template <typename T>
+LIGHTNET_OPS_INLINE void interleave_rows(const T* even, const T* odd, T* dst, int64_t n) {
+  using H = Simd<T, 8>;
+  using hi = typename H::ivec;
+  const hi lo_idx = {0, 8, 1, 9, 2, 10, 3, 11}, hi_idx = {4, 12, 5, 13, 6, 14, 7, 15};
+  for (int64_t x = 0; x < n; x += 16, even += 8, odd += 8) {
+    const typename H::vec e = H::load(even), o = H::load(odd);
+    const typename H::vec lo = __builtin_shuffle(e, o, lo_idx), up = __builtin_shuffle(e, o, hi_idx);
+    const int64_t rest = n - x;
+    if (rest >= 16) {
+      H::store(dst + x, lo);
+      H::store(dst + x + 8, up);
+      continue;
+    }
+    T half[8];
+    if (rest >= 8) {
+      H::store(dst + x, lo);
+      H::store(half, up);
+      copy_row_bytes(dst + x + 8, half, (rest - 8) * int64_t(sizeof(T)));
+    } else {
+      H::store(half, lo);
+      copy_row_bytes(dst + x, half, rest * int64_t(sizeof(T)));
+    }
+  }
+}
+
 // grad_input of one sample by the adjoint of the Winograd F(2x2, 3x3) forward (shapes as for
 // direct_winograd_forward), from the masked gradient planes Gm[w][k][f] of direct_backward: per
 // vector of pooled positions, P_k = A Gm_k A^T (the 2x2 window gradient into the transformed
 // domain), per input channel M_c = sum over k of U[k][c] (.) P_k (16 multiply-adds per tile and
 // channel pair instead of 36), and B M_c B^T, the tile's 4x4 input gradient, added into dZ (the
 // phase-plane layout of pack_input, in which neighbouring tiles overlap). dZ is then unpacked into
-// gi, every element written. Returns false, with gi not written, if a value is not finite: the
+// gi, every element written. Returns false if a written value is not finite: the
 // caller then uses the direct grad_input (the transforms place NaNs and infinities differently).
 template <typename T, int V>
 LIGHTNET_OPS_INLINE bool winograd_grad_input(const Direct& d, const T* U, const T* Gm, int64_t Fv, T* dZ, T* pbuf,
@@ -469,7 +516,6 @@ LIGHTNET_OPS_INLINE bool winograd_grad_input(const Direct& d, const T* U, const 
   const auto tile_off = [&](int64_t c, int i, int j) {
     return ((c * 2 + i % 2) * 2 + j % 2) * d.Zlen + (i / 2) * d.PWs + j / 2;
   };
-  vec check = S::splat(0);
   for (int64_t f0 = 0; f0 < Fv; f0 += V) {
     for (int64_t k = 0; k < d.K; ++k) {  // A Gm A^T; Gm's window offset w = i * 2 + j
       vec g[4];
@@ -537,13 +583,14 @@ LIGHTNET_OPS_INLINE bool winograd_grad_input(const Direct& d, const T* U, const 
         for (int j = 0; j < 4; ++j) {
           T* z = dZ + tile_off(c, i, j) + f0;
           S::store(z, S::load(z) + dd[j]);
-          check += dd[j] - dd[j];  // NaN once anything is not finite
         }
       }
     }
   }
-  if (S::hsum(check) != T(0)) return false;
-  // Row y of channel c interleaves the rows Y = (y + pad_h) / 2 of its two column-phase planes.
+  // Row y of channel c interleaves the rows Y = (y + pad_h) / 2 of its two column-phase planes:
+  // column x is element (x + pad_w) / 2 of the phase (x + pad_w) % 2 row.
+  const int64_t covered = std::max<int64_t>(0, std::min(d.W, 2 * d.PWs - d.pad_w));  // columns tiles reach
+  const int64_t odd = d.pad_w % 2, first = (d.pad_w + odd) / 2;  // odd pad_w: column 0 is phase 1's
   for (int64_t c = 0; c < d.C; ++c) {
     for (int64_t y = 0; y < d.H; ++y) {
       const int64_t yy = y + d.pad_h, Y = yy / 2;
@@ -552,17 +599,16 @@ LIGHTNET_OPS_INLINE bool winograd_grad_input(const Direct& d, const T* U, const 
         std::fill(dst, dst + d.W, T(0));
         continue;
       }
-      const T* row[2] = {dZ + ((c * 2 + yy % 2) * 2 + 0) * d.Zlen + Y * d.PWs,
-                         dZ + ((c * 2 + yy % 2) * 2 + 1) * d.Zlen + Y * d.PWs};
-      const int64_t covered = std::max<int64_t>(0, std::min(d.W, 2 * d.PWs - d.pad_w));  // columns tiles reach
-      for (int64_t x = 0; x < covered; ++x) {
-        const int64_t xx = x + d.pad_w;
-        dst[x] = row[xx & 1][xx >> 1];
-      }
+      const T* even = dZ + ((c * 2 + yy % 2) * 2 + 0) * d.Zlen + Y * d.PWs;
+      const T* odd_row = dZ + ((c * 2 + yy % 2) * 2 + 1) * d.Zlen + Y * d.PWs;
+      if (odd && covered > 0) dst[0] = odd_row[first - 1];
+      interleave_rows(even + first, odd_row + first, dst + odd, std::max<int64_t>(0, covered - odd));
       std::fill(dst + covered, dst + d.W, T(0));
     }
   }
-  return true;
+  // Not finite anywhere (the transforms place NaNs and infinities differently from a direct sum):
+  // the caller recomputes the sample directly.
+  return all_finite(gi, d.C * d.H * d.W);
 }
 
 constexpr int kTermBlock = 3;  // filter taps per grad_weight register block (3: one 3-wide row)
@@ -581,7 +627,7 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
   Scratch<T> zbuf(a.need_weight ? d.pack_elems() : 0);
   Scratch<T> dxbuf(a.grad_input ? d.dx_elems() : 0);  // margins and tails stay zero
   const bool wino_gi = a.grad_input && a.wino_u;
-  Scratch<T> wzbuf(wino_gi ? d.pack_elems() : 0);    // Winograd grad_input: dZ,
+  Scratch<T> wzbuf(wino_gi ? d.pack_elems() + 8 : 0);  // Winograd grad_input: dZ (+ interleave_rows' slack),
   Scratch<T> wpbuf(wino_gi ? d.K * 16 * V : 0);      // the P_k and
   Scratch<T> wmbuf(wino_gi ? d.C * 16 * V : 0);      // the M_c of one vector of positions
   Scratch<T> phbuf(a.grad_input ? d.Lz : 0);          // one summed phase plane
@@ -1139,22 +1185,6 @@ bool winograd_output_pool(const WinogradArgs<T>& a, int64_t n, int64_t ph0, int6
     }
   }
   return S::hsum(check) == T(0);
-}
-
-// Whether p[0..n) holds no NaN or infinity (x - x is 0 exactly for finite x, NaN otherwise).
-template <typename T>
-bool all_finite(const T* p, int64_t n) {
-  constexpr int V = kLanes<T>;
-  using S = Simd<T, V>;
-  typename S::vec acc = S::splat(0);
-  int64_t i = 0;
-  for (; i + V <= n; i += V) {
-    const auto x = S::load(p + i);
-    acc += x - x;
-  }
-  T tail = 0;
-  for (; i < n; ++i) tail += p[i] - p[i];
-  return S::hsum(acc) + tail == T(0);
 }
 
 // Entry points for this instruction set (instantiated by the including .cpp).
