@@ -34,6 +34,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -650,10 +651,71 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_cpu(const at::Tensor& i
   return {out, argmax};
 }
 
+// grad_weight of the direct path through the span kernel (use_span_grad_weight): per sample,
+// every live pooled element adds gradient * the spans of the conv position it selected (one
+// vector per span slice instead of the direct kernel's sweep over every window offset). Runs per
+// chunk of direct_backward_launch's fixed split of the batch, inside its parallel region (the
+// chunk's samples are still in cache from the direct kernel); partial sums per chunk, reduced in
+// chunk order: independent of the thread count.
+template <typename T>
+class SpanGradWeight {
+ public:
+  SpanGradWeight(const ConvPoolShape& s, const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& argmax,
+                 int64_t chunks)
+      : s_(s), geo_(s, sizeof(T)), offsets_(s), pos_off_(s.PH * s.PW * s.pool_kh * s.pool_kw) {
+    const int64_t Xn = geo_.Wp - geo_.Sd + 1, win = s.pool_kh * s.pool_kw;
+    for (int64_t ph = 0; ph < s.PH; ++ph)
+      for (int64_t pw = 0; pw < s.PW; ++pw)
+        for (int64_t w = 0; w < win; ++w) {
+          const int64_t p = ph * s.pool_sh + offsets_.dy[w], q = pw * s.pool_sw + offsets_.dx[w];
+          pos_off_[(ph * s.PW + pw) * win + w] = (p * s.stride_h * Xn + q * s.stride_w) * geo_.Lp;
+        }
+    args_ = cpu::SpanGradWeightArgs<T>{&s_,
+                                       geo_.Ls,
+                                       geo_.Lp,
+                                       Xn,
+                                       input.const_data_ptr<T>(),
+                                       grad_out.const_data_ptr<T>(),
+                                       argmax.const_data_ptr<uint8_t>(),
+                                       pos_off_.data(),
+                                       &offsets_};
+    fn_ = kernels<T>(cpu::cpu_isa(), 4).span_grad_weight;
+    part_ = s.K * s.R * geo_.Lp;
+    partial_ = at::zeros({chunks, part_}, input.options());
+  }
+  SpanGradWeight(const SpanGradWeight&) = delete;  // args_ points into the members
+  SpanGradWeight& operator=(const SpanGradWeight&) = delete;
+
+  void run_chunk(int64_t ch, int64_t n0, int64_t n1) {
+    if (n0 < n1) fn_(args_, n0, n1, partial_.mutable_data_ptr<T>() + ch * part_);
+  }
+
+  // Chunk 0 accumulates the others, in chunk order; then the taps' columns of the spans.
+  void finish(at::Tensor& grad_weight) {
+    T* sums = partial_.mutable_data_ptr<T>();
+    for (int64_t ch = 1; ch < partial_.size(0); ++ch) {
+      const T* src = sums + ch * part_;
+      for (int64_t i = 0; i < part_; ++i) sums[i] += src[i];
+    }
+    grad_weight.copy_(geo_.taps(partial_[0].view({s_.K, s_.R, geo_.Lp}), s_).permute({0, 3, 1, 2}));
+  }
+
+ private:
+  const ConvPoolShape s_;
+  const SpanGeometry geo_;
+  const cpu::ArgmaxOffsets offsets_;
+  std::vector<int64_t> pos_off_;
+  cpu::SpanGradWeightArgs<T> args_{};
+  SpanGwFn<T> fn_ = nullptr;
+  int64_t part_ = 0;
+  at::Tensor partial_;
+};
+
 template <typename T>
 void direct_backward_launch(const ConvPoolShape& s, const at::Tensor& grad_out, const at::Tensor& input,
                             const at::Tensor& weight, const at::Tensor& argmax, std::array<bool, 3> mask,
-                            at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias) {
+                            bool span_weight, at::Tensor& grad_input, at::Tensor& grad_weight,
+                            at::Tensor& grad_bias) {
   const Isa isa = cpu::cpu_isa();
   const Direct d = cpu::make_direct(s, channel_block(isa, s.K));
   std::vector<T> wpk(d.Kpad * d.CRS);
@@ -665,7 +727,8 @@ void direct_backward_launch(const ConvPoolShape& s, const at::Tensor& grad_out, 
   // A fixed split of the batch into chunks (a function of the shapes only): the partial weight /
   // bias gradients, kept per lane and reduced in lane then chunk order, do not depend on the number
   // of threads. Up to 16 chunks (enough to balance a few cores), fewer when the partials get large.
-  const bool need_w = mask[1], need_b = mask[2];
+  if (span_weight) mask[1] = false;  // grad_weight from SpanGradWeight, the rest from the direct kernel
+  const bool need_w = mask[1], need_b = mask[2], need_direct = mask[0] || mask[1] || mask[2];
   const int64_t part = ((need_w ? d.Kpad * d.CRS : 0) + (need_b ? d.Kpad : 0)) * cpu::kPartialLanes;
   const int64_t budget = std::max<int64_t>(1, (int64_t(64) << 20) / std::max<int64_t>(1, part * int64_t(sizeof(T))));
   const int64_t chunks = std::max<int64_t>(1, std::min({s.N, int64_t(16), budget}));
@@ -678,6 +741,8 @@ void direct_backward_launch(const ConvPoolShape& s, const at::Tensor& grad_out, 
   const at::Tensor gw_part = at::empty({need_w ? chunks * gw_stride : 0}, input.options());
   const at::Tensor gb_part = at::empty({need_b ? chunks * gb_stride : 0}, input.options());
   std::vector<T> gw_chunk(need_w ? chunks * gw_entries : 0), gb_chunk(need_b ? chunks * gb_entries : 0);
+  std::optional<SpanGradWeight<T>> span;
+  if (span_weight) span.emplace(s, grad_out, input, argmax, chunks);
   const DirectBwdArgs<T> a{&d,
                            input.const_data_ptr<T>(),
                            wpk.data(),
@@ -704,11 +769,13 @@ void direct_backward_launch(const ConvPoolShape& s, const at::Tensor& grad_out, 
       T* gb = need_b ? gb_part.mutable_data_ptr<T>() + ch * gb_stride : nullptr;
       if (gw) std::fill(gw, gw + gw_stride, T(0));
       if (gb) std::fill(gb, gb + gb_stride, T(0));
-      if (n0 < n1) fn(a, n0, n1, gw, gb);
+      if (n0 < n1 && need_direct) fn(a, n0, n1, gw, gb);
       if (gw) sum_lanes(gw, gw_entries, gw_chunk.data() + ch * gw_entries);
       if (gb) sum_lanes(gb, gb_entries, gb_chunk.data() + ch * gb_entries);
+      if (span) span->run_chunk(ch, n0, n1);
     }
   });
+  if (span) span->finish(grad_weight);
   // Chunk order: the result does not depend on the number of threads.
   const auto reduce = [&](const std::vector<T>& chunk_sums, int64_t entries, T* dst) {
     for (int64_t ch = 0; ch < chunks; ++ch) {
@@ -717,51 +784,6 @@ void direct_backward_launch(const ConvPoolShape& s, const at::Tensor& grad_out, 
   };
   if (need_w) reduce(gw_chunk, gw_entries, grad_weight.mutable_data_ptr<T>());
   if (need_b) reduce(gb_chunk, gb_entries, grad_bias.mutable_data_ptr<T>());
-}
-
-// grad_weight of the direct path through the span kernel (use_span_grad_weight): per sample,
-// every live pooled element adds gradient * the spans of the conv position it selected (one
-// vector per span slice instead of the direct kernel's sweep over every window offset). The same
-// fixed split of the batch into chunks as direct_backward_launch: partial sums reduced in chunk
-// order, independent of the thread count.
-template <typename T>
-void span_grad_weight_launch(const ConvPoolShape& s, const at::Tensor& grad_out, const at::Tensor& input,
-                             const at::Tensor& argmax, at::Tensor& grad_weight) {
-  const SpanGeometry geo(s, sizeof(T));
-  const int64_t Xn = geo.Wp - geo.Sd + 1, win = s.pool_kh * s.pool_kw, F = s.PH * s.PW;
-  const cpu::ArgmaxOffsets offsets(s);
-  std::vector<int64_t> pos_off(F * win);
-  for (int64_t ph = 0; ph < s.PH; ++ph)
-    for (int64_t pw = 0; pw < s.PW; ++pw)
-      for (int64_t w = 0; w < win; ++w) {
-        const int64_t p = ph * s.pool_sh + offsets.dy[w], q = pw * s.pool_sw + offsets.dx[w];
-        pos_off[(ph * s.PW + pw) * win + w] = (p * s.stride_h * Xn + q * s.stride_w) * geo.Lp;
-      }
-  const cpu::SpanGradWeightArgs<T> a{&s,
-                                     geo.Ls,
-                                     geo.Lp,
-                                     Xn,
-                                     input.const_data_ptr<T>(),
-                                     grad_out.const_data_ptr<T>(),
-                                     argmax.const_data_ptr<uint8_t>(),
-                                     pos_off.data(),
-                                     &offsets};
-  const SpanGwFn<T> fn = kernels<T>(cpu::cpu_isa(), 4).span_grad_weight;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(s.N, 16));
-  const int64_t per_chunk = (s.N + chunks - 1) / chunks, part = s.K * s.R * geo.Lp;
-  at::Tensor partial = at::zeros({chunks, s.K, s.R, geo.Lp}, input.options());
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ch = begin; ch < end; ++ch) {
-      const int64_t n0 = ch * per_chunk, n1 = std::min(s.N, n0 + per_chunk);
-      if (n0 < n1) fn(a, n0, n1, partial.mutable_data_ptr<T>() + ch * part);
-    }
-  });
-  T* sums = partial.mutable_data_ptr<T>();  // chunk 0 accumulates the others, in chunk order
-  for (int64_t ch = 1; ch < chunks; ++ch) {
-    const T* src = sums + ch * part;
-    for (int64_t i = 0; i < part; ++i) sums[i] += src[i];
-  }
-  grad_weight.copy_(geo.taps(partial[0], s).permute({0, 3, 1, 2}));
 }
 
 // The direct and scatter backwards multiply only the input / weight elements that a selected
@@ -811,13 +833,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cp
       const auto w = weight.contiguous();
       // grad_weight from the span kernel when it is the faster one, the rest from the direct kernel.
       const bool span_weight = output_mask[1] && use_span_grad_weight(s, input.element_size());
-      std::array<bool, 3> direct_mask = output_mask;
-      if (span_weight) direct_mask[1] = false;
       AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_maxpool2d_backward_cpu_direct", [&] {
-        if (direct_mask[0] || direct_mask[1] || direct_mask[2]) {
-          direct_backward_launch<scalar_t>(s, g, x, w, am, direct_mask, grad_input, grad_weight, grad_bias);
-        }
-        if (span_weight) span_grad_weight_launch<scalar_t>(s, g, x, am, grad_weight);
+        direct_backward_launch<scalar_t>(s, g, x, w, am, output_mask, span_weight, grad_input, grad_weight, grad_bias);
       });
     }
     return {grad_input, grad_weight, grad_bias};
