@@ -146,21 +146,28 @@ struct Kernels {
         &cpu::ns::winograd_input_transform<T>, &cpu::ns::winograd_output_pool<T>                    \
   }
 
-// Output channels per register block. AVX-512 has 32 vector registers: 8 channels (accumulator,
-// running max and argmax each) fit. GCC 12 keeps the 8-channel accumulators in registers but
-// spills the 4- and 6-channel variants to the stack (seen in the disassembly; about 3x slower),
-// so AVX-512 uses 8 even for K = 6 (a third of the lanes padded, still faster). Narrower targets
-// (16 registers) use 4.
-int64_t channel_block(Isa isa, int64_t K) {
-  (void)K;
-  return isa == Isa::kAvx512 ? 8 : 4;
+// Output channels per register block of the direct forward. AVX-512 has 32 vector registers: 8
+// channels (accumulator, running max and argmax each) fit. GCC 12 keeps the 8-channel accumulators
+// in registers but spills the 4- and 6-channel variants to the stack (seen in the disassembly;
+// about 3x slower), so AVX-512 uses 8 even for K = 6 (a third of the lanes padded, still faster).
+// Narrower targets (16 registers) use 4.
+int64_t channel_block(Isa isa) { return isa == Isa::kAvx512 ? 8 : 4; }
+
+// Output channels per register block of the direct backward, whose blocks hold only gradient
+// sums (KB x 3 taps): on AVX-512 the 6-channel variant stays in registers too, and it is chosen
+// where it pads fewer channels than 8 (LightNet conv1, K = 6: backward at batch 64 80 vs 90-106 us
+// on a 2-core AVX-512 EPYC).
+int64_t backward_channel_block(Isa isa, int64_t K) {
+  if (isa != Isa::kAvx512) return 4;
+  const auto padded = [K](int64_t kb) { return (K + kb - 1) / kb * kb; };
+  return padded(6) < padded(8) ? 6 : 8;
 }
 
-// The kernels for this CPU (and LIGHTNET_OPS_CPU_ISA) with channel block KB.
+// The kernels for this CPU (and LIGHTNET_OPS_CPU_ISA) with channel block KB (8, 6 or 4 on AVX-512).
 template <typename T>
 Kernels<T> kernels(Isa isa, int64_t KB) {
 #if LIGHTNET_OPS_X86_DISPATCH
-  if (isa == Isa::kAvx512) return KB == 8 ? LIGHTNET_OPS_KERNELS(isa_avx512, 8) : LIGHTNET_OPS_KERNELS(isa_avx512, 4);
+  if (isa == Isa::kAvx512) return KB == 8 ? LIGHTNET_OPS_KERNELS(isa_avx512, 8) : KB == 6 ? LIGHTNET_OPS_KERNELS(isa_avx512, 6) : LIGHTNET_OPS_KERNELS(isa_avx512, 4);
   if (isa == Isa::kAvx2) return LIGHTNET_OPS_KERNELS(isa_avx2, 4);
 #endif
   (void)isa;
@@ -578,7 +585,7 @@ template <typename T>
 void direct_forward_launch(const ConvPoolShape& s, const at::Tensor& input, const at::Tensor& weight,
                            const at::Tensor& bias, at::Tensor& out, at::Tensor& argmax, bool need_argmax) {
   const Isa isa = cpu::cpu_isa();
-  const Direct d = cpu::make_direct(s, channel_block(isa, s.K));
+  const Direct d = cpu::make_direct(s, channel_block(isa));
   std::vector<T> wpk(d.Kpad * d.CRS), bpk(d.Kpad);
   pack_weight<T>(d, weight.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr, wpk.data(),
                  bpk.data());
@@ -717,7 +724,7 @@ void direct_backward_launch(const ConvPoolShape& s, const at::Tensor& grad_out, 
                             bool span_weight, at::Tensor& grad_input, at::Tensor& grad_weight,
                             at::Tensor& grad_bias) {
   const Isa isa = cpu::cpu_isa();
-  const Direct d = cpu::make_direct(s, channel_block(isa, s.K));
+  const Direct d = cpu::make_direct(s, backward_channel_block(isa, s.K));
   std::vector<T> wpk(d.Kpad * d.CRS);
   pack_weight<T>(d, weight.const_data_ptr<T>(), nullptr, wpk.data(), nullptr);
   // Empty (the direct grad_input) unless the Winograd one is chosen and its weights are finite.

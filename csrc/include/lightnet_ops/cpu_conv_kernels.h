@@ -625,17 +625,18 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
   const Direct& d = *a.d;
   const int64_t Fv = (d.Fs + V - 1) / V * V;  // lanes the vector loops touch (<= Fpad)
   Scratch<T> zbuf(a.need_weight ? d.pack_elems() : 0);
-  Scratch<T> dxbuf(a.grad_input ? d.dx_elems() : 0);  // margins and tails stay zero
   const bool wino_gi = a.grad_input && a.wino_u;
   Scratch<T> wzbuf(wino_gi ? d.pack_elems() + 8 : 0);  // Winograd grad_input: dZ (+ interleave_rows' slack),
   Scratch<T> wpbuf(wino_gi ? d.K * 16 * V : 0);      // the P_k and
   Scratch<T> wmbuf(wino_gi ? d.C * 16 * V : 0);      // the M_c of one vector of positions
-  Scratch<T> phbuf(a.grad_input ? d.Lz : 0);          // one summed phase plane
+  // The direct grad_input's window-shift planes (margins and tails stay zero) and one summed
+  // phase plane: made when a sample first needs them (with the Winograd grad_input, only samples
+  // that are not all finite do).
+  std::optional<Scratch<T>> dxbuf, phbuf;
   Scratch<T> gmbuf(d.grad_elems());                  // rows k >= K stay zero
   std::vector<T> gsbuf(d.Fpad, T(0));                // one gradient plane, packed layout
   std::vector<uint8_t> asbuf(d.Fpad, kArgmaxReluZero);  // its argmax; gaps never route
   T* Z = zbuf.data();
-  T* dX = dxbuf.data();
   T* Gm = gmbuf.data();  // Gm[w][k][f]: pooled gradient where argmax == w, else 0
   const int64_t CHW = d.C * d.H * d.W, F = d.PH * d.PW;
   for (int64_t n = n0; n < n1; ++n) {
@@ -703,6 +704,11 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
       continue;  // (grad_input is the last part of the sample's backward)
     }
     if (a.grad_input) {
+      if (!dxbuf) {
+        dxbuf.emplace(d.dx_elems());
+        phbuf.emplace(d.Lz);
+      }
+      T* dX = dxbuf->data();
       // Every (window offset, tap) pair adds weight * masked gradient into its window-shift plane
       // at the same, aligned offset f0 (no partially overlapping read-modify-writes, which would
       // stall store forwarding); the planes are scattered into the input gradient afterwards.
@@ -756,7 +762,7 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
       // Zeroed here, per sample, while it is about to be written (cache-hot), instead of a separate
       // zero-fill pass over the whole gradient: elements no window reads must read 0.
       std::fill(a.grad_input + n * CHW, a.grad_input + (n + 1) * CHW, T(0));
-      unshift_add<T, V>(d, dX, phbuf.data(), a.grad_input + n * CHW);
+      unshift_add<T, V>(d, dX, phbuf->data(), a.grad_input + n * CHW);
     }
   }
 }
