@@ -299,8 +299,9 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
           }
         }
         LIGHTNET_OPS_UNROLL
-        for (int q = 0; q < KB && kb * KB + q < d.K; ++q) {
+        for (int q = 0; q < KB; ++q) {  // (a constant trip count: unrolled, best / arg stay in registers)
           const int64_t k = kb * KB + q;
+          if (k >= d.K) break;
           S::store(obuf.data() + k * d.Fpad + f0, S::relu(best[q]));
           if (a.argmax) {
             const auto bytes = S::to_bytes(S::iselect(S::relu_passes(best[q]), arg[q], S::isplat(kArgmaxReluZero)));
