@@ -167,7 +167,10 @@ int64_t backward_channel_block(Isa isa, int64_t K) {
 template <typename T>
 Kernels<T> kernels(Isa isa, int64_t KB) {
 #if LIGHTNET_OPS_X86_DISPATCH
-  if (isa == Isa::kAvx512) return KB == 8 ? LIGHTNET_OPS_KERNELS(isa_avx512, 8) : KB == 6 ? LIGHTNET_OPS_KERNELS(isa_avx512, 6) : LIGHTNET_OPS_KERNELS(isa_avx512, 4);
+  if (isa == Isa::kAvx512) {
+    if (KB == 8) return LIGHTNET_OPS_KERNELS(isa_avx512, 8);
+    return KB == 6 ? LIGHTNET_OPS_KERNELS(isa_avx512, 6) : LIGHTNET_OPS_KERNELS(isa_avx512, 4);
+  }
   if (isa == Isa::kAvx2) return LIGHTNET_OPS_KERNELS(isa_avx2, 4);
 #endif
   (void)isa;

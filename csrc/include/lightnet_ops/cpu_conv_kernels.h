@@ -299,7 +299,7 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
           }
         }
         LIGHTNET_OPS_UNROLL
-        for (int q = 0; q < KB; ++q) {  // (a constant trip count: unrolled, best / arg stay in registers)
+        for (int q = 0; q < KB; ++q) {  // a constant trip count, so GCC can unroll it as asked
           const int64_t k = kb * KB + q;
           if (k >= d.K) break;
           S::store(obuf.data() + k * d.Fpad + f0, S::relu(best[q]));
