@@ -477,8 +477,8 @@ bool all_finite(const T* p, int64_t n) {
 template <typename T>
 LIGHTNET_OPS_INLINE void interleave_rows(const T* even, const T* odd, T* dst, int64_t n) {
   using H = Simd<T, 8>;
-  using hi = typename H::ivec;
-  const hi lo_idx = {0, 8, 1, 9, 2, 10, 3, 11}, hi_idx = {4, 12, 5, 13, 6, 14, 7, 15};
+  using lanes = typename H::ivec;
+  const lanes lo_idx = {0, 8, 1, 9, 2, 10, 3, 11}, hi_idx = {4, 12, 5, 13, 6, 14, 7, 15};
   for (int64_t x = 0; x < n; x += 16, even += 8, odd += 8) {
     const typename H::vec e = H::load(even), o = H::load(odd);
     const typename H::vec lo = __builtin_shuffle(e, o, lo_idx), up = __builtin_shuffle(e, o, hi_idx);
