@@ -5,19 +5,23 @@
 # Steps (each runs even if an earlier one failed; each has a timeout so the whole run stays under
 # ~8 minutes; the summary lists every step's exit status, 124 meaning it timed out):
 #   build      MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace
-#   pytest     python3 -m pytest, one process per test file (GPU-heavy files first)
+#   pytest     python3 -m pytest: with pytest-xdist, 8 workers (a crashing test takes down one
+#              worker, which xdist names and replaces); without it, one process per test file
 #   exercise   python3 scripts/exercise_kernels.py (every CUDA/Triton kernel vs the reference)
 #   memcheck   compute-sanitizer --tool memcheck on the exercise script
 #   racecheck  compute-sanitizer --tool racecheck on the exercise script
-#   bench      python3 -m lightnet_ops.bench --quick --out <tmp>; results copied to OUTDIR
+#   profile    python3 scripts/gpu_profile.py (host vs kernel time and the top kernels per case)
+#   bench      python3 -m lightnet_ops.bench on the GPU target cases (full measurement settings)
+#              --out <tmp>; results packed into OUTDIR/bench_results.tar.gz
 #
-# OUTDIR gets at most 8 files: build.log, pytest.log, sanitizer.log (exercise,
-# memcheck and racecheck sections), bench.log, summary.txt and the benchmark results (at most three
-# files: a .json, a .md table and a .png, else one bench_results.tar.gz).
+# OUTDIR gets at most 8 files: build.log, pytest.log, sanitizer.log (exercise, memcheck and
+# racecheck sections), profile.log, bench.log, summary.txt and bench_results.tar.gz.
 #
 # Environment overrides: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS
 # (default nproc), GPU_CHECK_PYTEST_ARGS (default "-q -rfE --tb=short"), GPU_CHECK_PYTEST_CAP_S (default 200),
-# GPU_CHECK_BENCH_ARGS (extra bench arguments, e.g. "--modes fwd+bwd step"), GPU_CHECK_BUDGET_S (default 430).
+# GPU_CHECK_BENCH_ARGS (bench arguments; default: the issue's GPU target cases, fwd+bwd and step),
+# GPU_CHECK_BUDGET_S (default 500), GPU_CHECK_STEPS (default "build pytest exercise memcheck
+# racecheck profile bench": a shorter list runs only those), GPU_CHECK_TESTS (default "tests").
 set -u
 
 OUT="${1:-gpu-check-results}"
@@ -28,7 +32,7 @@ cd "$ROOT" || exit 1
 
 PY="${PYTHON:-python3}"
 START=$(date +%s)
-BUDGET="${GPU_CHECK_BUDGET_S:-430}"
+BUDGET="${GPU_CHECK_BUDGET_S:-500}"
 DEADLINE=$((START + BUDGET))
 SUMMARY="$OUT/summary.txt"
 SAN_LOG="$OUT/sanitizer.log"
@@ -49,10 +53,17 @@ step_timeout() {
 }
 
 # run_step NAME LOG CAP RESERVE CMD...: runs CMD with a timeout, appending to LOG.
+STEPS=" ${GPU_CHECK_STEPS:-build pytest exercise memcheck racecheck profile bench} "
+wanted() { [[ "$STEPS" == *" $1 "* ]]; }
+
 run_step() {
   local name=$1 log=$2 cap=$3 reserve=$4
   shift 4
   local limit t0 rc
+  if ! wanted "$name"; then
+    RESULTS+=("$(printf '%-10s skipped (GPU_CHECK_STEPS)' "$name")")
+    return 0
+  fi
   limit=$(step_timeout "$cap" "$reserve")
   t0=$(now)
   {
@@ -80,7 +91,7 @@ run_step() {
 # 1. Build in place with every core, for Hopper unless told otherwise.
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-run_step build "$OUT/build.log" 240 420 "$PY" setup.py build_ext --inplace
+run_step build "$OUT/build.log" 180 320 "$PY" setup.py build_ext --inplace
 "$PY" -c "
 import torch, lightnet_ops
 from lightnet_ops import _ops
@@ -95,24 +106,32 @@ PYTEST_EXTRA=()
 if "$PY" -c "import pytest_benchmark" >/dev/null 2>&1; then
   PYTEST_EXTRA+=(--benchmark-disable)
 fi
-# One pytest process per test file, GPU-heavy files first: a crash (a segfault ends the process)
-# then costs one file's results, not the whole run's. Each file's exit status is logged.
 export GPU_CHECK_PY="$PY" GPU_CHECK_PYTEST_EXTRA="${PYTEST_EXTRA[*]}" GPU_CHECK_ARGS="${GPU_CHECK_PYTEST_ARGS:--q -rfE --tb=short}"
-run_step pytest "$OUT/pytest.log" ${GPU_CHECK_PYTEST_CAP_S:-200} 300 bash -c '
-  files="tests/test_conv2d_relu_maxpool2d.py tests/test_linear_relu.py tests/test_triton_kernels.py tests/test_cuda_build.py"
-  for f in tests/test_*.py; do case " $files " in *" $f "*) ;; *) files="$files $f" ;; esac; done
-  worst=0
-  for f in $files; do
-    echo "----- $f"
-    $GPU_CHECK_PY -X faulthandler -m pytest $GPU_CHECK_ARGS $GPU_CHECK_PYTEST_EXTRA -p no:cacheprovider "$f"
-    rc=$?
-    echo "----- $f: exit $rc"
-    [ $rc -ne 0 ] && worst=1
-  done
-  exit $worst'
+export GPU_CHECK_TESTS="${GPU_CHECK_TESTS:-tests}"
+if "$PY" -c "import xdist" >/dev/null 2>&1; then
+  # 8 workers, one file per worker at a time: a segfault ends only its worker, and xdist reports
+  # the test that was running and starts a new worker.
+  run_step pytest "$OUT/pytest.log" ${GPU_CHECK_PYTEST_CAP_S:-160} 250 bash -c '
+    $GPU_CHECK_PY -X faulthandler -m pytest -n 8 --dist loadfile $GPU_CHECK_ARGS $GPU_CHECK_PYTEST_EXTRA \
+      -p no:cacheprovider $GPU_CHECK_TESTS'
+else
+  # One pytest process per test file, GPU-heavy files first: a crash then costs one file's results.
+  run_step pytest "$OUT/pytest.log" ${GPU_CHECK_PYTEST_CAP_S:-200} 250 bash -c '
+    files=""
+    for f in $(find $GPU_CHECK_TESTS -name "test_*.py" | sort); do files="$files $f"; done
+    worst=0
+    for f in $files; do
+      echo "----- $f"
+      $GPU_CHECK_PY -X faulthandler -m pytest $GPU_CHECK_ARGS $GPU_CHECK_PYTEST_EXTRA -p no:cacheprovider "$f"
+      rc=$?
+      echo "----- $f: exit $rc"
+      [ $rc -ne 0 ] && worst=1
+    done
+    exit $worst'
+fi
 
 # 3. Every kernel against the reference, then under compute-sanitizer.
-run_step exercise "$SAN_LOG" 60 260 "$PY" scripts/exercise_kernels.py
+run_step exercise "$SAN_LOG" 60 230 "$PY" scripts/exercise_kernels.py
 
 SANITIZER=""
 for cand in "$(command -v compute-sanitizer 2>/dev/null)" "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
@@ -130,30 +149,26 @@ if [ -z "$SANITIZER" ]; then
 else
   echo "compute-sanitizer: $SANITIZER ($("$SANITIZER" --version 2>&1 | tail -1))" >>"$SAN_LOG"
   # The caching allocator would hide out-of-bounds accesses inside its big blocks.
-  run_step memcheck "$SAN_LOG" 100 170 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  run_step memcheck "$SAN_LOG" 80 200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 100 "$PY" scripts/exercise_kernels.py --quick
-  run_step racecheck "$SAN_LOG" 80 120 \
+  run_step racecheck "$SAN_LOG" 80 160 \
     "$SANITIZER" --tool racecheck --error-exitcode 1 --print-limit 100 "$PY" scripts/exercise_kernels.py --quick
 fi
 
-# 4. Quick benchmarks into a scratch folder; at most two result files are copied back.
+# Profile and bench use one fixed Triton config per kernel: autotuning every kernel at every size
+# would cost minutes of device time (set LIGHTNET_OPS_TRITON_AUTOTUNE=1 to tune).
+export LIGHTNET_OPS_TRITON_AUTOTUNE="${LIGHTNET_OPS_TRITON_AUTOTUNE:-0}"
+
+# 4. Where the time goes (host or kernels), per GPU target case and backend.
+run_step profile "$OUT/profile.log" 80 110 "$PY" scripts/gpu_profile.py
+
+# 5. Benchmarks of the GPU target cases into a scratch folder, packed into one archive.
 BENCH_TMP="$(mktemp -d)"
+BENCH_ARGS="${GPU_CHECK_BENCH_ARGS:---cases conv1_b256 conv2_b256 vgg_b8_fp16 vgg_b8_bf16 linear_1024x4096_b4096_bf16 lightnet_b256 --modes fwd+bwd step --backends cuda triton stock compile}"
 # shellcheck disable=SC2086
-run_step bench "$OUT/bench.log" ${GPU_CHECK_BENCH_CAP_S:-120} 0 "$PY" -m lightnet_ops.bench --quick ${GPU_CHECK_BENCH_ARGS:-} --out "$BENCH_TMP"
-mapfile -t BENCH_FILES < <(find "$BENCH_TMP" -type f | sort)
-{
-  echo "bench output files (${#BENCH_FILES[@]}):"
-  printf '  %s\n' "${BENCH_FILES[@]}"
-} >>"$OUT/bench.log"
-if ((${#BENCH_FILES[@]} > 0)); then
-  n_json=$(printf '%s\n' "${BENCH_FILES[@]}" | grep -c '\.json$')
-  n_png=$(printf '%s\n' "${BENCH_FILES[@]}" | grep -c '\.png$')
-  n_md=$(printf '%s\n' "${BENCH_FILES[@]}" | grep -c '\.md$')
-  if ((${#BENCH_FILES[@]} <= 3 && n_json <= 1 && n_png <= 1 && n_md <= 1)); then
-    cp "${BENCH_FILES[@]}" "$OUT/"
-  else
-    tar -czf "$OUT/bench_results.tar.gz" -C "$BENCH_TMP" .
-  fi
+run_step bench "$OUT/bench.log" ${GPU_CHECK_BENCH_CAP_S:-150} 0 "$PY" -m lightnet_ops.bench $BENCH_ARGS --out "$BENCH_TMP"
+if [ -n "$(ls -A "$BENCH_TMP")" ]; then
+  tar -czf "$OUT/bench_results.tar.gz" -C "$BENCH_TMP" .
 fi
 rm -rf "$BENCH_TMP"
 
