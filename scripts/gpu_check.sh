@@ -5,8 +5,8 @@
 # Steps (each runs even if an earlier one failed; each has a timeout so the whole run stays under
 # ~8 minutes; the summary lists every step's exit status, 124 meaning it timed out):
 #   build      MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace
-#   pytest     python3 -m pytest: with pytest-xdist, 8 workers (a crashing test takes down one
-#              worker, which xdist names and replaces); without it, one process per test file
+#   pytest     python3 -m pytest, Triton autotuning off; with pytest-xdist 8 workers (a crashing
+#              test takes down one worker, which xdist names and replaces)
 #   exercise   python3 scripts/exercise_kernels.py (every CUDA/Triton kernel vs the reference)
 #   memcheck   compute-sanitizer --tool memcheck on the exercise script
 #   racecheck  compute-sanitizer --tool racecheck on the exercise script
@@ -14,14 +14,16 @@
 #   bench      python3 -m lightnet_ops.bench on the GPU target cases (full measurement settings)
 #              --out <tmp>; results packed into OUTDIR/bench_results.tar.gz
 #
-# OUTDIR gets at most 8 files: build.log, pytest.log, sanitizer.log (exercise, memcheck and
-# racecheck sections), profile.log, bench.log, summary.txt and bench_results.tar.gz.
+# OUTDIR gets at most 8 files: build.log, pytest.log, junit.xml, sanitizer.log (exercise, memcheck
+# and racecheck sections), profile.log, bench.log, summary.txt and bench_results.tar.gz.
 #
 # Environment overrides: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS
 # (default nproc), GPU_CHECK_PYTEST_ARGS (default "-q -rfE --tb=short"), GPU_CHECK_PYTEST_CAP_S (default 200),
 # GPU_CHECK_BENCH_ARGS (bench arguments; default: the issue's GPU target cases, fwd+bwd and step),
 # GPU_CHECK_BUDGET_S (default 500), GPU_CHECK_STEPS (default "build pytest exercise memcheck
-# racecheck profile bench": a shorter list runs only those), GPU_CHECK_TESTS (default "tests").
+# racecheck profile bench": a shorter list runs only those), GPU_CHECK_TESTS (default "tests"),
+# GPU_CHECK_PYTEST_K (a pytest -k expression; default: every test), GPU_CHECK_PROFILE_ARGS
+# (gpu_profile.py arguments, e.g. "--impls cuda stock").
 set -u
 
 OUT="${1:-gpu-check-results}"
@@ -42,29 +44,44 @@ declare -a RESULTS=()
 
 now() { date +%s; }
 
-# step_timeout CAP RESERVE: seconds the next step may take: at most CAP, leaving RESERVE seconds
-# of the budget for the steps after it, and never less than 10.
+STEPS=" ${GPU_CHECK_STEPS:-build pytest exercise memcheck racecheck profile bench} "
+wanted() { [[ "$STEPS" == *" $1 "* ]]; }
+
+# The steps in order, each with the seconds it needs at the least (what the steps after a step
+# keep back from it when the budget runs short).
+ORDER=(build pytest exercise memcheck racecheck profile bench)
+declare -A MIN_S=([build]=60 [pytest]=60 [exercise]=20 [memcheck]=30 [racecheck]=45 [profile]=30 [bench]=90)
+
+# reserve_after NAME: the least seconds the wanted steps after NAME need.
+reserve_after() {
+  local after=0 total=0 step
+  for step in "${ORDER[@]}"; do
+    if ((after)) && wanted "$step"; then total=$((total + MIN_S[$step])); fi
+    [ "$step" = "$1" ] && after=1
+  done
+  echo "$total"
+}
+
+# step_timeout NAME CAP: seconds step NAME may take: at most CAP, leaving the budget the later
+# wanted steps need, and never less than 10.
 step_timeout() {
-  local cap=$1 reserve=$2 left
-  left=$((DEADLINE - $(now) - reserve))
-  ((left > cap)) && left=$cap
+  local left
+  left=$((DEADLINE - $(now) - $(reserve_after "$1")))
+  (($2 < left)) && left=$2
   ((left < 10)) && left=10
   echo "$left"
 }
 
-# run_step NAME LOG CAP RESERVE CMD...: runs CMD with a timeout, appending to LOG.
-STEPS=" ${GPU_CHECK_STEPS:-build pytest exercise memcheck racecheck profile bench} "
-wanted() { [[ "$STEPS" == *" $1 "* ]]; }
-
+# run_step NAME LOG CAP CMD...: runs CMD with a timeout, appending to LOG.
 run_step() {
-  local name=$1 log=$2 cap=$3 reserve=$4
-  shift 4
+  local name=$1 log=$2 cap=$3
+  shift 3
   local limit t0 rc
   if ! wanted "$name"; then
     RESULTS+=("$(printf '%-10s skipped (GPU_CHECK_STEPS)' "$name")")
     return 0
   fi
-  limit=$(step_timeout "$cap" "$reserve")
+  limit=$(step_timeout "$name" "$cap")
   t0=$(now)
   {
     echo "===== $name: $* (timeout ${limit}s) ====="
@@ -91,7 +108,7 @@ run_step() {
 # 1. Build in place with every core, for Hopper unless told otherwise.
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-run_step build "$OUT/build.log" 180 320 "$PY" setup.py build_ext --inplace
+run_step build "$OUT/build.log" 180 "$PY" setup.py build_ext --inplace
 "$PY" -c "
 import torch, lightnet_ops
 from lightnet_ops import _ops
@@ -101,37 +118,33 @@ for op in _ops.OP_NAMES:
 print('backends:', lightnet_ops.backends())
 " >>"$OUT/build.log" 2>&1
 
-# 2. The whole test suite on the GPU.
-PYTEST_EXTRA=()
+# 2. The test suite on the GPU (GPU_CHECK_PYTEST_K, e.g. "cuda or triton", selects a subset).
+# Triton kernels run their one default config here: autotuning every test's problem sizes costs
+# minutes (the autotune test switches it on for itself). Profile and bench below keep it off too.
+export LIGHTNET_OPS_TRITON_AUTOTUNE="${LIGHTNET_OPS_TRITON_AUTOTUNE:-0}"
+PYTEST_EXTRA=(--junitxml="$OUT/junit.xml" --durations=15)
 if "$PY" -c "import pytest_benchmark" >/dev/null 2>&1; then
   PYTEST_EXTRA+=(--benchmark-disable)
 fi
-export GPU_CHECK_PY="$PY" GPU_CHECK_PYTEST_EXTRA="${PYTEST_EXTRA[*]}" GPU_CHECK_ARGS="${GPU_CHECK_PYTEST_ARGS:--q -rfE --tb=short}"
-export GPU_CHECK_TESTS="${GPU_CHECK_TESTS:-tests}"
+if [ -n "${GPU_CHECK_PYTEST_K:-}" ]; then
+  PYTEST_EXTRA+=(-k "$GPU_CHECK_PYTEST_K")
+fi
+PYTEST_ARGS=(${GPU_CHECK_PYTEST_ARGS:--q -rfE --tb=short} "${PYTEST_EXTRA[@]}" -p no:cacheprovider)
+TESTS="${GPU_CHECK_TESTS:-tests}"
 if "$PY" -c "import xdist" >/dev/null 2>&1; then
   # 8 workers, one file per worker at a time: a segfault ends only its worker, and xdist reports
   # the test that was running and starts a new worker.
-  run_step pytest "$OUT/pytest.log" ${GPU_CHECK_PYTEST_CAP_S:-160} 250 bash -c '
-    $GPU_CHECK_PY -X faulthandler -m pytest -n 8 --dist loadfile $GPU_CHECK_ARGS $GPU_CHECK_PYTEST_EXTRA \
-      -p no:cacheprovider $GPU_CHECK_TESTS'
+  # shellcheck disable=SC2086
+  run_step pytest "$OUT/pytest.log" ${GPU_CHECK_PYTEST_CAP_S:-200} \
+    "$PY" -X faulthandler -m pytest -n 8 --dist loadfile "${PYTEST_ARGS[@]}" $TESTS
 else
-  # One pytest process per test file, GPU-heavy files first: a crash then costs one file's results.
-  run_step pytest "$OUT/pytest.log" ${GPU_CHECK_PYTEST_CAP_S:-200} 250 bash -c '
-    files=""
-    for f in $(find $GPU_CHECK_TESTS -name "test_*.py" | sort); do files="$files $f"; done
-    worst=0
-    for f in $files; do
-      echo "----- $f"
-      $GPU_CHECK_PY -X faulthandler -m pytest $GPU_CHECK_ARGS $GPU_CHECK_PYTEST_EXTRA -p no:cacheprovider "$f"
-      rc=$?
-      echo "----- $f: exit $rc"
-      [ $rc -ne 0 ] && worst=1
-    done
-    exit $worst'
+  # shellcheck disable=SC2086
+  run_step pytest "$OUT/pytest.log" ${GPU_CHECK_PYTEST_CAP_S:-200} \
+    "$PY" -X faulthandler -m pytest "${PYTEST_ARGS[@]}" $TESTS
 fi
 
 # 3. Every kernel against the reference, then under compute-sanitizer.
-run_step exercise "$SAN_LOG" 60 230 "$PY" scripts/exercise_kernels.py
+run_step exercise "$SAN_LOG" 60 "$PY" scripts/exercise_kernels.py
 
 SANITIZER=""
 for cand in "$(command -v compute-sanitizer 2>/dev/null)" "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
@@ -149,24 +162,21 @@ if [ -z "$SANITIZER" ]; then
 else
   echo "compute-sanitizer: $SANITIZER ($("$SANITIZER" --version 2>&1 | tail -1))" >>"$SAN_LOG"
   # The caching allocator would hide out-of-bounds accesses inside its big blocks.
-  run_step memcheck "$SAN_LOG" 80 200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  run_step memcheck "$SAN_LOG" 80 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 100 "$PY" scripts/exercise_kernels.py --quick
-  run_step racecheck "$SAN_LOG" 80 160 \
+  run_step racecheck "$SAN_LOG" 80 \
     "$SANITIZER" --tool racecheck --error-exitcode 1 --print-limit 100 "$PY" scripts/exercise_kernels.py --quick
 fi
 
-# Profile and bench use one fixed Triton config per kernel: autotuning every kernel at every size
-# would cost minutes of device time (set LIGHTNET_OPS_TRITON_AUTOTUNE=1 to tune).
-export LIGHTNET_OPS_TRITON_AUTOTUNE="${LIGHTNET_OPS_TRITON_AUTOTUNE:-0}"
-
 # 4. Where the time goes (host or kernels), per GPU target case and backend.
-run_step profile "$OUT/profile.log" 80 110 "$PY" scripts/gpu_profile.py
+# shellcheck disable=SC2086
+run_step profile "$OUT/profile.log" 80 "$PY" scripts/gpu_profile.py ${GPU_CHECK_PROFILE_ARGS:-}
 
 # 5. Benchmarks of the GPU target cases into a scratch folder, packed into one archive.
 BENCH_TMP="$(mktemp -d)"
 BENCH_ARGS="${GPU_CHECK_BENCH_ARGS:---cases conv1_b256 conv2_b256 vgg_b8_fp16 vgg_b8_bf16 linear_1024x4096_b4096_bf16 lightnet_b256 --modes fwd+bwd step --backends cuda triton stock compile}"
 # shellcheck disable=SC2086
-run_step bench "$OUT/bench.log" ${GPU_CHECK_BENCH_CAP_S:-150} 0 "$PY" -m lightnet_ops.bench $BENCH_ARGS --out "$BENCH_TMP"
+run_step bench "$OUT/bench.log" ${GPU_CHECK_BENCH_CAP_S:-150} "$PY" -m lightnet_ops.bench $BENCH_ARGS --out "$BENCH_TMP"
 if [ -n "$(ls -A "$BENCH_TMP")" ]; then
   tar -czf "$OUT/bench_results.tar.gz" -C "$BENCH_TMP" .
 fi
