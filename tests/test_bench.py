@@ -125,3 +125,34 @@ def test_profiler_noise_is_dropped_and_other_stderr_kept(capfd):
     err = capfd.readouterr().err
     assert "a real warning" in err
     assert "USDT" not in err and "gpuGetDeviceCount" not in err
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", name)
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_scripts_name_real_cuda_cases():
+    # scripts/gpu_profile.py and scripts/gpu_check.sh name benchmark cases by string; a renamed case
+    # would only show up as an error on a GPU machine, where device time is scarce.
+    profile = _load_script("gpu_profile.py")
+    for name in profile.DEFAULT_CASES:
+        assert name in lb.CASES_BY_NAME and "cuda" in lb.CASES_BY_NAME[name].devices, name
+    script = open(os.path.join(lb.REPO_ROOT, "scripts", "gpu_check.sh")).read()
+    bench_args = script.split("GPU_CHECK_BENCH_ARGS:-", 1)[1].split("}", 1)[0].split()
+    cases = bench_args[bench_args.index("--cases") + 1:]
+    cases = cases[:next((i for i, a in enumerate(cases) if a.startswith("--")), len(cases))]
+    assert cases and all(c in lb.CASES_BY_NAME and "cuda" in lb.CASES_BY_NAME[c].devices for c in cases), cases
+    assert lb._parse(bench_args).cases == cases  # the default arguments parse
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_gpu_profile_without_a_gpu_says_so(capsys):
+    profile = _load_script("gpu_profile.py")
+    assert profile.main([]) == 1
+    assert "no CUDA device" in capsys.readouterr().out
