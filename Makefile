@@ -43,7 +43,7 @@ gpu-check:
 	bash scripts/gpu_check.sh $(or $(OUT),gpu-check-results)
 
 lint: $(DEPS_STAMP)
-	$(PYTHON) -m pip install --quiet ruff && $(VENV)/bin/ruff check lightnet_ops triton_kernels tests benchmarks
+	$(PYTHON) -m pip install --quiet ruff && $(VENV)/bin/ruff check lightnet_ops triton_kernels tests benchmarks scripts examples
 
 clean:
 	rm -rf build lightnet_ops/_C*.so *.egg-info
