@@ -14,7 +14,8 @@ Two data kinds per case:
 
 Both conv paths are forced in turn through LIGHTNET_OPS_CUDA_CONV_PATH=direct|cudnn (forward:
 direct fused kernel or cuDNN + epilogue; backward: direct grad_input/grad_weight kernels or cuDNN),
-plus the automatic choice; both linear forward variants through LIGHTNET_OPS_CUDA_LINEAR_EPILOGUE.
+the direct path once more with 64-bit indices forced (LIGHTNET_OPS_CUDA_INDEX64=1), plus the
+automatic choice; both linear forward variants through LIGHTNET_OPS_CUDA_LINEAR_EPILOGUE.
 
 Usage: python3 scripts/exercise_kernels.py [--quick] [--fp64] [--no-triton]
 (--quick, for the sanitizer runs: same kernels, fewer launches: integer data only except for
@@ -38,6 +39,9 @@ import lightnet_ops  # noqa: E402
 from lightnet_ops import backend_registry, reference  # noqa: E402
 
 CONV_PATH_ENV = "LIGHTNET_OPS_CUDA_CONV_PATH"
+# Forces 64-bit indices in the direct backward kernels (their 32-bit variant serves every size
+# below 2^30 elements, so no test shape reaches the 64-bit one otherwise).
+INDEX64_ENV = "LIGHTNET_OPS_CUDA_INDEX64"
 CONV_BWD_PATH_ENV = "LIGHTNET_OPS_CUDA_CONV_BWD_PATH"
 LINEAR_EPILOGUE_ENV = "LIGHTNET_OPS_CUDA_LINEAR_EPILOGUE"
 
@@ -337,11 +341,16 @@ def main() -> int:
     saved_epi = os.environ.get(LINEAR_EPILOGUE_ENV)
     try:
         for backend in backends:
-            paths = (["direct", "cudnn"] if args.quick else ["direct", "cudnn", "auto"]) if backend == "cuda" else ["-"]
+            paths = (["direct", "direct-index64", "cudnn"] if args.quick else
+                     ["direct", "direct-index64", "cudnn", "auto"]) if backend == "cuda" else ["-"]
             kinds = ("int",) if args.quick else ("int", "randn")
             for path in paths:
                 if backend == "cuda":
-                    os.environ[CONV_PATH_ENV] = path
+                    os.environ[CONV_PATH_ENV] = path.removesuffix("-index64")
+                    if path.endswith("-index64"):
+                        os.environ[INDEX64_ENV] = "1"
+                    else:
+                        os.environ.pop(INDEX64_ENV, None)
                 for c in CONV_CASES:
                     for dtype in dtypes:
                         for kind in ("randn",) if c.randn_only else kinds:
@@ -349,6 +358,7 @@ def main() -> int:
                                 continue
                             check_conv(chk, backend, c, dtype, kind, path, dev)
             os.environ.pop(CONV_PATH_ENV, None)
+            os.environ.pop(INDEX64_ENV, None)
             epilogues = ["default", "cublaslt"] if backend == "cuda" else ["-"]
             for epi in epilogues:
                 if backend == "cuda":

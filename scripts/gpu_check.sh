@@ -3,7 +3,8 @@
 # (no pip installs, no venv, no internet needed). Usage: scripts/gpu_check.sh OUTDIR
 #
 # Steps (each runs even if an earlier one failed; each has a timeout so the whole run stays under
-# ~8 minutes; the summary lists every step's exit status, 124 meaning it timed out):
+# ~8 minutes; the summary lists every step's exit status, 124 (or 137, killed after a grace
+# period) meaning it timed out):
 #   build      MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace
 #   pytest     python3 -m pytest, Triton autotuning off; with pytest-xdist 8 workers (a crashing
 #              test takes down one worker, which xdist names and replaces)
@@ -20,6 +21,7 @@
 # Environment overrides: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS
 # (default nproc), GPU_CHECK_PYTEST_ARGS (default "-q -rfE --tb=short"), GPU_CHECK_PYTEST_CAP_S (default 200),
 # GPU_CHECK_BENCH_ARGS (bench arguments; default: the issue's GPU target cases, fwd+bwd and step),
+# GPU_CHECK_BENCH_CAP_S (default 150),
 # GPU_CHECK_BUDGET_S (default 500), GPU_CHECK_STEPS (default "build pytest exercise memcheck
 # racecheck profile bench": a shorter list runs only those), GPU_CHECK_TESTS (default "tests"),
 # GPU_CHECK_PYTEST_K (a pytest -k expression; default: every test), GPU_CHECK_PROFILE_ARGS
@@ -46,6 +48,12 @@ now() { date +%s; }
 
 STEPS=" ${GPU_CHECK_STEPS:-build pytest exercise memcheck racecheck profile bench} "
 wanted() { [[ "$STEPS" == *" $1 "* ]]; }
+for step in $STEPS; do
+  case " build pytest exercise memcheck racecheck profile bench " in
+    *" $step "*) ;;
+    *) echo "gpu_check: unknown step '$step' in GPU_CHECK_STEPS" >&2; exit 2 ;;
+  esac
+done
 
 # The steps in order, each with the seconds it needs at the least (what the steps after a step
 # keep back from it when the budget runs short).
@@ -157,8 +165,8 @@ for cand in "$(command -v compute-sanitizer 2>/dev/null)" "${CUDA_HOME:-/usr/loc
 done
 if [ -z "$SANITIZER" ]; then
   echo "compute-sanitizer not found on PATH or under /usr/local/cuda*/bin: memcheck and racecheck skipped" >>"$SAN_LOG"
-  RESULTS+=("memcheck   exit MISSING (compute-sanitizer not found)")
-  RESULTS+=("racecheck  exit MISSING (compute-sanitizer not found)")
+  wanted memcheck && RESULTS+=("memcheck   exit MISSING (compute-sanitizer not found)")
+  wanted racecheck && RESULTS+=("racecheck  exit MISSING (compute-sanitizer not found)")
 else
   echo "compute-sanitizer: $SANITIZER ($("$SANITIZER" --version 2>&1 | tail -1))" >>"$SAN_LOG"
   # The caching allocator would hide out-of-bounds accesses inside its big blocks.

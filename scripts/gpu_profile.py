@@ -5,11 +5,14 @@
     conv1_b256 fwd+bwd cuda: wall 123.4 us/call  host 98.7 us/call  kernels 45.6 us/call in 7 launches
         20.1 us  x1  some_kernel_name ...
 
-wall: CUDA-event time per call of back-to-back calls (what the benchmark reports). host: time the
+wall: CUDA-event time per call of back-to-back calls (as the benchmark times them). host: time the
 Python thread spends issuing one call when it never waits for the GPU (20 calls, no sync inside).
-kernels: the sum of the GPU kernels' durations per call (torch.profiler, 10 calls). wall close to
-host means the case is launch-bound (host work is the floor); wall close to kernels means the GPU is
-the floor.
+kernels: the sum of the durations of the GPU activities per call (kernels, and memsets or copies
+where there are any; torch.profiler, 10 calls). wall close to host means the case is bound by the
+host (Python, dispatch, launches); wall close to kernels means the GPU is the floor.
+
+wall is the best of three blocks of 50 calls; the benchmark (lightnet_ops.bench) reports the
+median of ~50 ms blocks, which reads higher on a noisy host.
 
 Usage: python3 scripts/gpu_profile.py [--cases NAME ...] [--impls cuda triton stock ...]
 """
@@ -73,7 +76,8 @@ def _kernels_per_call(fn, device, calls: int = 10):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", nargs="+", default=DEFAULT_CASES)
+    p.add_argument("--cases", nargs="+", default=DEFAULT_CASES,
+                   choices=[c.name for c in bench.CASES if "cuda" in c.devices])
     p.add_argument("--impls", nargs="+", default=["cuda", "triton", "stock"])
     p.add_argument("--top", type=int, default=8, help="kernels listed per block")
     args = p.parse_args(argv)
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
                     total, launches, top = _kernels_per_call(runner.fn, device)
                 except Exception as e:  # noqa: BLE001 - report and go on to the next block
                     failures += 1
-                    print(f"{label}: ERROR {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+                    print(f"{label}: ERROR {bench._short_error(e)}", flush=True)
                     continue
                 print(f"{label}: wall {wall:.1f} us/call  host {host:.1f} us/call  kernels {total:.1f} us/call "
                       f"in {launches:g} launches", flush=True)

@@ -16,6 +16,7 @@
 //      partials, then a fixed-order sum over chunks (deterministic, no atomics);
 //    - cudnn: ATen's convolution_backward.
 //    Override: LIGHTNET_OPS_CUDA_CONV_BWD_PATH (else LIGHTNET_OPS_CUDA_CONV_PATH) = direct|cudnn.
+//    LIGHTNET_OPS_CUDA_INDEX64=1 forces the direct kernels' 64-bit index variants (for tests).
 #include <torch/library.h>
 
 #include "lightnet_ops/conv_params.h"
@@ -61,8 +62,10 @@ __global__ void route_grad_gather_kernel(const scalar_t* __restrict__ grad_out, 
 // grad_bias[k] = sum over n, ph, pw of grad_out where argmax is not the ReLU sentinel. One block
 // per channel (grid-stride over channels); fixed per-thread order, then a fixed tree.
 // Each thread walks its positions (n, e) of the flattened N * PH * PW range by a fixed step
-// without dividing per element (a 64-bit division per element made the kernel latency-bound:
-// 102 us for LightNet conv1 at batch 256 on an H100, 6 blocks of 256 threads).
+// without dividing per element. The previous version (a 64-bit division per element, 256 threads
+// per block) took 102 us for LightNet conv1 at batch 256 on an H100; this one 24 us. With one block
+// per channel it still uses only K of the SMs (6 for conv1): splitting N over blocks with a
+// fixed-order second pass would be the next step.
 template <typename scalar_t, int kBlock>
 __global__ void __launch_bounds__(kBlock) bias_grad_kernel(const scalar_t* __restrict__ grad_out,  // (N, K, PH, PW) contiguous
                                                            const uint8_t* __restrict__ argmax,     // (N, K, PH, PW) contiguous
@@ -266,7 +269,8 @@ void direct_conv_backward(const ConvPoolShape& s, const at::Tensor& grad_conv, c
                           const at::Tensor& weight, bool need_input, bool need_weight, at::Tensor& grad_input,
                           at::Tensor& grad_weight, cudaStream_t stream) {
   const DirectParams p = make_direct_params(s);
-  const bool small = direct_backward_fits_int32(s);
+  // LIGHTNET_OPS_CUDA_INDEX64=1 forces the 64-bit variants (tests: no test shape needs them).
+  const bool small = direct_backward_fits_int32(s) && std::strcmp(env_or_empty("LIGHTNET_OPS_CUDA_INDEX64"), "1") != 0;
   if (need_input) {
     const auto w = weight.contiguous();
     const bool unit = s.stride_h == 1 && s.stride_w == 1 && s.dil_h == 1 && s.dil_w == 1;
