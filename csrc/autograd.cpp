@@ -114,6 +114,9 @@ class Conv2dReLUMaxPool2dFunction : public torch::autograd::Function<Conv2dReLUM
     ctx->saved_data["params"] = params;
     ctx->saved_data["has_bias"] = defined(bias);
     ctx->mark_non_differentiable({argmax});
+    // The argmax never gets a gradient; materialising one for backward would allocate and
+    // zero-fill an argmax-sized tensor per call (a fill kernel launch on CUDA).
+    ctx->set_materialize_grads(false);
     return {out, argmax};
   }
 
@@ -123,7 +126,9 @@ class Conv2dReLUMaxPool2dFunction : public torch::autograd::Function<Conv2dReLUM
     const auto p = [&](size_t i) { return at::IntArrayRef(params).slice(2 * i, 2); };
     const auto mask = needed_grads(ctx, ctx->saved_data["has_bias"].toBool());
     at::Tensor grad_input, grad_weight, grad_bias;
-    if (mask[0] || mask[1] || mask[2]) {
+    // Without materialised gradients, an output that received none arrives undefined: then no
+    // gradient flows to any input (undefined results mean zero to autograd).
+    if (grads[0].defined() && (mask[0] || mask[1] || mask[2])) {
       const at::NoGradGuard no_grad;
       std::tie(grad_input, grad_weight, grad_bias) =
           conv_backward_op().call(grads[0], saved[0], saved[1], saved[2], p(0), p(1), p(2), p(3), p(4), mask);
@@ -144,6 +149,7 @@ class LinearReLUFunction : public torch::autograd::Function<LinearReLUFunction> 
     at::Tensor out = linear_forward_op().call(input, weight, bias);
     ctx->save_for_backward({input, weight, out});  // the output carries the ReLU gate
     ctx->saved_data["has_bias"] = defined(bias);
+    ctx->set_materialize_grads(false);  // as for the conv: no zero tensor for a missing gradient
     return out;
   }
 
@@ -151,7 +157,7 @@ class LinearReLUFunction : public torch::autograd::Function<LinearReLUFunction> 
     const auto saved = ctx->get_saved_variables();
     const auto mask = needed_grads(ctx, ctx->saved_data["has_bias"].toBool());
     at::Tensor grad_input, grad_weight, grad_bias;
-    if (mask[0] || mask[1] || mask[2]) {
+    if (grads[0].defined() && (mask[0] || mask[1] || mask[2])) {
       const at::NoGradGuard no_grad;
       std::tie(grad_input, grad_weight, grad_bias) =
           linear_backward_op().call(grads[0], saved[0], saved[1], saved[2], mask);

@@ -43,11 +43,16 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
         ctx.params = (stride, padding, dilation, pool_kernel_size, pool_stride)
         ctx.has_bias = bias is not None
         ctx.backend = backend
+        # An output that receives no gradient arrives as None (as in stock PyTorch's nodes) instead
+        # of a zero tensor to route through the whole backward.
+        ctx.set_materialize_grads(False)
         return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output: Optional[torch.Tensor]):
+        if grad_output is None:
+            return (None,) * 9
         input, weight, argmax = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_bias = need_bias and ctx.has_bias
@@ -79,11 +84,14 @@ class LinearReLUFunction(torch.autograd.Function):
         ctx.save_for_backward(input, weight, out)
         ctx.has_bias = bias is not None
         ctx.backend = backend
+        ctx.set_materialize_grads(False)  # see Conv2dReLUMaxPool2dFunction
         return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output: Optional[torch.Tensor]):
+        if grad_output is None:
+            return (None,) * 4
         input, weight, out = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_bias = need_bias and ctx.has_bias

@@ -84,3 +84,16 @@ def pytest_report_header(config):
         f"{'loaded' if lo._ops.EXTENSION_AVAILABLE else lo._ops.EXTENSION_ERROR}; "
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}; cuda={HAS_CUDA}"
     ]
+
+
+class NoGradThrough(torch.autograd.Function):
+    """Identity whose backward passes no gradient on (returns None): the node before it then runs
+    without a gradient for its output."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None

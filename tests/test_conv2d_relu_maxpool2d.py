@@ -11,7 +11,7 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backend_cases, results_per_thread_count
+from conftest import NoGradThrough, backend_cases, results_per_thread_count
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from parity import DTYPES, assert_matches
@@ -541,6 +541,21 @@ def test_inference_and_partial_grads(backend, device):
     (gw_want,) = torch.autograd.grad(stock(x, w, b, case).sum(), (w,))
     torch.testing.assert_close(gw, gw_want, rtol=1e-4, atol=1e-4)
 
+
+@pytest.mark.parametrize("backend, device", backend_cases())
+def test_output_without_gradient_leaves_grads_none_like_stock(backend, device):
+    # The fused node then gets no gradient for its output (the C++ node does not materialise one:
+    # that would zero-fill an argmax-sized tensor on every call) and must pass none on, as stock does.
+    case = CASES[5]
+    results = {}
+    for name, f in (("fused", lambda x, w, b: fused(x, w, b, case, backend)), ("stock", lambda x, w, b: stock(x, w, b, case))):
+        _, (x, w, b) = make_inputs(case, torch.float32, device, requires_grad=True)
+        other = torch.ones(3, device=device, requires_grad=True)
+        (NoGradThrough.apply(f(x, w, b)).sum() + (other * 2).sum()).backward()
+        results[name] = (x.grad, w.grad, b.grad)
+        torch.testing.assert_close(other.grad, torch.full_like(other, 2.0))
+    assert results["stock"] == (None, None, None)
+    assert results["fused"] == (None, None, None)
 
 # ---------------------------------------------------------------- bad input
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backend_cases, results_per_thread_count
+from conftest import NoGradThrough, backend_cases, results_per_thread_count
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from parity import DTYPES, assert_matches
@@ -111,6 +111,17 @@ def test_compile_fullgraph(backend, device):
     for a, e in zip(got_grads, torch.autograd.grad(want, (x, w, b))):
         torch.testing.assert_close(a, e)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend, device", backend_cases())
+def test_output_without_gradient_leaves_grads_none_like_stock(backend, device):
+    case = CASES_BY_NAME["odd_sizes"]
+    for f in (lambda x, w, b: lo.linear_relu(x, w, b, backend=backend), stock):
+        _, (x, w, b) = make_inputs(case, torch.float32, device)
+        other = torch.ones(3, device=device, requires_grad=True)
+        (NoGradThrough.apply(f(x, w, b)).sum() + (other * 2).sum()).backward()
+        assert (x.grad, w.grad, b.grad) == (None, None, None)
+        torch.testing.assert_close(other.grad, torch.full_like(other, 2.0))
 
 
 @pytest.mark.parametrize("backend, device", backend_cases())
