@@ -700,14 +700,22 @@ class SpanGradWeight {
     if (n0 < n1) fn_(args_, n0, n1, partial_.mutable_data_ptr<T>() + ch * part_);
   }
 
-  // Chunk 0 accumulates the others, in chunk order; then the taps' columns of the spans.
+  // Chunk 0 accumulates the others, in chunk order; then the taps' columns of the spans: weight
+  // (k, c, r, q) is span (k, r) at column q * dil_w, channel c (a plain loop: the equivalent
+  // view / slice / permute / copy_ chain cost more in ATen dispatch than the copy itself).
   void finish(at::Tensor& grad_weight) {
     T* sums = partial_.mutable_data_ptr<T>();
     for (int64_t ch = 1; ch < partial_.size(0); ++ch) {
       const T* src = sums + ch * part_;
       for (int64_t i = 0; i < part_; ++i) sums[i] += src[i];
     }
-    grad_weight.copy_(geo_.taps(partial_[0].view({s_.K, s_.R, geo_.Lp}), s_).permute({0, 3, 1, 2}));
+    TORCH_INTERNAL_ASSERT(grad_weight.is_contiguous());
+    T* gw = grad_weight.mutable_data_ptr<T>();
+    for (int64_t k = 0; k < s_.K; ++k)
+      for (int64_t c = 0; c < s_.C; ++c)
+        for (int64_t r = 0; r < s_.R; ++r)
+          for (int64_t q = 0; q < s_.S; ++q)
+            *gw++ = sums[(k * s_.R + r) * geo_.Lp + q * s_.dil_w * s_.C + c];
   }
 
  private:
