@@ -35,14 +35,8 @@ DEFAULT_CASES = ["conv1_b256", "conv2_b256", "vgg_b8_fp16", "vgg_b8_bf16", "line
 
 
 def _events_per_call(fn, device, calls: int = 50) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(device)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / calls
+    """Microseconds per call of `calls` back-to-back calls, timed with CUDA events (the bench's timer)."""
+    return bench._BlockTimer(fn, device, threads=1)(calls) * 1e6
 
 
 def _host_per_call(fn, device, calls: int = 20) -> float:
