@@ -3,6 +3,9 @@ torch.compile, NaN, views, bad inputs, fuzzing, module."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,9 @@ CASES = [
     # Several row blocks of the CPU gate/bias-sum pass (32 rows each, the last partial) and the
     # side-by-side GEMM path (>= 2^16 multiply-adds).
     ("fc1_batch_300", (300, 576), 120, True),
+    # The CPU's register-blocked GEMM: rows past the last 8-row tile, a column block that ends in
+    # a partial vector, and a reduction length past the last whole vector of the W^T packing.
+    ("gemm_tails", (19, 37), 45, True),
 ]
 CASES_BY_NAME = {c[0]: c for c in CASES}
 TINY = {"odd_sizes", "no_bias", "leading_dims", "single_row", "vector_input"}
@@ -207,6 +213,80 @@ def test_fuzz_against_reference(backend, m, k, n, bias):
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     for g, s in zip(got, want):
         torch.testing.assert_close(g, s, rtol=tol, atol=tol)
+
+
+@contextlib.contextmanager
+def cpu_gemm(mode: str):
+    """LIGHTNET_OPS_CPU_GEMM (native | blas) for the block, then what was there before (usable
+    inside hypothesis tests, where monkeypatch's function scope does not fit)."""
+    saved = os.environ.get("LIGHTNET_OPS_CPU_GEMM")
+    os.environ["LIGHTNET_OPS_CPU_GEMM"] = mode
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("LIGHTNET_OPS_CPU_GEMM", None)
+        else:
+            os.environ["LIGHTNET_OPS_CPU_GEMM"] = saved
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("gemm", ["native", "blas"])
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_cpu_gemm_paths_and_instruction_sets(monkeypatch, gemm, isa, case):
+    # The cpu backend's GEMMs are BLAS calls or its own register-blocked kernel (use_native_gemm
+    # chooses per call, by dtype, size and CPU); force each, with every compiled instruction set
+    # of the kernel (one this CPU lacks falls back to the best it has), in both dtypes.
+    monkeypatch.setenv("LIGHTNET_OPS_CPU_ISA", isa)
+    for dtype in (torch.float64, torch.float32):
+        (x64, w64, b64), (x, w, b) = make_inputs(case, dtype, "cpu")
+        ref = outputs_and_grads(stock, (x64, w64, b64))
+        want = outputs_and_grads(stock, (x, w, b))
+        with cpu_gemm(gemm):
+            got = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend="cpu"), (x, w, b))
+        for name, g, s_, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want, ref):
+            assert_matches(g, s_, r, f"{gemm}/{isa}/{dtype} {case[0]} {name}")
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(0, 20), k=st.integers(0, 40), n=st.integers(1, 70), bias=st.booleans(),
+       isa=st.sampled_from(["avx2", "avx512"]))
+def test_fuzz_native_gemm_against_float64_reference(m, k, n, bias, isa):
+    # Every tile shape and edge of the native GEMM (row tails 1..7, partial column vectors,
+    # transposition tails, empty reductions), float64 at float64 precision.
+    case = ("fuzz", (m, k), n, bias)
+    _, (x, w, b) = make_inputs(case, torch.float64, "cpu")
+    want = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend="reference"), (x, w, b))
+    saved_isa = os.environ.get("LIGHTNET_OPS_CPU_ISA")
+    os.environ["LIGHTNET_OPS_CPU_ISA"] = isa
+    try:
+        with cpu_gemm("native"):
+            got = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend="cpu"), (x, w, b))
+    finally:
+        if saved_isa is None:
+            os.environ.pop("LIGHTNET_OPS_CPU_ISA", None)
+        else:
+            os.environ["LIGHTNET_OPS_CPU_ISA"] = saved_isa
+    for g, s_ in zip(got, want):
+        torch.testing.assert_close(g, s_, rtol=1e-10, atol=1e-10)
+
+
+def test_cpu_native_gemm_is_bitwise_deterministic_across_thread_counts(monkeypatch):
+    # Each output element of the native GEMM is one multiply-add chain in a fixed order, whichever
+    # thread computes its column block: every result is bitwise the same for any thread count.
+    monkeypatch.setenv("LIGHTNET_OPS_CPU_GEMM", "native")
+    torch.manual_seed(4)
+    x, w, b, out_grad = torch.randn(70, 300), torch.randn(150, 300) / 17, torch.randn(150), torch.randn(70, 150)
+    outs = results_per_thread_count(lambda: torch.ops.lightnet_ops.linear_relu(x, w, b), (1, 2, 3))
+    grads = results_per_thread_count(
+        lambda: torch.ops.lightnet_ops.linear_relu_backward(out_grad, x, w, outs[0], [True, True, True]), (1, 2, 3))
+    for got in outs[1:]:
+        assert torch.equal(got, outs[0])
+    for got in grads[1:]:
+        for g, want in zip(got, grads[0]):
+            assert torch.equal(g, want)
 
 
 def test_cpu_backward_is_deterministic_across_thread_counts():

@@ -95,9 +95,6 @@ struct Simd {
 #define LIGHTNET_OPS_IN_REGISTER(v) (void)0
 #endif
 
-// Register-block loops must be fully unrolled early, or the accumulator arrays stay in memory.
-#define LIGHTNET_OPS_UNROLL _Pragma("GCC unroll 16")
-
 template <typename T>
 constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(T));
 

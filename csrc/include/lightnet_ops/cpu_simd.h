@@ -35,6 +35,9 @@
 
 #define LIGHTNET_OPS_INLINE inline __attribute__((always_inline))
 
+// Register-block loops must be fully unrolled early, or the accumulator arrays stay in memory.
+#define LIGHTNET_OPS_UNROLL _Pragma("GCC unroll 16")
+
 namespace lightnet_ops {
 namespace cpu {
 

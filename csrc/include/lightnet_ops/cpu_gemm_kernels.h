@@ -1,0 +1,208 @@
+// Register-blocked GEMM for the CPU linear_relu, compiled once per instruction set.
+// NO include guard on purpose: csrc/cpu/linear_relu.cpp includes this file several times, each
+// inside its own namespace and target region (see cpu_simd.h), after defining
+// `constexpr int kVecBytes` (the register width in bytes) in that namespace.
+//
+// C[i][j] = epilogue(sum over k of A(i, k) * B[k][j]) for i < M, j < N, where
+// A(i, k) = a[i * a_row + k * a_col] (any strides: the kernel broadcasts one A element at a time,
+// so A^T costs nothing) and B is row-major with row stride ldb. Outer-product form: a tile of MR
+// rows x NV vectors of C lives in registers for the whole k loop; per k it loads NV vectors of B
+// and broadcasts MR elements of A. Each C element is one chain of fused multiply-adds in k order,
+// so results do not depend on the tiling or the number of threads.
+//
+// The problem (GemmArgs) is defined in linear_relu.cpp, outside the per-instruction-set copies.
+
+template <typename T>
+struct GemmVec {
+  static constexpr int V = kVecBytes / static_cast<int>(sizeof(T));
+  typedef T vec __attribute__((vector_size(kVecBytes)));
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> lane_int;
+  typedef lane_int ivec __attribute__((vector_size(kVecBytes)));
+  static LIGHTNET_OPS_INLINE vec load(const T* p) {
+    vec v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static LIGHTNET_OPS_INLINE void store(T* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
+  // Every lane = s, as one broadcast instruction. (GCC 12 lowers the portable `vec{} + s` to an
+  // add of 0 before the broadcast, which it must keep in case s is -0, and a lane-0 shuffle to a
+  // masked load plus a register broadcast: in the GEMM's inner loop either costs about 20%.)
+  static LIGHTNET_OPS_INLINE vec splat(T s) {
+#if LIGHTNET_OPS_X86_DISPATCH
+    if constexpr (kVecBytes == 64) {
+      vec v;
+      if constexpr (sizeof(T) == 4) {
+        const __m512 r = _mm512_set1_ps(s);
+        std::memcpy(&v, &r, sizeof(v));
+      } else {
+        const __m512d r = _mm512_set1_pd(s);
+        std::memcpy(&v, &r, sizeof(v));
+      }
+      return v;
+    } else if constexpr (kVecBytes == 32) {
+      vec v;
+      if constexpr (sizeof(T) == 4) {
+        const __m256 r = _mm256_set1_ps(s);
+        std::memcpy(&v, &r, sizeof(v));
+      } else {
+        const __m256d r = _mm256_set1_pd(s);
+        std::memcpy(&v, &r, sizeof(v));
+      }
+      return v;
+    }
+#endif
+    return vec{} + s;
+  }
+
+  // Transposes the V x V block held in rows[0..V), in log2(V) stages of two-vector shuffles: the
+  // stage for distance d exchanges the off-diagonal d x d sub-blocks of every 2d x 2d block.
+  static LIGHTNET_OPS_INLINE void transpose(vec* rows) {
+#if defined(__GNUC__) && !defined(__clang__)
+    LIGHTNET_OPS_UNROLL
+    for (int d = V / 2; d >= 1; d /= 2) {
+      ivec lo, hi;  // lane indices into the concatenation (a, b)
+      LIGHTNET_OPS_UNROLL
+      for (int l = 0; l < V; ++l) {
+        lo[l] = (l & d) == 0 ? l : V + l - d;
+        hi[l] = (l & d) == 0 ? l + d : V + l;
+      }
+      LIGHTNET_OPS_UNROLL
+      for (int r = 0; r < V; ++r) {
+        if ((r & d) != 0) continue;
+        const vec a = rows[r], b = rows[r + d];
+        rows[r] = __builtin_shuffle(a, b, lo);
+        rows[r + d] = __builtin_shuffle(a, b, hi);
+      }
+    }
+#else
+    for (int r = 0; r < V; ++r)
+      for (int c = r + 1; c < V; ++c) {
+        const T t = rows[r][c];
+        rows[r][c] = rows[c][r];
+        rows[c][r] = t;
+      }
+#endif
+  }
+};
+
+// Tile rows per register block: MR x NV accumulators + NV B vectors + 1 broadcast must fit the
+// register file (32 vector registers with AVX-512, 16 below).
+constexpr int kGemmMR = kVecBytes == 64 ? 8 : 4;
+constexpr int kGemmNV = 2;
+
+template <typename T, int MR, int NV>
+LIGHTNET_OPS_INLINE void gemm_tile(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, int64_t K,
+                                   T* c, int64_t ldc, int64_t lanes, const T* bias, bool relu) {
+  using G = GemmVec<T>;
+  using vec = typename G::vec;
+  constexpr int V = G::V;
+  vec acc[MR][NV];
+  LIGHTNET_OPS_UNROLL
+  for (int i = 0; i < MR; ++i)
+    LIGHTNET_OPS_UNROLL
+    for (int v = 0; v < NV; ++v) acc[i][v] = vec{};
+  for (int64_t k = 0; k < K; ++k) {
+    vec bv[NV];
+    LIGHTNET_OPS_UNROLL
+    for (int v = 0; v < NV; ++v) bv[v] = G::load(b + k * ldb + v * V);
+    LIGHTNET_OPS_UNROLL
+    for (int i = 0; i < MR; ++i) {
+      const vec av = G::splat(a[i * a_row + k * a_col]);
+      LIGHTNET_OPS_UNROLL
+      for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
+    }
+  }
+  LIGHTNET_OPS_UNROLL
+  for (int v = 0; v < NV; ++v) {
+    vec bias_v{};
+    if (bias != nullptr) {
+      if (lanes >= (v + 1) * V) {
+        bias_v = G::load(bias + v * V);
+      } else {
+        for (int64_t l = 0; l < V && v * V + l < lanes; ++l) bias_v[l] = bias[v * V + l];
+      }
+    }
+    LIGHTNET_OPS_UNROLL
+    for (int i = 0; i < MR; ++i) {
+      vec r = acc[i][v] + bias_v;
+      if (relu) r = ((r > vec{}) | (r != r)) ? r : vec{};  // stock's relu: NaN stays NaN
+      if (lanes >= (v + 1) * V) {
+        G::store(c + i * ldc + v * V, r);
+      } else {
+        for (int64_t l = 0; v * V + l < lanes; ++l) c[i * ldc + v * V + l] = r[l];
+      }
+    }
+  }
+}
+
+// Rows [i0, i0 + rows) of one column block (rows <= kGemmMR): the compiled tile with exactly
+// `rows` rows (a row tail gets its own instantiation instead of padding).
+template <typename T, int NV, int R = kGemmMR>
+void gemm_rows(int rows, const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, int64_t K, T* c,
+               int64_t ldc, int64_t lanes, const T* bias, bool relu) {
+  if constexpr (R > 1) {
+    if (rows < R) return gemm_rows<T, NV, R - 1>(rows, a, a_row, a_col, b, ldb, K, c, ldc, lanes, bias, relu);
+  }
+  gemm_tile<T, R, NV>(a, a_row, a_col, b, ldb, K, c, ldc, lanes, bias, relu);
+}
+
+// The column blocks [jb0, jb1) (each kGemmNV vectors wide) of C, every row, on the calling thread.
+// Column block outside, row tiles inside: a block's B panel (K x kGemmNV vectors) stays in cache
+// while the rows of A stream past it. A transposed B (b_transposed: B(k, j) = b[j * ldb + k], a
+// weight matrix read as W^T) is packed per block into a contiguous K x block panel first, and so is
+// a block that reaches into a last, partial vector of columns (vector loads past N could leave B's
+// allocation); both panels are zero-padded to whole vectors, and only N columns are stored.
+template <typename T>
+void gemm_column_blocks(const GemmArgs<T>& g, int64_t jb0, int64_t jb1) {
+  constexpr int V = GemmVec<T>::V;
+  constexpr int64_t block = int64_t(kGemmNV) * V;
+  // Uninitialised: every panel element is written below (the padding columns with zeros).
+  std::unique_ptr<T[]> panel_store(g.b_transposed || g.N % V != 0 ? new T[g.K * block] : nullptr);
+  T* const panel = panel_store.get();
+  for (int64_t jb = jb0; jb < jb1; ++jb) {
+    const int64_t j0 = jb * block, lanes = std::min(block, g.N - j0);
+    const T* b = g.b + j0;
+    int64_t ldb = g.ldb;
+    if (g.b_transposed || lanes % V != 0) {
+      const int64_t width = (lanes + V - 1) / V * V;
+      if (lanes < width) {
+        for (int64_t k = 0; k < g.K; ++k) std::fill(panel + k * width + lanes, panel + (k + 1) * width, T(0));
+      }
+      if (g.b_transposed) {
+        // V x V blocks transposed in registers; the edges (k past the last whole vector, columns
+        // past the last whole vector) element by element.
+        using G = GemmVec<T>;
+        const T* src = g.b + j0 * g.ldb;
+        const int64_t k_full = g.K / V * V, j_full = lanes / V * V;
+        for (int64_t k0 = 0; k0 < k_full; k0 += V) {
+          for (int64_t jv = 0; jv < j_full; jv += V) {
+            typename G::vec rows[V];
+            LIGHTNET_OPS_UNROLL
+            for (int r = 0; r < V; ++r) rows[r] = G::load(src + (jv + r) * g.ldb + k0);
+            G::transpose(rows);
+            LIGHTNET_OPS_UNROLL
+            for (int r = 0; r < V; ++r) G::store(panel + (k0 + r) * width + jv, rows[r]);
+          }
+        }
+        for (int64_t k = 0; k < g.K; ++k) {
+          for (int64_t j = k < k_full ? j_full : 0; j < lanes; ++j) panel[k * width + j] = src[j * g.ldb + k];
+        }
+      } else {
+        for (int64_t k = 0; k < g.K; ++k) std::memcpy(panel + k * width, b + k * g.ldb, lanes * sizeof(T));
+      }
+      b = panel;
+      ldb = width;
+    }
+    const T* bias = g.bias != nullptr ? g.bias + j0 : nullptr;
+    for (int64_t i0 = 0; i0 < g.M; i0 += kGemmMR) {
+      const int rows = static_cast<int>(std::min<int64_t>(kGemmMR, g.M - i0));
+      const T* a = g.a + i0 * g.a_row;
+      T* c = g.c + i0 * g.ldc + j0;
+      if (lanes > V) {
+        gemm_rows<T, kGemmNV>(rows, a, g.a_row, g.a_col, b, ldb, g.K, c, g.ldc, lanes, bias, g.relu);
+      } else {
+        gemm_rows<T, 1>(rows, a, g.a_row, g.a_col, b, ldb, g.K, c, g.ldc, lanes, bias, g.relu);
+      }
+    }
+  }
+}
