@@ -53,41 +53,8 @@
 #endif
 
 // The kernel bodies, once per instruction set (see cpu_simd.h).
-namespace lightnet_ops {
-namespace cpu {
-namespace isa_default {
-using namespace ::lightnet_ops::cpu;
-constexpr int kVecBytes = 16;
-#include "lightnet_ops/cpu_conv_kernels.h"
-}  // namespace isa_default
-}  // namespace cpu
-}  // namespace lightnet_ops
-
-#if LIGHTNET_OPS_X86_DISPATCH
-LIGHTNET_OPS_TARGET_BEGIN(LIGHTNET_OPS_ISA_AVX2)
-namespace lightnet_ops {
-namespace cpu {
-namespace isa_avx2 {
-using namespace ::lightnet_ops::cpu;
-constexpr int kVecBytes = 32;
-#include "lightnet_ops/cpu_conv_kernels.h"
-}  // namespace isa_avx2
-}  // namespace cpu
-}  // namespace lightnet_ops
-LIGHTNET_OPS_TARGET_END
-
-LIGHTNET_OPS_TARGET_BEGIN(LIGHTNET_OPS_ISA_AVX512)
-namespace lightnet_ops {
-namespace cpu {
-namespace isa_avx512 {
-using namespace ::lightnet_ops::cpu;
-constexpr int kVecBytes = 64;
-#include "lightnet_ops/cpu_conv_kernels.h"
-}  // namespace isa_avx512
-}  // namespace cpu
-}  // namespace lightnet_ops
-LIGHTNET_OPS_TARGET_END
-#endif
+#define LIGHTNET_OPS_KERNELS_HEADER "lightnet_ops/cpu_conv_kernels.h"
+#include "lightnet_ops/cpu_isa_variants.h"
 
 namespace lightnet_ops {
 namespace {

@@ -1,7 +1,7 @@
 // Kernel bodies of the CPU conv2d_relu_maxpool2d, compiled once per instruction set.
-// NO include guard on purpose: csrc/cpu/conv2d_relu_maxpool2d.cpp includes this file several
-// times, each inside its own namespace, inside a target region (see cpu_simd.h), after defining
-// `constexpr int kVecBytes` (the register width in bytes) in that namespace. Standard headers,
+// NO include guard on purpose: csrc/cpu/conv2d_relu_maxpool2d.cpp includes it once per
+// instruction set through cpu_isa_variants.h, which defines `constexpr int kVecBytes` (the
+// register width in bytes) in each copy's namespace, inside a target region (see cpu_simd.h). Standard headers,
 // cpu_simd.h and cpu_conv_direct.h must already be included.
 
 // Vector of V lanes of T, and the signed integer vector of the same lane size (comparison masks).

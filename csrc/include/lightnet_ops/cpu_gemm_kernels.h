@@ -1,7 +1,7 @@
 // Register-blocked GEMM for the CPU linear_relu, compiled once per instruction set.
-// NO include guard on purpose: csrc/cpu/linear_relu.cpp includes this file several times, each
-// inside its own namespace and target region (see cpu_simd.h), after defining
-// `constexpr int kVecBytes` (the register width in bytes) in that namespace.
+// NO include guard on purpose: csrc/cpu/linear_relu.cpp includes it once per instruction set
+// through cpu_isa_variants.h, which defines `constexpr int kVecBytes` (the register width in
+// bytes) in each copy's namespace.
 //
 // C[i][j] = epilogue(sum over k of A(i, k) * B[k][j]) for i < M, j < N, where
 // A(i, k) = a[i * a_row + k * a_col] (any strides: the kernel broadcasts one A element at a time,
