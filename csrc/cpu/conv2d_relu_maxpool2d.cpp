@@ -639,14 +639,18 @@ class SpanGradWeight {
  public:
   SpanGradWeight(const ConvPoolShape& s, const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& argmax,
                  int64_t chunks)
-      : s_(s), geo_(s, sizeof(T)), offsets_(s), pos_off_(s.PH * s.PW * s.pool_kh * s.pool_kw) {
-    const int64_t Xn = geo_.Wp - geo_.Sd + 1, win = s.pool_kh * s.pool_kw;
+      : s_(s), geo_(s, sizeof(T)), pos_base_(s.PH * s.PW) {
+    // The span-row offset of the conv position that pooled position f selects with window offset
+    // w is linear in both: pos_base[f] (the window's first position) + byte_off[w].
+    const int64_t Xn = geo_.Wp - geo_.Sd + 1;
+    const cpu::ArgmaxOffsets offsets(s);
     for (int64_t ph = 0; ph < s.PH; ++ph)
       for (int64_t pw = 0; pw < s.PW; ++pw)
-        for (int64_t w = 0; w < win; ++w) {
-          const int64_t p = ph * s.pool_sh + offsets_.dy[w], q = pw * s.pool_sw + offsets_.dx[w];
-          pos_off_[(ph * s.PW + pw) * win + w] = (p * s.stride_h * Xn + q * s.stride_w) * geo_.Lp;
-        }
+        pos_base_[ph * s.PW + pw] = (ph * s.pool_sh * s.stride_h * Xn + pw * s.pool_sw * s.stride_w) * geo_.Lp;
+    for (int b = 0; b < 256; ++b) {
+      byte_live_[b] = offsets.dy[b] >= 0;
+      byte_off_[b] = byte_live_[b] ? (offsets.dy[b] * s.stride_h * Xn + offsets.dx[b] * s.stride_w) * geo_.Lp : 0;
+    }
     args_ = cpu::SpanGradWeightArgs<T>{&s_,
                                        geo_.Ls,
                                        geo_.Lp,
@@ -654,8 +658,9 @@ class SpanGradWeight {
                                        input.const_data_ptr<T>(),
                                        grad_out.const_data_ptr<T>(),
                                        argmax.const_data_ptr<uint8_t>(),
-                                       pos_off_.data(),
-                                       &offsets_};
+                                       pos_base_.data(),
+                                       byte_off_,
+                                       byte_live_};
     fn_ = kernels<T>(cpu::cpu_isa(), 4).span_grad_weight;
     part_ = s.K * s.R * geo_.Lp;
     partial_ = at::zeros({chunks, part_}, input.options());
@@ -688,8 +693,8 @@ class SpanGradWeight {
  private:
   const ConvPoolShape s_;
   const SpanGeometry geo_;
-  const cpu::ArgmaxOffsets offsets_;
-  std::vector<int64_t> pos_off_;
+  std::vector<int64_t> pos_base_;
+  int64_t byte_off_[256], byte_live_[256];
   cpu::SpanGradWeightArgs<T> args_{};
   SpanGwFn<T> fn_ = nullptr;
   int64_t part_ = 0;

@@ -183,9 +183,12 @@ struct SpanGradWeightArgs {
   const T* input;           // (N, C, H, W) contiguous
   const T* grad_out;        // (N, K, PH, PW)
   const uint8_t* argmax;    // (N, K, PH, PW)
-  const int64_t* pos_off;   // [PH * PW][pool window]: offset in the span rows of the conv position that
-                            // pooled position f selects with window offset w
-  const ArgmaxOffsets* offsets;
+  // The offset in the span rows of the conv position that pooled position f selects with argmax
+  // byte b is pos_base[f] + byte_off[b] where byte_live[b] (1: a window offset; 0: the ReLU
+  // sentinel or out of range, no conv position).
+  const int64_t* pos_base;  // [PH * PW]
+  const int64_t* byte_off;  // [256]
+  const int64_t* byte_live; // [256]
 };
 
 // Arguments of the Winograd F(2x2, 3x3) forward (ATen path; 3x3 filter, stride 1, dilation 1,

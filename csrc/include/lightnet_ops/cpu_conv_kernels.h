@@ -1055,7 +1055,7 @@ void span_grad_weight_range(const SpanGradWeightArgs<T>& a, int64_t n0, int64_t 
   constexpr int V = kLanes<T>;
   constexpr int KT = 4, NJ = 6;
   const ConvPoolShape& s = *a.s;
-  const int64_t Hp = s.H + 2 * s.pad_h, Wp = s.W + 2 * s.pad_w, F = s.PH * s.PW, win = s.pool_kh * s.pool_kw;
+  const int64_t Hp = s.H + 2 * s.pad_h, Wp = s.W + 2 * s.pad_w, F = s.PH * s.PW;
   const int64_t nv = (a.Ls + V - 1) / V;
   const SpanSlots slots = span_slots<V>(s, a.Ls, a.Lp, a.Xn * a.Lp);  // span rows: Xn rows of Lp per input row
   const int64_t J = static_cast<int64_t>(slots.x_off.size());
@@ -1095,9 +1095,9 @@ void span_grad_weight_range(const SpanGradWeightArgs<T>& a, int64_t n0, int64_t 
         // Branch-free (whether an element is live is data-dependent, and unpredictable).
         for (int64_t f = 0; f < F; ++f) {
           const uint8_t b = kk < nk ? am[f] : kArgmaxReluZero;
-          const int64_t live = a.offsets->dy[b] >= 0;
+          const int64_t live = a.byte_live[b];
           slot_g[f * KT + kk] = mask_bits(g[f], live);
-          slot_base[f * KT + kk] = a.pos_off[f * win + (b & -live)] & -live;
+          slot_base[f * KT + kk] = (a.pos_base[f] + a.byte_off[b]) & -live;
         }
       }
       for (int64_t j0 = 0; j0 < J; j0 += NJ) {
