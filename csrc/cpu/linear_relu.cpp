@@ -92,8 +92,8 @@ int64_t gemm_block_columns(cpu::Isa isa) {
 }
 
 // The GEMM on the calling thread (parallel = false) or split by column blocks across the threads,
-// at least about 2^18 multiply-adds per task (LightNet fc2 at batch 64, 64 x 120 x 84 in three
-// column blocks: 15 us on one thread, 11 us on two).
+// at least about 2^18 multiply-adds per task (LightNet fc2's forward at batch 64, 64 x 120 x 84 in
+// three column blocks: 19 us on one thread, 16 us on two, whole op call).
 template <typename T>
 void native_gemm(const cpu::GemmArgs<T>& g, bool parallel) {
   const cpu::Isa isa = cpu::cpu_isa();
@@ -112,9 +112,9 @@ void native_gemm(const cpu::GemmArgs<T>& g, bool parallel) {
 // Whether linear_relu's GEMMs use native_gemm instead of BLAS. MKL, which PyTorch's x86 wheels
 // use, ran these shapes at about 93 GFLOP/s per core on the 2-core AVX-512 EPYC where the native
 // kernel runs at about 115 (LightNet fc1 at batch 64, 64 x 576 x 120, one thread, timed in C++:
-// 77 vs 92-98 us per backward GEMM; interleaved A/B in one process, medians: linear 576->120 at batch 256,
-// forward+backward, 579-697 vs 663-804 us; the LightNet training step at batch 64, 1235-1629 vs
-// 1337-1883 us). Larger problems (above 2^27 multiply-adds, e.g. 4096 x 1024 x 4096) stay
+// 77 vs 92-98 us per backward GEMM; interleaved A/B in one process, medians: linear 576->120 at
+// batch 256, forward+backward, 579-697 vs 663-804 us; the LightNet training step at batch 64,
+// 1235-1629 vs 1337-1883 us). Larger problems (above 2^27 multiply-adds, e.g. 4096 x 1024 x 4096) stay
 // on BLAS, whose cache blocking this kernel lacks; so do CPUs without AVX-512 (not measured).
 // Only float32 by default. LIGHTNET_OPS_CPU_GEMM=native|blas overrides the choice (tests cover
 // both, and float64).
