@@ -111,8 +111,8 @@ void native_gemm(const cpu::GemmArgs<T>& g, bool parallel) {
 
 // Whether linear_relu's GEMMs use native_gemm instead of BLAS. MKL, which PyTorch's x86 wheels
 // use, ran these shapes at about 93 GFLOP/s per core on the 2-core AVX-512 EPYC where the native
-// kernel runs at about 115 (LightNet fc1 at batch 64, 64 x 576 x 120, one thread, timed in C++:
-// 77 vs 92-98 us per backward GEMM; interleaved A/B in one process, medians: linear 576->120 at
+// kernel runs at about 115 (LightNet fc1 at batch 64, 64 x 576 x 120, one thread, per backward
+// GEMM: 77 us for the kernel timed in C++, 92-98 us for MKL through torch.mm; interleaved A/B in one process, medians: linear 576->120 at
 // batch 256, forward+backward, 579-697 vs 663-804 us; the LightNet training step at batch 64,
 // 1235-1629 vs 1337-1883 us). Larger problems (above 2^27 multiply-adds, e.g. 4096 x 1024 x 4096) stay
 // on BLAS, whose cache blocking this kernel lacks; so do CPUs without AVX-512 (not measured).
