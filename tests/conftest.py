@@ -6,6 +6,7 @@ on before triton is imported, so this happens here, first. On a GPU machine the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -36,6 +37,23 @@ def backend_cases() -> list[tuple[str, str]]:
     if HAS_CUDA:
         cases += [("reference", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]
     return cases
+
+
+@contextlib.contextmanager
+def env_vars(**values: str):
+    """Sets environment variables for the block, then restores what was there. For the kernel
+    overrides the extension reads on every call (LIGHTNET_OPS_CPU_*) inside hypothesis tests, where
+    monkeypatch's function scope does not fit (hypothesis runs many examples per call)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def results_per_thread_count(fn, counts=(1, 2, 3, 2)):

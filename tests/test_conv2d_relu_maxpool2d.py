@@ -3,15 +3,13 @@ backend this machine has, gradcheck, opcheck, torch.compile, ties/NaN, layouts, 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 from typing import Optional
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NoGradThrough, backend_cases, results_per_thread_count
+from conftest import NoGradThrough, backend_cases, env_vars, results_per_thread_count
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from parity import DTYPES, assert_matches
@@ -148,20 +146,9 @@ def check_cpu_parity_float64_and_float32(case: Case, label: str) -> None:
             assert_matches(g, st_, r, f"{label}/{dtype} {case} {what}")
 
 
-@contextlib.contextmanager
 def cpu_path_env(path: str):
-    """force_cpu_path for hypothesis tests (monkeypatch is function-scoped; hypothesis runs many
-    examples per call): sets the variables, then restores what was there."""
-    saved = {k: os.environ.get(k) for k in CPU_PATHS[path]}
-    os.environ.update(CPU_PATHS[path])
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """force_cpu_path for hypothesis tests (see conftest.env_vars)."""
+    return env_vars(**CPU_PATHS[path])
 
 
 def force_cpu_path(monkeypatch, path: str) -> None:

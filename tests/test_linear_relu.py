@@ -3,13 +3,10 @@ torch.compile, NaN, views, bad inputs, fuzzing, module."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NoGradThrough, backend_cases, results_per_thread_count
+from conftest import NoGradThrough, backend_cases, env_vars, results_per_thread_count
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from parity import DTYPES, assert_matches
@@ -215,21 +212,6 @@ def test_fuzz_against_reference(backend, m, k, n, bias):
         torch.testing.assert_close(g, s, rtol=tol, atol=tol)
 
 
-@contextlib.contextmanager
-def cpu_gemm(mode: str):
-    """LIGHTNET_OPS_CPU_GEMM (native | blas) for the block, then what was there before (usable
-    inside hypothesis tests, where monkeypatch's function scope does not fit)."""
-    saved = os.environ.get("LIGHTNET_OPS_CPU_GEMM")
-    os.environ["LIGHTNET_OPS_CPU_GEMM"] = mode
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("LIGHTNET_OPS_CPU_GEMM", None)
-        else:
-            os.environ["LIGHTNET_OPS_CPU_GEMM"] = saved
-
-
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
 @pytest.mark.parametrize("gemm", ["native", "blas"])
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
@@ -243,7 +225,7 @@ def test_cpu_gemm_paths_and_instruction_sets(monkeypatch, gemm, isa, case):
         (x64, w64, b64), (x, w, b) = make_inputs(case, dtype, "cpu")
         ref = outputs_and_grads(stock, (x64, w64, b64))
         want = outputs_and_grads(stock, (x, w, b))
-        with cpu_gemm(gemm):
+        with env_vars(LIGHTNET_OPS_CPU_GEMM=gemm):
             got = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend="cpu"), (x, w, b))
         for name, g, s_, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want, ref):
             assert_matches(g, s_, r, f"{gemm}/{isa}/{dtype} {case[0]} {name}")
@@ -259,16 +241,8 @@ def test_fuzz_native_gemm_against_float64_reference(m, k, n, bias, isa):
     case = ("fuzz", (m, k), n, bias)
     _, (x, w, b) = make_inputs(case, torch.float64, "cpu")
     want = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend="reference"), (x, w, b))
-    saved_isa = os.environ.get("LIGHTNET_OPS_CPU_ISA")
-    os.environ["LIGHTNET_OPS_CPU_ISA"] = isa
-    try:
-        with cpu_gemm("native"):
-            got = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend="cpu"), (x, w, b))
-    finally:
-        if saved_isa is None:
-            os.environ.pop("LIGHTNET_OPS_CPU_ISA", None)
-        else:
-            os.environ["LIGHTNET_OPS_CPU_ISA"] = saved_isa
+    with env_vars(LIGHTNET_OPS_CPU_GEMM="native", LIGHTNET_OPS_CPU_ISA=isa):
+        got = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend="cpu"), (x, w, b))
     for g, s_ in zip(got, want):
         torch.testing.assert_close(g, s_, rtol=1e-10, atol=1e-10)
 

@@ -155,15 +155,6 @@ void pack_weight(const Direct& d, const T* w, const T* bias, T* wpk, T* bpk) {
   }
 }
 
-// A test / experiment override of a path choice: 1 if the variable `name` is `on`, 0 if it is
-// `off`, -1 (use the heuristic) if it is unset or anything else.
-int env_choice(const char* name, const char* on, const char* off) {
-  const char* env = std::getenv(name);
-  if (env == nullptr) return -1;
-  const std::string v(env);
-  return v == on ? 1 : (v == off ? 0 : -1);
-}
-
 // Path choice. The direct kernel recomputes nothing for non-overlapping pools and spends
 // C*R*S*KB multiply-adds per vector load, but it has no cache blocking over the packed input,
 // which is C*Dy*Dx*F elements per sample (16x the pooled plane per channel for a 3x3 filter and a
@@ -176,7 +167,7 @@ int env_choice(const char* name, const char* on, const char* off) {
 // (window area / stride area times), so their budget shrinks by that factor.
 // LIGHTNET_OPS_CPU_CONV_PATH=direct|aten overrides the choice (tests cover both paths with it).
 bool use_direct(const ConvPoolShape& s, int64_t elem_size) {
-  if (const int forced = env_choice("LIGHTNET_OPS_CPU_CONV_PATH", "direct", "aten"); forced >= 0) return forced == 1;
+  if (const int forced = cpu::env_choice("LIGHTNET_OPS_CPU_CONV_PATH", "direct", "aten"); forced >= 0) return forced == 1;
   // Packed input per sample: about the padded input (phase planes) plus a few vector tails.
   const int64_t pack_bytes = s.C * (s.H + 2 * s.pad_h + 16) * (s.W + 2 * s.pad_w) * elem_size;
   const double recompute =
@@ -265,7 +256,7 @@ void add_plane_sums_in_batch_order(const ConvPoolShape& s, const std::vector<T>&
 // k5 7-9 vs 6-7 ms; 8->32 56x56 k7 9.4-10.7 vs 10.7-11 ms; 3->64 224x224 k11 stride 4 36-38 vs
 // 42-56 ms. LIGHTNET_OPS_CPU_ATEN_BACKWARD=scatter|dense overrides the choice (tests cover both).
 bool use_scatter_backward(const ConvPoolShape& s, int64_t elem_size) {
-  if (const int forced = env_choice("LIGHTNET_OPS_CPU_ATEN_BACKWARD", "scatter", "dense"); forced >= 0) {
+  if (const int forced = cpu::env_choice("LIGHTNET_OPS_CPU_ATEN_BACKWARD", "scatter", "dense"); forced >= 0) {
     return forced == 1;
   }
   return s.C * elem_size >= 64;
@@ -300,7 +291,7 @@ bool use_direct_winograd(const ConvPoolShape& s, const char* override_variable, 
   const bool fits = s.R == 3 && s.S == 3 && s.stride_h == 1 && s.stride_w == 1 && s.dil_h == 1 && s.dil_w == 1 &&
                     s.pool_kh == 2 && s.pool_kw == 2 && s.pool_sh == 2 && s.pool_sw == 2;
   if (!fits) return false;
-  if (const int forced = env_choice(override_variable, "winograd", "direct"); forced >= 0) return forced == 1;
+  if (const int forced = cpu::env_choice(override_variable, "winograd", "direct"); forced >= 0) return forced == 1;
   return s.C >= min_channels;
 }
 
@@ -339,7 +330,7 @@ struct SpanGeometry {
 };
 
 bool use_span_grad_weight(const ConvPoolShape& s, int64_t elem_size) {
-  if (const int forced = env_choice("LIGHTNET_OPS_CPU_DIRECT_WEIGHT_GRAD", "span", "direct"); forced >= 0) {
+  if (const int forced = cpu::env_choice("LIGHTNET_OPS_CPU_DIRECT_WEIGHT_GRAD", "span", "direct"); forced >= 0) {
     return forced == 1;
   }
   const SpanGeometry g(s, elem_size);
@@ -433,7 +424,7 @@ bool use_winograd(const ConvPoolShape& s, int64_t elem_size) {
   const bool geometry = s.R == 3 && s.S == 3 && s.stride_h == 1 && s.stride_w == 1 && s.dil_h == 1 &&
                         s.dil_w == 1 && s.pool_kh == 2 && s.pool_kw == 2 && s.pool_sh == 2 && s.pool_sw == 2;
   if (!geometry) return false;
-  if (const int forced = env_choice("LIGHTNET_OPS_CPU_ATEN_FORWARD", "winograd", "conv"); forced >= 0) {
+  if (const int forced = cpu::env_choice("LIGHTNET_OPS_CPU_ATEN_FORWARD", "winograd", "conv"); forced >= 0) {
     return forced == 1;
   }
   return s.C * elem_size >= 64 && s.K * elem_size >= 64;

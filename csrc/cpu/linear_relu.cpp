@@ -12,10 +12,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -71,24 +69,22 @@ void check_cpu_dtype(const at::Tensor& t, const char* op) {
 // derived from the thread count) so that the sums, and hence the result, do not depend on it.
 constexpr int64_t kRowsPerBlock = 32;
 
-// The register-blocked GEMM for this CPU (and LIGHTNET_OPS_CPU_ISA): column blocks [jb0, jb1) of
-// C on the calling thread; column blocks are gemm_block_columns<T>(isa) wide.
+// The register-blocked GEMM for this CPU (and LIGHTNET_OPS_CPU_ISA): `run` computes column blocks
+// [jb0, jb1) of C on the calling thread; a column block is `block_columns` wide.
 template <typename T>
-using GemmFn = void (*)(const cpu::GemmArgs<T>&, int64_t, int64_t);
+struct GemmKernel {
+  void (*run)(const cpu::GemmArgs<T>&, int64_t, int64_t);
+  int64_t block_columns;
+};
 
 template <typename T>
-GemmFn<T> gemm_kernel(cpu::Isa isa) {
+GemmKernel<T> gemm_kernel(cpu::Isa isa) {
 #if LIGHTNET_OPS_X86_DISPATCH
-  if (isa == cpu::Isa::kAvx512) return &cpu::isa_avx512::gemm_column_blocks<T>;
-  if (isa == cpu::Isa::kAvx2) return &cpu::isa_avx2::gemm_column_blocks<T>;
+  if (isa == cpu::Isa::kAvx512)
+    return {&cpu::isa_avx512::gemm_column_blocks<T>, cpu::isa_avx512::gemm_block_columns<T>()};
+  if (isa == cpu::Isa::kAvx2) return {&cpu::isa_avx2::gemm_column_blocks<T>, cpu::isa_avx2::gemm_block_columns<T>()};
 #endif
-  return &cpu::isa_default::gemm_column_blocks<T>;
-}
-
-template <typename T>
-int64_t gemm_block_columns(cpu::Isa isa) {
-  const int64_t vec_bytes = isa == cpu::Isa::kAvx512 ? 64 : isa == cpu::Isa::kAvx2 ? 32 : 16;
-  return 2 * vec_bytes / static_cast<int64_t>(sizeof(T));  // kGemmNV vectors
+  return {&cpu::isa_default::gemm_column_blocks<T>, cpu::isa_default::gemm_block_columns<T>()};
 }
 
 // The GEMM on the calling thread (parallel = false) or split by column blocks across the threads,
@@ -96,17 +92,15 @@ int64_t gemm_block_columns(cpu::Isa isa) {
 // three column blocks: 19 us on one thread, 16 us on two, whole op call).
 template <typename T>
 void native_gemm(const cpu::GemmArgs<T>& g, bool parallel) {
-  const cpu::Isa isa = cpu::cpu_isa();
-  const GemmFn<T> fn = gemm_kernel<T>(isa);
-  const int64_t width = gemm_block_columns<T>(isa);
-  const int64_t blocks = (g.N + width - 1) / width;
+  const GemmKernel<T> kernel = gemm_kernel<T>(cpu::cpu_isa());
+  const int64_t blocks = (g.N + kernel.block_columns - 1) / kernel.block_columns;
   if (!parallel) {
-    fn(g, 0, blocks);
+    kernel.run(g, 0, blocks);
     return;
   }
-  const int64_t block_macs = std::max<int64_t>(1, g.M * g.K * width);
+  const int64_t block_macs = std::max<int64_t>(1, g.M * g.K * kernel.block_columns);
   const int64_t grain = std::max<int64_t>(1, ((int64_t(1) << 18) + block_macs - 1) / block_macs);
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { fn(g, b0, b1); });
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { kernel.run(g, b0, b1); });
 }
 
 // Whether linear_relu's GEMMs use native_gemm instead of BLAS. MKL, which PyTorch's x86 wheels
@@ -119,11 +113,7 @@ void native_gemm(const cpu::GemmArgs<T>& g, bool parallel) {
 // Only float32 by default. LIGHTNET_OPS_CPU_GEMM=native|blas overrides the choice (tests cover
 // both, and float64).
 bool use_native_gemm(const at::Tensor& input, int64_t M, int64_t N, int64_t K) {
-  if (const char* env = std::getenv("LIGHTNET_OPS_CPU_GEMM")) {
-    const std::string v(env);
-    if (v == "native") return true;
-    if (v == "blas") return false;
-  }
+  if (const int forced = cpu::env_choice("LIGHTNET_OPS_CPU_GEMM", "native", "blas"); forced >= 0) return forced == 1;
   return input.scalar_type() == at::kFloat && cpu::cpu_isa() == cpu::Isa::kAvx512 && M * N * K <= (int64_t(1) << 27);
 }
 

@@ -29,27 +29,15 @@ struct GemmVec {
   // masked load plus a register broadcast: in the GEMM's inner loop either costs about 20%.)
   static LIGHTNET_OPS_INLINE vec splat(T s) {
 #if LIGHTNET_OPS_X86_DISPATCH
-    if constexpr (kVecBytes == 64) {
+    const auto as_vec = [](auto r) {  // same bits, our vector type
       vec v;
-      if constexpr (sizeof(T) == 4) {
-        const __m512 r = _mm512_set1_ps(s);
-        std::memcpy(&v, &r, sizeof(v));
-      } else {
-        const __m512d r = _mm512_set1_pd(s);
-        std::memcpy(&v, &r, sizeof(v));
-      }
+      std::memcpy(&v, &r, sizeof(v));
       return v;
-    } else if constexpr (kVecBytes == 32) {
-      vec v;
-      if constexpr (sizeof(T) == 4) {
-        const __m256 r = _mm256_set1_ps(s);
-        std::memcpy(&v, &r, sizeof(v));
-      } else {
-        const __m256d r = _mm256_set1_pd(s);
-        std::memcpy(&v, &r, sizeof(v));
-      }
-      return v;
-    }
+    };
+    if constexpr (kVecBytes == 64 && sizeof(T) == 4) return as_vec(_mm512_set1_ps(s));
+    if constexpr (kVecBytes == 64 && sizeof(T) == 8) return as_vec(_mm512_set1_pd(s));
+    if constexpr (kVecBytes == 32 && sizeof(T) == 4) return as_vec(_mm256_set1_ps(s));
+    if constexpr (kVecBytes == 32 && sizeof(T) == 8) return as_vec(_mm256_set1_pd(s));
 #endif
     return vec{} + s;
   }
@@ -89,6 +77,12 @@ struct GemmVec {
 // register file (32 vector registers with AVX-512, 16 below).
 constexpr int kGemmMR = kVecBytes == 64 ? 8 : 4;
 constexpr int kGemmNV = 2;
+
+// Columns of C per column block (the unit gemm_column_blocks takes and threads split).
+template <typename T>
+constexpr int64_t gemm_block_columns() {
+  return int64_t(kGemmNV) * GemmVec<T>::V;
+}
 
 template <typename T, int MR, int NV>
 LIGHTNET_OPS_INLINE void gemm_tile(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, int64_t K,
@@ -155,7 +149,7 @@ void gemm_rows(int rows, const T* a, int64_t a_row, int64_t a_col, const T* b, i
 template <typename T>
 void gemm_column_blocks(const GemmArgs<T>& g, int64_t jb0, int64_t jb1) {
   constexpr int V = GemmVec<T>::V;
-  constexpr int64_t block = int64_t(kGemmNV) * V;
+  constexpr int64_t block = gemm_block_columns<T>();
   // Uninitialised: every panel element is written below (the padding columns with zeros).
   std::unique_ptr<T[]> panel_store(g.b_transposed || g.N % V != 0 ? new T[g.K * block] : nullptr);
   T* const panel = panel_store.get();

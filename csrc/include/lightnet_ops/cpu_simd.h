@@ -43,6 +43,16 @@ namespace cpu {
 
 enum class Isa { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
 
+// A test / experiment override of a kernel choice: 1 if the variable `name` is `on`, 0 if it is
+// `off`, -1 (use the heuristic) if it is unset or anything else. Read on every call, like
+// LIGHTNET_OPS_CPU_ISA below, so that a test can switch it.
+inline int env_choice(const char* name, const char* on, const char* off) {
+  const char* env = std::getenv(name);
+  if (env == nullptr) return -1;
+  const std::string v(env);
+  return v == on ? 1 : (v == off ? 0 : -1);
+}
+
 inline const char* isa_name(Isa isa) {
   return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "default";
 }
