@@ -8,8 +8,9 @@
 // lightnet_ops/autograd.py cost about 10-20 us more per fused layer (forward and backward), as much
 // as a small layer's kernels. The Python Functions remain for the Triton and reference backends.
 //
-// Like the Python Functions (@once_differentiable), the backward is not itself differentiable:
-// under create_graph=True its results carry a node that raises if a second backward reaches it.
+// The backward is not itself differentiable yet: under create_graph=True its results carry a node
+// that raises if a second backward reaches it (first_order_only), and dual (forward-mode AD)
+// inputs raise.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
@@ -80,19 +81,57 @@ bool any_requires_grad(const variable_list& vars) {
   return false;
 }
 
-// What Python's @once_differentiable does: when backward runs with create_graph=True and its
-// inputs require grad, its results get a DelayedError node, so that differentiating them again
-// raises ("trying to differentiate twice ...") instead of silently treating the backward ops as
-// constants. The backward ops themselves run without recording (they have no autograd kernel).
-variable_list once_differentiable(const variable_list& inputs, variable_list results) {
-  if (!at::GradMode::is_enabled() || !any_requires_grad(inputs)) return results;
-  for (auto& r : results) {
-    if (r.defined()) r = r.detach().requires_grad_(true);
+// The backward ops are not differentiable yet. When backward runs with create_graph=True and any
+// of its inputs (grad_output, input, weight) requires grad, the results pass through a node whose
+// edges lead to those inputs and whose backward raises, so that differentiating them again along
+// ANY path raises. (Python's
+// @once_differentiable links its error node to the results' detached copies instead, so a second
+// derivative taken with respect to the weight never reaches it and silently drops a term.)
+class SecondOrderUnsupported : public torch::autograd::Function<SecondOrderUnsupported> {
+ public:
+  // Returns copies of the first n_grads tensors; the rest are there only to become graph edges.
+  static variable_list forward(AutogradContext* ctx, std::string message, int64_t n_grads, at::TensorList tensors) {
+    ctx->saved_data["message"] = message;
+    variable_list out;
+    for (int64_t i = 0; i < n_grads; ++i) out.push_back(tensors[i].clone());
+    return out;
   }
-  return torch::autograd::DelayedError(
-             "trying to differentiate twice a function that was marked with @once_differentiable",
-             static_cast<int64_t>(results.size()))
-      .apply(std::move(results));
+  static variable_list backward(AutogradContext* ctx, variable_list) {
+    TORCH_CHECK(false, ctx->saved_data["message"].toStringRef());
+    return {};
+  }
+};
+
+variable_list first_order_only(const char* op, const variable_list& inputs, variable_list results) {
+  if (!at::GradMode::is_enabled() || !any_requires_grad(inputs)) return results;
+  variable_list tensors;
+  for (const auto& r : results) {
+    if (r.defined()) tensors.push_back(r);
+  }
+  const auto n_grads = static_cast<int64_t>(tensors.size());
+  for (const auto& t : inputs) {
+    if (t.defined()) tensors.push_back(t);
+  }
+  variable_list linked = SecondOrderUnsupported::apply(
+      std::string("lightnet_ops.") + op +
+          ": second derivatives (double backward through create_graph=True) are not supported yet; use the "
+          "stock torch.nn.functional ops for higher-order gradients",
+      n_grads, at::TensorList(tensors));
+  size_t j = 0;
+  for (auto& r : results) {
+    if (r.defined()) r = linked[j++];
+  }
+  return results;
+}
+
+// Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no rule for these ops yet: a
+// dual input must raise instead of yielding an output without a tangent (read as zero).
+void check_no_forward_grad(const char* op, std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!(t != nullptr && t->defined() && t->_fw_grad(/*level=*/0).defined()), "lightnet_ops.", op,
+                                ": forward-mode AD (torch.func.jvp / torch.autograd.forward_ad) is not supported "
+                                "yet; use the stock torch.nn.functional ops");
+  }
 }
 
 class Conv2dReLUMaxPool2dFunction : public torch::autograd::Function<Conv2dReLUMaxPool2dFunction> {
@@ -133,8 +172,8 @@ class Conv2dReLUMaxPool2dFunction : public torch::autograd::Function<Conv2dReLUM
       std::tie(grad_input, grad_weight, grad_bias) =
           conv_backward_op().call(grads[0], saved[0], saved[1], saved[2], p(0), p(1), p(2), p(3), p(4), mask);
     }
-    variable_list out = once_differentiable(
-        {grads[0], saved[0], saved[1]},
+    variable_list out = first_order_only(
+        "conv2d_relu_maxpool2d", {grads[0], saved[0], saved[1]},
         {if_needed(grad_input, mask[0]), if_needed(grad_weight, mask[1]), if_needed(grad_bias, mask[2])});
     out.resize(8);  // one entry per forward argument (undefined for the non-tensor ones)
     return out;
@@ -162,8 +201,8 @@ class LinearReLUFunction : public torch::autograd::Function<LinearReLUFunction> 
       std::tie(grad_input, grad_weight, grad_bias) =
           linear_backward_op().call(grads[0], saved[0], saved[1], saved[2], mask);
     }
-    return once_differentiable(
-        {grads[0], saved[0], saved[1]},
+    return first_order_only(
+        "linear_relu", {grads[0], saved[0], saved[1]},
         {if_needed(grad_input, mask[0]), if_needed(grad_weight, mask[1]), if_needed(grad_bias, mask[2])});
   }
 };
@@ -178,6 +217,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_autograd(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
     bool need_argmax) {
+  check_no_forward_grad("conv2d_relu_maxpool2d", {&input, &weight, bias ? &*bias : nullptr});
   if (!records_graph(input, weight, bias)) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return conv_forward_op().call(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride,
@@ -193,6 +233,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_autograd(
 
 at::Tensor linear_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias) {
+  check_no_forward_grad("linear_relu", {&input, &weight, bias ? &*bias : nullptr});
   if (!records_graph(input, weight, bias)) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return linear_forward_op().call(input, weight, bias);

@@ -12,11 +12,18 @@ import torch
 
 from . import backend_registry as registry
 from ._shapes import IntPair, check_conv_pool, check_linear, pair
-from .autograd import Conv2dReLUMaxPool2dFunction, LinearReLUFunction
+from .autograd import Conv2dReLUMaxPool2dFunction, LinearReLUFunction, forward_ad_active
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _needs_function(impl: registry.Backend, *tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a Python backend's call must go through its autograd.Function: to record backward,
+    or, with a forward-mode AD level open, to reach its jvp rule (a bare kernel call would return
+    an output without a tangent, which reads as zero)."""
+    return not impl.records_autograd and (_needs_grad(*tensors) or forward_ad_active())
 
 
 def conv2d_relu_maxpool2d(
@@ -62,7 +69,7 @@ def conv2d_relu_maxpool2d(
     check_conv_pool(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s)
     impl = registry.resolve(backend, input)
     needs_grad = _needs_grad(input, weight, bias)
-    if needs_grad and not impl.records_autograd:
+    if _needs_function(impl, input, weight, bias):
         out = Conv2dReLUMaxPool2dFunction.apply(
             input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, impl.name
         )
@@ -100,6 +107,6 @@ def linear_relu(
 
 def _linear_relu_2d(impl: registry.Backend, input: torch.Tensor, weight: torch.Tensor,
                     bias: Optional[torch.Tensor]) -> torch.Tensor:
-    if not impl.records_autograd and _needs_grad(input, weight, bias):
+    if _needs_function(impl, input, weight, bias):
         return LinearReLUFunction.apply(input, weight, bias, impl.name)
     return impl.linear_forward(input, weight, bias)
