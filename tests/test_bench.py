@@ -1,13 +1,17 @@
-"""Smoke tests of the benchmark harness (lightnet_ops.bench): one tiny case in --quick mode, run in
+"""Tests of the benchmark harness (lightnet_ops.bench): one tiny case in --quick mode, run in
 process, must print a table and write JSON (+ PNG) whose content is right: metadata, one row per
 backend and mode, consistent timing statistics and ratios, and saved-activation bytes that match
-what each implementation keeps for backward."""
+what each implementation keeps for backward. Also: every op's setup gives the stock and fused
+implementations the same problem, and the targets file is valid and checked right."""
 
 from __future__ import annotations
 
 import datetime
+import fnmatch
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ import torch
 import lightnet_ops as lo
 import lightnet_ops.bench as lb
 
-pytestmark = pytest.mark.skipif(not lo._ops.EXTENSION_AVAILABLE, reason="needs the built extension (cpu backend)")
+needs_extension = pytest.mark.skipif(not lo._ops.EXTENSION_AVAILABLE, reason="needs the built extension (cpu backend)")
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +31,7 @@ def quick_run(tmp_path_factory):
     return rc, out
 
 
+@needs_extension
 def test_quick_run_writes_results(quick_run, capsys):
     rc, out = quick_run
     assert rc == 0
@@ -76,18 +81,29 @@ def test_quick_run_writes_results(quick_run, capsys):
     assert "conv1_b1" in (out / "table_cpu_quick.md").read_text()
 
 
+@needs_extension
 def test_failing_backend_is_recorded_and_run_continues(tmp_path, capsys):
     # The cuda backend cannot run CPU tensors: its rows carry the error, the others are measured.
+    # A --targets file is checked against the run: stock against itself measures exactly 1; the
+    # failed backend's target is left out.
+    targets = tmp_path / "targets.json"
+    targets.write_text(json.dumps({"targets": [
+        {"device": "cpu", "case": "linear*", "mode": "fwd", "backends": [b], "versus": "stock", "at_least": 1.0}
+        for b in ("stock", "cuda")]}))
     rc = lb.main(["--quick", "--device", "cpu", "--cases", "linear_576x120_b256", "--modes", "fwd",
-                  "--backends", "cuda", "stock", "--out", str(tmp_path), "--no-plot"])
+                  "--backends", "cuda", "stock", "--out", str(tmp_path), "--no-plot", "--targets", str(targets)])
     assert rc == 0
-    rows = json.loads((tmp_path / "results_cpu_quick.json").read_text())["rows"]
+    data = json.loads((tmp_path / "results_cpu_quick.json").read_text())
+    assert data["targets"] == [dict(case="linear_576x120_b256", mode="fwd", backend="stock", versus="stock",
+                                    target=1.0, measured=1.0, holds=True)]
+    rows = data["rows"]
     assert [r["backend"] for r in rows] == ["cuda", "stock"]
     assert "cuda" in rows[0]["error"] and rows[0].get("median_s") is None
     assert rows[1]["error"] is None and rows[1]["median_s"] > 0
     assert not (tmp_path / "speedups_cpu_quick.png").exists()
     printed = capsys.readouterr().out
     assert "error:" in printed and "linear_576x120_b256" in printed
+    assert "holds   linear_576x120_b256 fwd stock vs stock: 1.00" in printed
 
 
 def test_list_and_case_selection(capsys):
@@ -118,13 +134,100 @@ def test_saved_activation_bytes_counts_unique_storages():
 def test_profiler_noise_is_dropped_and_other_stderr_kept(capfd):
     # The CPU peak-memory measurement starts the profiler once per row; its C++ side writes a
     # "USDT:" trace on every start / stop. Those lines are dropped, anything else comes through.
-    with lb._quiet_profiler_logs():
+    with lb.quiet_profiler_logs():
         os.write(2, b"USDT:2026-11-27 13:08:16 1:1 SyncActivityProfilerHandler.cpp:39] profiler_start\n")
         os.write(2, b"a real warning\n")
         os.write(2, b"ERROR:2026-11-27 13:08:16 1:1 DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35\n")
     err = capfd.readouterr().err
     assert "a real warning" in err
     assert "USDT" not in err and "gpuGetDeviceCount" not in err
+
+
+@pytest.mark.parametrize("case", [
+    lb.Case("tiny_conv", "conv", 2, "tiny conv", lb.ConvShape(3, 4, 9, 8, 3, stride=1, padding=1, pool_kernel=3,
+                                                              pool_stride=2)),
+    lb.Case("tiny_linear", "linear", 5, "tiny linear", lb.LinearShape(7, 6)),
+    lb.Case("tiny_lightnet", "lightnet", 3, "tiny LightNet"),
+], ids=lambda c: c.name)
+def test_every_op_gives_stock_and_fused_the_same_problem(case):
+    # One description per op builds the inputs of every implementation: the fused backend must see
+    # the very problem stock sees (same seeded tensors, same arguments), in every mode of the op.
+    backend = "cpu" if lo._ops.EXTENSION_AVAILABLE else "reference"
+    for mode in case.modes:
+        stock = lb.build_runner(case, "stock", mode, "cpu")
+        fused = lb.build_runner(case, backend, mode, "cpu")
+        assert len(stock.exclude) == len(fused.exclude)
+        for a, b in zip(stock.exclude, fused.exclude):
+            assert torch.equal(a, b)
+        got, want = fused.fn(), stock.fn()
+        got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+        assert (stock.forward_with_grad is None) == (mode == "fwd")
+    with pytest.raises(ValueError, match="does not apply"):
+        lb.build_runner(case, "stock", "step" if case.op != "lightnet" else "fwd+bwd", "cpu")
+
+
+def test_op_cost_counts_the_problem():
+    linear = lb.Case("l", "linear", 5, "", lb.LinearShape(7, 6))
+    assert lb.build_runner(linear, "stock", "fwd", "cpu").flops == 2 * 5 * 7 * 6
+    assert lb.build_runner(linear, "stock", "fwd", "cpu").min_bytes == 4 * (5 * 7 + 6 * 7 + 6 + 5 * 6)
+    assert lb.build_runner(linear, "stock", "fwd+bwd", "cpu").flops == 3 * 2 * 5 * 7 * 6
+    shape = lb.ConvShape(3, 4, 9, 8, 3, stride=2, padding=1, dilation=2, pool_kernel=3, pool_stride=1)
+    y = torch.nn.functional.conv2d(torch.zeros(1, 3, 9, 8), torch.zeros(4, 3, 3, 3), None, 2, 1, 2)
+    assert shape.conv_out == tuple(y.shape[2:])
+    assert shape.pool_out == tuple(torch.nn.functional.max_pool2d(y, 3, 1).shape[2:])
+    conv = lb.Case("c", "conv", 2, "", shape)
+    assert lb.build_runner(conv, "stock", "fwd", "cpu").flops == 2 * 2 * 4 * y.shape[2] * y.shape[3] * 3 * 9
+    assert all(lb.build_runner(c, "stock", "fwd", "cpu").flops is None for c in lb.CASES if c.op == "lightnet")
+
+
+def test_targets_file_names_real_cases_modes_and_backends():
+    text = open(lb.TARGETS_FILE).read()
+    assert "issue" not in text.lower()
+    targets = lb.load_targets()
+    assert {t.device for t in targets} == {"cpu", "cuda"}
+    backends = {"cpu", "cuda", "triton", "reference"}
+    for t in targets:
+        cases = [c for c in lb.select_cases(t.device, [t.case])]  # raises SystemExit for an unknown case
+        assert any(fnmatch.fnmatchcase(m, t.mode) for c in cases for m in c.modes), t
+        assert set(t.backends) <= backends and t.versus in backends | {"stock", "compile", "memory"}, t
+        assert t.at_least > 0, t
+
+
+def test_check_targets_measures_each_kind_of_ratio(tmp_path):
+    path = tmp_path / "targets.json"
+    path.write_text(json.dumps({"targets": [
+        {"device": "cpu", "case": "conv*", "mode": "fwd", "backends": ["cpu"], "versus": "stock", "at_least": 2.0},
+        {"device": "cpu", "case": "conv1_b1", "mode": "*", "backends": ["cpu"], "versus": "memory", "at_least": 8},
+        {"device": "cpu", "case": "*", "mode": "fwd", "backends": ["cpu"], "versus": "reference", "at_least": 1.5},
+        {"device": "cuda", "case": "*", "mode": "*", "backends": ["cpu"], "versus": "stock", "at_least": 0.1},
+    ]}))
+    targets = lb.load_targets(str(path))
+
+    def row(case, mode, backend, median, **kw):
+        return dict(case=case, mode=mode, backend=backend, error=None, median_s=median, **kw)
+
+    rows = [row("conv1_b1", "fwd", "cpu", 1.0, speedup_vs_stock=3.0), row("conv1_b1", "fwd", "reference", 1.2),
+            row("conv2_b1", "fwd", "cpu", 1.0, speedup_vs_stock=1.5), row("conv2_b1", "fwd", "reference", 2.0),
+            row("conv1_b1", "fwd+bwd", "cpu", 1.0, memory_ratio_vs_stock=24.0),
+            row("vgg_b8", "fwd", "cpu", None, speedup_vs_stock=None) | {"error": "boom"}]
+    got = [(t["case"], t["mode"], t["versus"], t["measured"], t["holds"]) for t in lb.check_targets(rows, "cpu", targets)]
+    assert got == [("conv1_b1", "fwd", "stock", 3.0, True), ("conv2_b1", "fwd", "stock", 1.5, False),
+                   ("conv1_b1", "fwd+bwd", "memory", 24.0, True),
+                   ("conv1_b1", "fwd", "reference", pytest.approx(1.2), False),
+                   ("conv2_b1", "fwd", "reference", 2.0, True)]
+    path.write_text(json.dumps({"targets": [{"device": "cpu", "case": "x", "mode": "fwd"}]}))
+    with pytest.raises(ValueError, match="targets.json"):
+        lb.load_targets(str(path))
+
+
+def test_module_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "lightnet_ops.bench", "--list", "--device", "cpu"], cwd=lb.REPO_ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert all(c.name in r.stdout for c in lb.CASES if "cpu" in c.devices)
 
 
 def _load_script(name: str):
@@ -148,7 +251,7 @@ def test_gpu_check_scripts_name_real_cuda_cases():
     cases = bench_args[bench_args.index("--cases") + 1:]
     cases = cases[:next((i for i, a in enumerate(cases) if a.startswith("--")), len(cases))]
     assert cases and all(c in lb.CASES_BY_NAME and "cuda" in lb.CASES_BY_NAME[c].devices for c in cases), cases
-    assert lb._parse(bench_args).cases == cases  # the default arguments parse
+    assert lb.parse_args(bench_args).cases == cases  # the default arguments parse
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

@@ -1,0 +1,56 @@
+"""Benchmark harness: fused lightnet_ops backends against stock PyTorch and ``torch.compile``.
+
+Run ``python -m lightnet_ops.bench`` (or ``lightnet-bench``, or ``make bench``). It picks the device
+(CUDA when present, else CPU), times every case for every backend this install has plus the peers
+``stock`` (torch.nn / F composition, eager) and ``compile`` (``torch.compile`` of that composition),
+prints a table, checks the speed targets (``targets.json``), and writes ``results_<device>.json``,
+``table_<device>.md`` and ``speedups_<device>.png`` (``_quick`` added in ``--quick`` mode) under
+``benchmarks/results/``.
+
+Modes:
+  ``fwd``      inference forward under ``torch.no_grad()`` (the fused ops skip the argmax)
+  ``fwd+bwd``  forward with autograd, then ``torch.autograd.grad`` of (input, weight, bias) with a fixed
+               grad_output created outside the timed region
+  ``step``     LightNet training step: zero_grad, forward, cross-entropy, backward, SGD step
+
+Modules:
+  ``cases``        the cases as data (Case, ConvShape, LinearShape, CASES, select_cases)
+  ``ops``          how each op is set up for every implementation (OPS, build_runner, Runner)
+  ``timing``       block timer, warm-up, statistics, copy bandwidth (FULL / QUICK settings)
+  ``memory``       saved-for-backward bytes and peak allocated bytes of one call
+  ``measure``      one (case, mode) group: round-robin sampling, memory, ratios
+  ``targets``      the speed targets (``targets.json``) and the check of a run against them
+  ``environment``  device, CPU, versions and git metadata of a run
+  ``report``       text / markdown table, chart, result files
+  ``cli``          the command line (main)
+
+Timing: the backends of one (case, mode) are warmed up (``torch.compile`` compiles here, untimed),
+then sampled round-robin, one block of calls per backend per round, so load changes on a shared
+machine hit all backends alike; speedups are ratios of medians from the same run.
+
+The case definitions and ``build_runner`` are shared with the pytest-benchmark files in
+``benchmarks/``.
+"""
+
+from .cases import CASES, CASES_BY_NAME, MODES, Case, ConvShape, LinearShape, benchmark_matrix, case_id, select_cases
+from .cli import DEFAULT_OUT, main, parse_args
+from .environment import REPO_ROOT, device_info, device_slug
+from .measure import measure_group
+from .memory import peak_bytes, quiet_profiler_logs, saved_activation_bytes
+from .ops import DTYPES, OPS, PEERS, Runner, build_runner, default_backends
+from .report import format_table, plot, short_error, table_rows
+from .targets import TARGETS_FILE, Target, check_targets, load_targets
+from .timing import FULL, QUICK, BlockTimer, Settings, copy_bandwidth
+
+# Names of the single-module harness that scripts/gpu_profile.py still uses.
+_BlockTimer = BlockTimer
+_short_error = short_error
+
+__all__ = [
+    "BlockTimer", "CASES", "CASES_BY_NAME", "Case", "ConvShape", "DEFAULT_OUT", "DTYPES", "FULL", "LinearShape",
+    "MODES", "OPS", "PEERS", "QUICK", "REPO_ROOT", "Runner", "Settings", "TARGETS_FILE", "Target",
+    "benchmark_matrix", "build_runner", "case_id", "check_targets", "copy_bandwidth", "default_backends",
+    "device_info", "device_slug", "format_table", "load_targets", "main", "measure_group",
+    "parse_args", "peak_bytes", "plot", "quiet_profiler_logs", "saved_activation_bytes", "select_cases",
+    "short_error", "table_rows",
+]

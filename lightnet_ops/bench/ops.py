@@ -1,0 +1,276 @@
+"""How each op is benchmarked: one description per op builds the timed callable of every
+implementation (a lightnet_ops backend, the ``stock`` composition, ``torch.compile`` of it) for a
+case and a mode, plus the op's compulsory work (FLOPs, bytes) for the roofline columns.
+
+Adding an op to the benchmark is one entry in :data:`OPS` (and cases naming it in ``cases.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import lightnet_ops as lo
+
+if TYPE_CHECKING:
+    from .cases import Case
+
+#: Implementations that are not lightnet_ops backends: stock eager and torch.compile of stock.
+PEERS = ("stock", "compile")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class Runner:
+    """fn: the timed callable. exclude: tensors whose storages do not count as activations.
+    forward_with_grad: a forward that builds the autograd graph (for the saved-tensor measurement).
+    flops / min_bytes: work and compulsory memory traffic of one call, when the op defines them."""
+
+    fn: Callable[[], Any]
+    exclude: list
+    forward_with_grad: Optional[Callable[[], Any]] = None
+    flops: Optional[float] = None
+    min_bytes: Optional[float] = None
+
+
+def _compile(fn: Callable) -> Callable:
+    # dynamic=False: one static graph per shape, as a user with fixed shapes gets.
+    return torch.compile(fn, dynamic=False)
+
+
+def _uniform(shape: tuple, bound: float, g: torch.Generator) -> torch.Tensor:
+    """nn.Linear / nn.Conv2d style initialisation: U(-bound, bound)."""
+    return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+
+class OpBench:
+    """How one op is benchmarked. Subclasses set `name` (the Case.op that selects them) and `modes`
+    and implement `runner`."""
+
+    name: str
+    modes: tuple
+
+    def runner(self, case: Case, impl: str, mode: str, device: torch.device) -> Runner:
+        raise NotImplementedError
+
+    def _check_mode(self, case: Case, mode: str) -> None:
+        if mode not in self.modes:
+            raise ValueError(f"mode {mode!r} does not apply to case {case.name}")
+
+
+class FunctionalOpBench(OpBench):
+    """An op called as ``f(x, weight, bias, *args)``: the fused op of a backend against its stock
+    composition and ``torch.compile`` of that composition, in inference (``fwd``) and with the
+    gradients of (x, weight, bias) (``fwd+bwd``).
+
+    Subclasses give `stock` (the composition), `fused(backend)`, `inputs` and `cost`."""
+
+    modes = ("fwd", "fwd+bwd")
+
+    @staticmethod
+    def stock(*args: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fused(self, backend: str) -> Callable[..., torch.Tensor]:
+        raise NotImplementedError
+
+    def inputs(self, case: Case, device: torch.device, dtype: torch.dtype) -> tuple[tuple, tuple, tuple]:
+        """((x, weight, bias), fixed trailing arguments, output shape), seeded."""
+        raise NotImplementedError
+
+    def cost(self, case: Case, mode: str) -> tuple[Optional[float], Optional[float]]:
+        """(FLOPs, compulsory bytes) of one call: every input read once, every output written once."""
+        return None, None
+
+    def implementation(self, impl: str) -> Callable[..., torch.Tensor]:
+        if impl == "stock":
+            return self.stock
+        if impl == "compile":
+            return _compile(self.stock)
+        return self.fused(impl)
+
+    def runner(self, case: Case, impl: str, mode: str, device: torch.device) -> Runner:
+        tensors, args, out_shape = self.inputs(case, device, DTYPES[case.dtype])
+        f = self.implementation(impl)
+        flops, nbytes = self.cost(case, mode)
+        if mode == "fwd":
+            x, w, b = tensors
+
+            def fwd():
+                with torch.no_grad():
+                    return f(x, w, b, *args)
+
+            return Runner(fwd, [x, w, b], None, flops, nbytes)
+        self._check_mode(case, mode)
+        leaves = [t.detach().requires_grad_(True) for t in tensors]
+        g = torch.Generator().manual_seed(1)
+        grad_out = torch.randn(out_shape, generator=g).to(tensors[0].device, tensors[0].dtype)
+
+        def forward_with_grad():
+            return f(*leaves, *args)
+
+        def fwd_bwd():
+            out = f(*leaves, *args)
+            return torch.autograd.grad(out, leaves, grad_out)
+
+        return Runner(fwd_bwd, list(leaves), forward_with_grad, flops, nbytes)
+
+
+class ConvReLUMaxPoolBench(FunctionalOpBench):
+    """conv2d_relu_maxpool2d on a :class:`~lightnet_ops.bench.cases.ConvShape` (NCHW input)."""
+
+    name = "conv"
+
+    @staticmethod
+    def stock(x, w, b, stride, padding, dilation, pool_k, pool_s):
+        return F.max_pool2d(F.relu(F.conv2d(x, w, b, stride, padding, dilation)), pool_k, pool_s)
+
+    def fused(self, backend: str) -> Callable[..., torch.Tensor]:
+        def f(x, w, b, stride, padding, dilation, pool_k, pool_s, _backend=backend):
+            return lo.conv2d_relu_maxpool2d(x, w, b, stride, padding, dilation, pool_k, pool_s, backend=_backend)
+
+        return f
+
+    def inputs(self, case: Case, device: torch.device, dtype: torch.dtype) -> tuple[tuple, tuple, tuple]:
+        s = case.shape
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(case.batch, s.in_channels, s.height, s.width, generator=g).to(device, dtype)
+        bound = 1.0 / math.sqrt(s.in_channels * s.kernel ** 2)
+        w = _uniform((s.out_channels, s.in_channels, s.kernel, s.kernel), bound, g).to(device, dtype)
+        b = _uniform((s.out_channels,), bound, g).to(device, dtype)
+        args = ((s.stride,) * 2, (s.padding,) * 2, (s.dilation,) * 2, (s.pool_kernel,) * 2, (s.pool_stride,) * 2)
+        PH, PW = s.pool_out
+        return (x, w, b), args, (case.batch, s.out_channels, PH, PW)
+
+    def cost(self, case: Case, mode: str) -> tuple[Optional[float], Optional[float]]:
+        s, N = case.shape, case.batch
+        e = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
+        (P, Q), (PH, PW) = s.conv_out, s.pool_out
+        x, w, b = N * s.in_channels * s.height * s.width, s.out_channels * s.in_channels * s.kernel ** 2, s.out_channels
+        out = N * s.out_channels * PH * PW
+        flops = 2.0 * N * s.out_channels * P * Q * s.in_channels * s.kernel ** 2
+        if mode == "fwd":
+            return flops, float(e * (x + w + b + out))
+        # forward writes out + argmax (1 B); backward reads grad_out, argmax, x, w, writes the three grads
+        fwd = e * (x + w + b + out) + out
+        bwd = e * (out + x + w) + out + e * (x + w + b)
+        return 3 * flops, float(fwd + bwd)
+
+
+class LinearReLUBench(FunctionalOpBench):
+    """linear_relu on a :class:`~lightnet_ops.bench.cases.LinearShape`, (batch, in_features) input."""
+
+    name = "linear"
+
+    @staticmethod
+    def stock(x, w, b):
+        return F.relu(F.linear(x, w, b))
+
+    def fused(self, backend: str) -> Callable[..., torch.Tensor]:
+        def f(x, w, b, _backend=backend):
+            return lo.linear_relu(x, w, b, backend=_backend)
+
+        return f
+
+    def inputs(self, case: Case, device: torch.device, dtype: torch.dtype) -> tuple[tuple, tuple, tuple]:
+        fin, fout = case.shape.in_features, case.shape.out_features
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(case.batch, fin, generator=g).to(device, dtype)
+        bound = 1.0 / math.sqrt(fin)
+        w = _uniform((fout, fin), bound, g).to(device, dtype)
+        b = _uniform((fout,), bound, g).to(device, dtype)
+        return (x, w, b), (), (case.batch, fout)
+
+    def cost(self, case: Case, mode: str) -> tuple[Optional[float], Optional[float]]:
+        fin, fout, N = case.shape.in_features, case.shape.out_features, case.batch
+        e = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
+        x, w, b, out = N * fin, fout * fin, fout, N * fout
+        flops = 2.0 * N * fin * fout
+        if mode == "fwd":
+            return flops, float(e * (x + w + b + out))
+        fwd = e * (x + w + b + out)
+        bwd = e * (out + out + x + w) + e * (x + w + b)  # grad_out, saved out, x, w; grads
+        return 3 * flops, float(fwd + bwd)
+
+
+@dataclass(frozen=True)
+class ModelBench(OpBench):
+    """A whole classifier: the fused model of a backend against the stock model (eager and
+    ``torch.compile``), same initial weights; inference (``fwd``) and an SGD training step (``step``:
+    zero_grad, forward, cross-entropy, backward, SGD step).
+
+    stock_model() builds the stock model; fused_model(backend) the fused one (loads its state dict).
+    input_shape: one sample's shape; classes: label range of the cross-entropy targets."""
+
+    name: str
+    stock_model: Callable[[], torch.nn.Module]
+    fused_model: Callable[[str], torch.nn.Module]
+    input_shape: tuple
+    classes: int
+    modes: tuple = ("fwd", "step")
+
+    def runner(self, case: Case, impl: str, mode: str, device: torch.device) -> Runner:
+        dtype = DTYPES[case.dtype]
+        torch.manual_seed(0)
+        stock = self.stock_model()
+        if impl in PEERS:
+            model = stock
+        else:
+            model = self.fused_model(impl)
+            model.load_state_dict(stock.state_dict())
+        model = model.to(device, dtype)
+        net = _compile(model) if impl == "compile" else model
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(case.batch, *self.input_shape, generator=g).to(device, dtype)
+        y = torch.randint(0, self.classes, (case.batch,), generator=g).to(device)
+        params = list(model.parameters())
+        if mode == "fwd":
+            def fwd():
+                with torch.no_grad():
+                    return net(x)
+
+            return Runner(fwd, params + [x])
+        self._check_mode(case, mode)
+        opt = torch.optim.SGD(params, lr=1e-3)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        def forward_with_grad():
+            return F.cross_entropy(net(x), y)
+
+        return Runner(step, params + [x], forward_with_grad)
+
+
+#: Every benchmarked op by the name cases use (Case.op).
+OPS: dict[str, OpBench] = {
+    op.name: op
+    for op in (
+        ConvReLUMaxPoolBench(),
+        LinearReLUBench(),
+        ModelBench("lightnet", lo.StockLightNet, lambda backend: lo.LightNet(backend=backend), (1, 32, 32), 10),
+    )
+}
+
+
+def build_runner(case: Case, impl: str, mode: str, device: torch.device | str) -> Runner:
+    """The timed callable for `impl` (a lightnet_ops backend, "stock" or "compile") on `case`."""
+    return OPS[case.op].runner(case, impl, mode, torch.device(device))
+
+
+def default_backends(device_kind: str) -> list[str]:
+    """Backends of this install that run on the device, then the peers.
+
+    On CPU, ``triton`` is listed only when TRITON_INTERPRET is set (the interpreter is not a
+    performance path); ``cuda`` only on CUDA and ``cpu`` only on CPU."""
+    names = [b for b in lo.backends() if b != ("cuda" if device_kind == "cpu" else "cpu")]
+    order = {"cpu": 0, "cuda": 0, "triton": 1, "reference": 2}
+    return sorted(names, key=order.get) + list(PEERS)
