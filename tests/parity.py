@@ -1,7 +1,8 @@
 """Tolerance rules shared by the parity tests.
 
 float64: tight (1e-9 abs/rel). Lower precisions: the fused result's error against a float64
-reference may be at most K times stock's own error against it, plus a small floor (DESIGN.md).
+reference may be at most K times stock PyTorch's own error against it (in the same dtype), plus a
+small floor relative to the values' magnitude for when stock happens to be exact.
 """
 
 from __future__ import annotations

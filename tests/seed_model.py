@@ -1,6 +1,7 @@
-"""The seed tutorial's LightNet (shared/seed/lightnet_tutorial.md), verbatim, with the globals it
-reads. Its num_flat_features loop over x.size() defeats torch.fx.symbolic_trace, which is why the
-tests use it for the torch.compile backend and for what lo.fuse must leave alone."""
+"""LightNet as the PyTorch "Neural Networks" tutorial this project started from writes it, verbatim,
+with the globals it reads (lightnet_ops.LightNet is the drop-in replacement for it). Its
+num_flat_features loop over x.size() defeats torch.fx.symbolic_trace, which is why the tests use it
+for the torch.compile backend and for what lo.fuse must leave alone."""
 
 import torch.nn as nn
 import torch.nn.functional as F
