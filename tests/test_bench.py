@@ -2,7 +2,8 @@
 process, must print a table and write JSON (+ PNG) whose content is right: metadata, one row per
 backend and mode, consistent timing statistics and ratios, and saved-activation bytes that match
 what each implementation keeps for backward. Also: every op's setup gives the stock and fused
-implementations the same problem, and the targets file is valid and checked right."""
+implementations the same problem, the targets file is valid and checked right, and results go to
+the untracked folder unless the committed reference is asked for."""
 
 from __future__ import annotations
 
@@ -221,6 +222,51 @@ def test_check_targets_measures_each_kind_of_ratio(tmp_path):
     path.write_text(json.dumps({"targets": [{"device": "cpu", "case": "x", "mode": "fwd"}]}))
     with pytest.raises(ValueError, match="targets.json"):
         lb.load_targets(str(path))
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=lb.REPO_ROOT, capture_output=True, text=True)
+
+
+def test_results_go_to_an_ignored_folder_unless_the_reference_is_asked_for():
+    assert lb.output_dir(lb.parse_args([])) == lb.DEFAULT_OUT
+    assert lb.output_dir(lb.parse_args(["--quick", "--out", "/x"])) == "/x"
+    assert lb.output_dir(lb.parse_args(["--update-reference"])) == lb.REFERENCE_OUT
+    assert lb.REFERENCE_OUT == os.path.join(lb.REPO_ROOT, "benchmarks", "results")
+    for partial in (["--quick"], ["--cases", "conv1_b1"], ["--modes", "fwd"]):
+        with pytest.raises(ValueError, match="--update-reference"):
+            lb.output_dir(lb.parse_args(["--update-reference", *partial]))
+    with pytest.raises(SystemExit):
+        lb.parse_args(["--update-reference", "--out", "/x"])
+    if _git("rev-parse", "--is-inside-work-tree").returncode != 0:
+        pytest.skip("not a git checkout: the ignore rules cannot be checked")
+    # The default folder is ignored by git; the reference results are tracked files.
+    assert lb.DEFAULT_OUT == os.path.join(lb.REPO_ROOT, "bench-results")
+    probe = os.path.join(lb.DEFAULT_OUT, "results_cpu_quick.json")
+    assert _git("check-ignore", "-q", probe).returncode == 0
+    assert _git("ls-files", "--error-unmatch", os.path.join(lb.REFERENCE_OUT, "results_cpu.json")).returncode == 0
+
+
+def test_update_reference_with_quick_is_refused_before_measuring(capsys):
+    before = {f: os.stat(os.path.join(lb.REFERENCE_OUT, f)).st_mtime_ns for f in os.listdir(lb.REFERENCE_OUT)}
+    assert lb.main(["--update-reference", "--quick", "--device", "cpu"]) == 2
+    assert "--quick" in capsys.readouterr().err
+    assert {f: os.stat(os.path.join(lb.REFERENCE_OUT, f)).st_mtime_ns for f in os.listdir(lb.REFERENCE_OUT)} == before
+
+
+def test_update_reference_run_writes_the_reference_files(tmp_path, monkeypatch):
+    # The whole run path with --update-reference: files named as the committed ones (no _quick),
+    # written where REFERENCE_OUT points (a temporary folder here; one small case, short settings).
+    import lightnet_ops.bench.cli as cli
+
+    monkeypatch.setattr(cli, "REFERENCE_OUT", str(tmp_path))
+    monkeypatch.setattr(cli, "FULL", lb.QUICK)
+    monkeypatch.setattr(cli, "select_cases", lambda kind, patterns, quick: [lb.CASES_BY_NAME["conv1_b1"]])
+    assert lb.main(["--update-reference", "--device", "cpu", "--backends", "stock", "--no-plot"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results_cpu.json", "table_cpu.md"]
+    data = json.loads((tmp_path / "results_cpu.json").read_text())
+    assert data["meta"]["quick"] is False and data["meta"]["argv"][0] == "--update-reference"
+    assert [(r["case"], r["mode"]) for r in data["rows"]] == [("conv1_b1", "fwd"), ("conv1_b1", "fwd+bwd")]
 
 
 def test_module_entry_point_runs():

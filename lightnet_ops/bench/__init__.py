@@ -5,7 +5,8 @@ Run ``python -m lightnet_ops.bench`` (or ``lightnet-bench``, or ``make bench``).
 ``stock`` (torch.nn / F composition, eager) and ``compile`` (``torch.compile`` of that composition),
 prints a table, checks the speed targets (``targets.json``), and writes ``results_<device>.json``,
 ``table_<device>.md`` and ``speedups_<device>.png`` (``_quick`` added in ``--quick`` mode) under
-``benchmarks/results/``.
+``bench-results/`` (git-ignored); ``--update-reference`` writes the committed reference results under
+``benchmarks/results/`` instead.
 
 Modes:
   ``fwd``      inference forward under ``torch.no_grad()`` (the fused ops skip the argmax)
@@ -33,7 +34,7 @@ The case definitions and ``build_runner`` are shared with the pytest-benchmark f
 """
 
 from .cases import CASES, CASES_BY_NAME, MODES, Case, ConvShape, LinearShape, benchmark_matrix, case_id, select_cases
-from .cli import DEFAULT_OUT, main, parse_args
+from .cli import DEFAULT_OUT, REFERENCE_OUT, main, output_dir, parse_args
 from .environment import REPO_ROOT, device_info, device_slug
 from .measure import measure_group
 from .memory import peak_bytes, quiet_profiler_logs, saved_activation_bytes
@@ -48,9 +49,9 @@ _short_error = short_error
 
 __all__ = [
     "BlockTimer", "CASES", "CASES_BY_NAME", "Case", "ConvShape", "DEFAULT_OUT", "DTYPES", "FULL", "LinearShape",
-    "MODES", "OPS", "PEERS", "QUICK", "REPO_ROOT", "Runner", "Settings", "TARGETS_FILE", "Target",
+    "MODES", "OPS", "PEERS", "QUICK", "REFERENCE_OUT", "REPO_ROOT", "Runner", "Settings", "TARGETS_FILE", "Target",
     "benchmark_matrix", "build_runner", "case_id", "check_targets", "copy_bandwidth", "default_backends",
-    "device_info", "device_slug", "format_table", "load_targets", "main", "measure_group",
+    "device_info", "device_slug", "format_table", "load_targets", "main", "measure_group", "output_dir",
     "parse_args", "peak_bytes", "plot", "quiet_profiler_logs", "saved_activation_bytes", "select_cases",
     "short_error", "table_rows",
 ]

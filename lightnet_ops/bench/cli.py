@@ -1,5 +1,9 @@
 """``python -m lightnet_ops.bench`` / ``lightnet-bench``: choose device, backends and cases, measure
-every (case, mode) group, print the table and the targets, write the report files."""
+every (case, mode) group, print the table and the targets, write the report files.
+
+Results go to ``bench-results/`` (at the root of a source checkout, else under the current
+directory; git-ignored) unless ``--out`` names another folder; ``--update-reference`` writes the
+committed reference results under ``benchmarks/results/`` instead, and only for a full run."""
 
 from __future__ import annotations
 
@@ -25,9 +29,10 @@ from .targets import TARGETS_FILE, check_targets, load_targets
 from .timing import FULL, QUICK, copy_bandwidth
 
 DESCRIPTION = "Benchmark harness: fused lightnet_ops backends against stock PyTorch and ``torch.compile``."
-# In a source checkout results go next to the benchmark files; an installed copy (site-packages)
-# writes under the current directory instead.
-DEFAULT_OUT = os.path.join(REPO_ROOT if in_source_checkout() else os.getcwd(), "benchmarks", "results")
+#: The committed reference results, written only with --update-reference.
+REFERENCE_OUT = os.path.join(REPO_ROOT, "benchmarks", "results")
+#: Where a run writes by default: an untracked, git-ignored folder.
+DEFAULT_OUT = os.path.join(REPO_ROOT if in_source_checkout() else os.getcwd(), "bench-results")
 KNOWN_BACKENDS = ("cpu", "cuda", "triton", "reference") + PEERS
 
 
@@ -43,12 +48,30 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch.get_num_threads())")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
-    p.add_argument("--out", default=DEFAULT_OUT, help="results directory (default: benchmarks/results)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--out", default=None,
+                     help=f"results directory (default: {os.path.relpath(DEFAULT_OUT)}, not tracked by git)")
+    out.add_argument("--update-reference", action="store_true",
+                     help="write the committed reference results in benchmarks/results/ (a full run of every "
+                          "case: not with --quick, --cases or --modes)")
     p.add_argument("--targets", metavar="FILE", default=None,
                    help="speed targets to check (JSON; default: the targets.json shipped with lightnet_ops.bench)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG chart")
     p.add_argument("--list", action="store_true", help="list the cases and backends, then exit")
     return p.parse_args(argv)
+
+
+def output_dir(args: argparse.Namespace) -> str:
+    """The folder a run writes to; raises ValueError when --update-reference cannot be honoured."""
+    if not args.update_reference:
+        return args.out or DEFAULT_OUT
+    partial = [flag for flag, on in (("--quick", args.quick), ("--cases", args.cases), ("--modes", args.modes))
+               if on]
+    if partial:
+        raise ValueError(f"--update-reference replaces the committed results of a full run; drop {', '.join(partial)}")
+    if not in_source_checkout():
+        raise ValueError(f"--update-reference needs a source checkout ({REPO_ROOT} has no benchmarks/ folder)")
+    return REFERENCE_OUT
 
 
 def _device(choice: str) -> Optional[torch.device]:
@@ -80,6 +103,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             q = f" quick on {','.join(c.quick)}" if c.quick else ""
             print(f"  {c.name:<30} [{','.join(c.devices)}{q}] modes {'/'.join(c.modes)}: {c.description}")
         return 0
+    try:
+        out_dir = output_dir(args)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
@@ -152,7 +181,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     stem = device_slug(info) + ("_quick" if args.quick else "")
     title = f"{info['name']} ({kind}, {threads} threads)"
     written = write_results(
-        result, args.out, stem,
+        result, out_dir, stem,
         table_title=f"{title}, torch {torch.__version__}, commit {(meta['git_commit'] or '?')[:10]}, {meta['date']}",
         plot_title=None if args.no_plot else f"lightnet_ops speedups over stock eager - {title}",
         log=log)
