@@ -5,7 +5,8 @@
 # Steps (each runs even if an earlier one failed; each has a timeout so the whole run stays under
 # ~8 minutes; the summary lists every step's exit status, 124 (or 137, killed after a grace
 # period) meaning it timed out):
-#   build      MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py build_ext --inplace
+#   build      MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST=9.0 python3 setup.py egg_info build_ext --inplace
+#              (egg_info: the torch_dynamo_backends entry point for torch.compile(backend="lightnet_ops"))
 #   pytest     python3 -m pytest, Triton autotuning off; with pytest-xdist 8 workers (a crashing
 #              test takes down one worker, which xdist names and replaces)
 #   exercise   python3 scripts/exercise_kernels.py (every CUDA/Triton kernel vs the reference)
@@ -116,7 +117,7 @@ run_step() {
 # 1. Build in place with every core, for Hopper unless told otherwise.
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-run_step build "$OUT/build.log" 180 "$PY" setup.py build_ext --inplace
+run_step build "$OUT/build.log" 180 "$PY" setup.py egg_info build_ext --inplace
 "$PY" -c "
 import torch, lightnet_ops
 from lightnet_ops import _ops
