@@ -6,9 +6,10 @@ Layers, top to bottom: modules (nn.Module) -> functional -> autograd (hand-writt
 
 from __future__ import annotations
 
-from . import _ops  # noqa: F401  (loads the compiled extension if it is built)
+from . import _ops  # noqa: F401  (loads the compiled extension if it is built; warns if it cannot)
+from ._ops import ExtensionWarning
 from .autograd import Conv2dReLUMaxPool2dFunction, LinearReLUFunction
-from .backend_registry import BackendUnavailableError
+from .backend_registry import BackendUnavailableError, ReferenceFallbackWarning
 from .backend_registry import available_backends as backends
 from .functional import conv2d_relu_maxpool2d, linear_relu
 from .fuse import FusedChain, fuse
@@ -17,19 +18,19 @@ from .modules import Conv2dReLUMaxPool2d, LinearReLU
 
 __version__ = "0.1.0"
 
-# torch.compile(model, backend="lightnet_ops"); registered lazily, when TorchDynamo loads.
-from . import compile_backend as _compile_backend  # noqa: E402
-
-_compile_backend.register_on_import()
+# torch.compile(model, backend="lightnet_ops") needs no import here: TorchDynamo finds the backend
+# through the torch_dynamo_backends entry point (see lightnet_ops/compile_backend.py).
 
 __all__ = [
     "BackendUnavailableError",
     "Conv2dReLUMaxPool2d",
     "Conv2dReLUMaxPool2dFunction",
+    "ExtensionWarning",
     "FusedChain",
     "LinearReLU",
     "LightNet",
     "LinearReLUFunction",
+    "ReferenceFallbackWarning",
     "StockLightNet",
     "backends",
     "conv2d_relu_maxpool2d",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -158,6 +159,34 @@ def _check_device(backend: str, device: torch.device) -> None:
         raise BackendUnavailableError(f"backend={backend!r} cannot run on a tensor on {device}")
 
 
+class ReferenceFallbackWarning(UserWarning):
+    """backend="auto" chose the pure-PyTorch reference backend, which is slow."""
+
+
+_AUTO_FALLBACK_WARNED: set[str] = set()
+
+
+def _warn_auto_fell_back(device: torch.device, dtype: torch.dtype) -> None:
+    """Warns once per reason that backend="auto" runs the (slow) reference backend, and why."""
+    if not _ops.EXTENSION_AVAILABLE and (device.type == "cuda" or dtype in (torch.float32, torch.float64)):
+        why = f"the compiled extension is not loaded ({_ops.EXTENSION_ERROR}); {_ops.BUILD_HINT}"
+    elif device.type == "cuda":
+        why = ("the extension has no CUDA kernels and the triton backend is unavailable for "
+               f"{dtype} ({_triton_import_error() or 'it supports float32/float16/bfloat16'})")
+    elif device.type == "cpu":
+        why = f"the cpu backend supports float32 and float64, not {dtype}"
+    else:
+        why = f"no compiled backend runs on {device.type} tensors"
+    if why not in _AUTO_FALLBACK_WARNED:
+        _AUTO_FALLBACK_WARNED.add(why)
+        warnings.warn(f"lightnet_ops: backend='auto' runs the unfused pure-PyTorch reference backend on "
+                      f"{device.type} {dtype} tensors, slower than the compiled kernels: {why}", ReferenceFallbackWarning, stacklevel=4)
+
+
+# Under TorchDynamo: run at trace time (so a compiled caller warns too), traced as a constant.
+_warn_auto_fell_back._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def resolve(backend: str, tensor: torch.Tensor) -> Backend:
     """The backend that runs ops on `tensor` for the requested name (see module docstring)."""
     if not isinstance(backend, str):
@@ -181,6 +210,8 @@ def resolve(backend: str, tensor: torch.Tensor) -> Backend:
             backend = "cpu"
         else:
             backend = "reference"
+        if backend == "reference":
+            _warn_auto_fell_back(device, tensor.dtype)
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKEND_NAMES}")
     _check_device(backend, device)

@@ -17,17 +17,16 @@ By default the rewritten graph runs eagerly (op by op, like the "eager" backend)
 With ``inductor=True`` the graph goes through AOTAutograd + Inductor: the fused ops stay calls to
 ``torch.ops.lightnet_ops.*`` (forward and backward ops), Inductor compiles everything around them.
 
-The backend is registered with TorchDynamo under the name "lightnet_ops" when ``lightnet_ops`` is
-imported. To keep ``import lightnet_ops`` cheap, registration waits until TorchDynamo's backend
-registry is first imported (``torch.compile`` does that); if it is already loaded, it happens at once.
+TorchDynamo finds the backend by the name "lightnet_ops" through the ``torch_dynamo_backends``
+entry point that setup.py declares (an installed lightnet_ops has it; ``make build`` writes
+lightnet_ops.egg-info for a checkout), so ``import lightnet_ops`` registers nothing and stays cheap.
+Where lightnet_ops is imported without its metadata (a source tree on PYTHONPATH), call
+:func:`register` once.
 """
 
 from __future__ import annotations
 
 import collections
-import importlib.abc
-import importlib.machinery
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -38,7 +37,6 @@ from .fuse import FusedChain, fuse_graph
 __all__ = ["BACKEND_NAME", "CompileReport", "lightnet_ops_backend", "register", "reports"]
 
 BACKEND_NAME = "lightnet_ops"
-_REGISTRY_MODULE = "torch._dynamo.backends.registry"
 _KNOWN_OPTIONS = ("backend", "inductor", "verbose")
 
 
@@ -89,56 +87,12 @@ def lightnet_ops_backend(gm: fx.GraphModule, example_inputs: list[Any], *,
 
 
 def register() -> None:
-    """Register the backend with TorchDynamo as "lightnet_ops" (idempotent; imports TorchDynamo)."""
-    from torch._dynamo.backends import registry
+    """Register the backend with TorchDynamo as "lightnet_ops" (idempotent; imports TorchDynamo).
 
-    if BACKEND_NAME not in registry._COMPILER_FNS:
-        registry.register_backend(compiler_fn=lightnet_ops_backend, name=BACKEND_NAME)
+    Only needed where the ``torch_dynamo_backends`` entry point is not visible (lightnet_ops imported
+    from a source tree without lightnet_ops.egg-info); elsewhere TorchDynamo loads the backend itself.
+    """
+    from torch._dynamo import list_backends, register_backend
 
-
-class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Runs register() right after TorchDynamo's backend registry module has been executed."""
-
-    def find_spec(self, fullname, path, target=None):  # noqa: ANN001, ANN201
-        if fullname != _REGISTRY_MODULE:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)  # the normal spec, loader wrapped
-        if spec is not None and spec.loader is not None:
-            spec.loader = _Loader(spec.loader)
-        return spec
-
-
-class _Loader(importlib.abc.Loader):
-    def __init__(self, inner: importlib.abc.Loader) -> None:
-        self._inner = inner
-
-    def create_module(self, spec):  # noqa: ANN001, ANN201
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module) -> None:  # noqa: ANN001
-        self._inner.exec_module(module)
-        _remove_hook()
-        if BACKEND_NAME not in module._COMPILER_FNS:
-            module.register_backend(compiler_fn=lightnet_ops_backend, name=BACKEND_NAME)
-
-    def __getattr__(self, name: str) -> Any:  # get_code, get_source, ... of the real loader
-        return getattr(self._inner, name)
-
-
-_HOOK = _RegisterAfterImport()
-
-
-def _remove_hook() -> None:
-    try:
-        sys.meta_path.remove(_HOOK)
-    except ValueError:
-        pass
-
-
-def register_on_import() -> None:
-    """Register now if TorchDynamo's registry is loaded, else as soon as it is."""
-    if _REGISTRY_MODULE in sys.modules:
-        register()
-    elif _HOOK not in sys.meta_path:
-        sys.meta_path.insert(0, _HOOK)
-
+    if BACKEND_NAME not in list_backends(exclude_tags=()):  # includes entry points not loaded yet
+        register_backend(compiler_fn=lightnet_ops_backend, name=BACKEND_NAME)
