@@ -1,5 +1,7 @@
 """lo.fuse: module-style models (torchvision VGG11 / AlexNet, nn.Sequential stacks), functional
-models (torch.fx rewrite), what must not be fused, state_dict round trips, inplace semantics."""
+models (torch.fx rewrite), what must not be fused, state_dict round trips, inplace semantics.
+
+Only the torchvision model tests need torchvision; they skip without it, the rest always run."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import lightnet_ops as lo
 from seed_model import SeedLightNet  # the seed tutorial's class, verbatim
 from lightnet_ops.fuse import FusedChain
 
-torchvision = pytest.importorskip("torchvision")
+
+def _torchvision():
+    return pytest.importorskip("torchvision", reason="builds torchvision models")
 
 
 def _max_abs(t: torch.Tensor) -> float:
@@ -46,6 +50,7 @@ def _out_and_grads(model: nn.Module, x: torch.Tensor, g: torch.Tensor | None = N
 def _build_float64(name: str) -> nn.Module:
     """torchvision model (weights=None) in eval mode, built on meta and filled straight in float64
     with U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (much faster than its float32 init + conversion)."""
+    torchvision = _torchvision()
     with torch.device("meta"):
         model = getattr(torchvision.models, name)(weights=None)
     model = model.to(torch.float64).to_empty(device="cpu").eval()
@@ -94,7 +99,7 @@ def test_torchvision_fused_matches_original(name, size, expect):
 
 
 def test_alexnet_structure_and_names():
-    model = torchvision.models.alexnet(weights=None)
+    model = _torchvision().models.alexnet(weights=None)
     fused = lo.fuse(model)
     f = fused.features
     assert isinstance(f[0], lo.Conv2dReLUMaxPool2d) and isinstance(f[1], nn.Identity) and isinstance(f[2], nn.Identity)
