@@ -1,7 +1,8 @@
 """The CUDA backend as far as a machine without a GPU can check it: the built extension carries
-CUDA kernels for all four ops (so CI compiles csrc/cuda/*.cu), the cuda backend refuses CPU
-tensors with a clear error, and the host/device window math the CUDA backward relies on
-(window_math.h) is right, checked by compiling it for the host."""
+CUDA kernels for all four ops (so CI compiles csrc/cuda/*.cu) unless the build left them out on
+purpose (its recorded options say so), the cuda backend refuses CPU tensors with a clear error, and
+the host/device window math the CUDA backward relies on (window_math.h) is right, checked by
+compiling it for the host."""
 
 from __future__ import annotations
 
@@ -26,14 +27,39 @@ def _nvcc_found() -> bool:
     return any(r and os.path.exists(os.path.join(r, "bin", "nvcc")) for r in roots)
 
 
-def _cuda_build_skip_reason() -> str | None:
+def _cuda_expected_by_default() -> str | None:
+    """Why setup.py's default (no LIGHTNET_OPS_CUDA) builds no CUDA kernels here, or None if it does."""
     if torch.version.cuda is None:
         return "torch was built without CUDA, so setup.py builds the CPU-only extension"
     if not _nvcc_found():
         return "no CUDA toolkit (nvcc on PATH, CUDA_HOME or /usr/local/cuda), so setup.py builds the CPU-only extension"
-    if "LIGHTNET_OPS_CUDA" in os.environ and os.environ["LIGHTNET_OPS_CUDA"].strip().lower() in ("0", "", "false", "off", "no"):
-        return "LIGHTNET_OPS_CUDA=0 is set: the CUDA sources were deliberately left out of the build"
     return None
+
+
+def _flag_off(value: str | None) -> bool:
+    return value is not None and value.strip().lower() in ("0", "", "false", "off", "no")
+
+
+def _cuda_build_skip_reason() -> str | None:
+    """Why the extension under test has no CUDA kernels by design, or None when it must have them.
+
+    Follows what was built (lightnet_ops/_build_info.py records the build's options), so
+    `LIGHTNET_OPS_CUDA=0 make build` followed by these tests skips them with that reason; a tree built
+    without a record falls back to what setup.py would do in this environment."""
+    info = _ops.BUILD_INFO
+    if info is not None:
+        options = info.get("OPTIONS") or {}
+        if not info.get("EXTENSION", True):
+            return "the package was built without its extension (LIGHTNET_OPS_NO_EXTENSION=1)"
+        if _flag_off(options.get("LIGHTNET_OPS_CUDA")):
+            return "built with LIGHTNET_OPS_CUDA=0: the CUDA sources were deliberately left out of the build"
+        if not info.get("WITH_CUDA") and options.get("LIGHTNET_OPS_CUDA") is None:
+            # The build chose CPU-only on its own: only right where the default build is CPU-only.
+            return _cuda_expected_by_default()
+        return None
+    if _flag_off(os.environ.get("LIGHTNET_OPS_CUDA")):
+        return "LIGHTNET_OPS_CUDA=0 is set: the CUDA sources were deliberately left out of the build"
+    return _cuda_expected_by_default()
 
 
 requires_cuda_build = pytest.mark.skipif(_cuda_build_skip_reason() is not None,
@@ -62,6 +88,17 @@ def test_cuda_backend_reported_built():
     assert backend_registry.cuda_available()
     # Listed as runnable only where a GPU is visible.
     assert ("cuda" in lo.backends()) == torch.cuda.is_available()
+
+
+def test_loaded_extension_is_what_the_build_recorded():
+    """The kernels the extension registered match lightnet_ops/_build_info.py (with or without CUDA)."""
+    info = _ops.BUILD_INFO
+    assert info is not None, "lightnet_ops/_build_info.py is missing: rebuild with `make build`"
+    assert _ops.EXTENSION_AVAILABLE == bool(info["EXTENSION"]), _ops.EXTENSION_ERROR
+    if _ops.EXTENSION_AVAILABLE:
+        for op in _ops.OP_NAMES:
+            assert _ops.has_kernel(op, "CPU"), op
+            assert _ops.has_kernel(op, "CUDA") == bool(info["WITH_CUDA"]), (op, info)
 
 
 def test_cuda_backend_rejects_cpu_conv():
