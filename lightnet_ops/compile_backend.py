@@ -3,9 +3,10 @@ Conv2d->ReLU->MaxPool2d and Linear->ReLU chains in the captured FX graph to the 
 
 Dynamo captures whatever it can (including forwards that ``torch.fx.symbolic_trace`` rejects,
 such as the seed LightNet's ``num_flat_features`` loop over ``x.size()``); each captured graph is
-rewritten with :func:`lightnet_ops.fuse.fuse_graph` (the same rules as ``lo.fuse``: a chain is
-fused only when every intermediate value has a single consumer) to calls of
-``lightnet_ops.functional``, whose autograd.Functions carry the hand-written backward passes.
+rewritten with :func:`lightnet_ops.fuse.fuse_graph`, which matches the chains of the pattern table
+``lightnet_ops.fuse.PATTERNS`` (the same table and rules as ``lo.fuse``: a chain is fused only when
+every intermediate value has a single consumer) and replaces each by the call of its
+``lightnet_ops.functional`` op, whose autograd.Functions carry the hand-written backward passes.
 
 By default the rewritten graph runs eagerly (op by op, like the "eager" backend). Options::
 

@@ -3,21 +3,27 @@
 ``fuse(model)`` replaces Conv2d -> ReLU -> MaxPool2d chains with :class:`Conv2dReLUMaxPool2d` and
 Linear -> ReLU chains with :class:`LinearReLU`, without changing results or state_dict keys.
 
+What is fused is one table, :data:`PATTERNS`: each :class:`Pattern` names its chain of stock ops
+(:class:`OpSpec`: the module class, the functions / Tensor methods that spell the op in a graph,
+and how to read its arguments), how to build the fused module from the matched modules, and the
+``lightnet_ops.functional`` call that replaces the chain in a graph. Both passes below, and the
+``torch.compile`` backend (compile_backend.py, through :func:`fuse_graph`), iterate this table;
+a new fusion is one more entry.
+
 Two passes:
 
 1. Module pass: in every ``nn.Sequential`` (that keeps Sequential's own forward) a run of children
-   ``Conv2d, ReLU, MaxPool2d`` becomes ``Conv2dReLUMaxPool2d, Identity, Identity`` and
-   ``Linear, ReLU`` becomes ``LinearReLU, Identity``. The fused module sits at the conv's / linear's
-   name and holds the very same ``nn.Parameter`` objects, so ``features.0.weight`` stays
+   that spells a pattern's chain, e.g. ``Conv2d, ReLU, MaxPool2d``, becomes the fused module
+   followed by ``Identity`` placeholders. The fused module sits at the first module's name and
+   holds the very same ``nn.Parameter`` objects, so ``features.0.weight`` stays
    ``features.0.weight`` and an optimizer built on the original parameters keeps working
-   (``inplace=True``). Inside a Sequential an intermediate output has no other consumer, so this is
-   always safe (modules with hooks are left alone).
+   (``inplace=True``). Inside a Sequential an intermediate output has no other consumer.
 2. Graph pass: a model whose ``forward`` calls ``F.relu`` / ``F.max_pool2d`` (or anything that is
    not a plain Sequential) is traced with ``torch.fx``; matching chains in the graph are rewritten
    and the model comes back as a ``torch.fx.GraphModule``. A chain is fused only when each
    intermediate value has exactly one consumer (the next op of the chain), so skip connections
-   and second consumers are left alone. A model that ``torch.fx`` cannot trace is searched
-   submodule by submodule; for such models use ``torch.compile(model, backend="lightnet_ops")``,
+   and second consumers are left alone. A model that ``torch.fx`` cannot trace is
+   searched submodule by submodule; for such models use ``torch.compile(model, backend="lightnet_ops")``,
    which rewrites the same chains in the graph TorchDynamo captures (see compile_backend.py).
 
 Recognised: ``nn.Conv2d`` / ``F.conv2d`` / ``torch.conv2d``; ``nn.ReLU`` (also inplace) /
@@ -26,14 +32,18 @@ Recognised: ``nn.Conv2d`` / ``F.conv2d`` / ``torch.conv2d``; ``nn.ReLU`` (also i
 ``nn.Linear`` / ``F.linear``. Only what the fused op computes exactly is fused: conv groups=1,
 padding_mode='zeros' (padding ints, tuples, 'valid', or 'same' when it is symmetric); pool padding
 0, dilation 1, ceil_mode=False, return_indices=False, window of at most 255 elements.
+
+Left alone, with the reason in ``skipped_chains``: chains through a module with hooks, or a lazy
+module not initialised yet.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import inspect
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -45,7 +55,7 @@ from ._shapes import MAX_POOL_WINDOW, pair
 from .backend_registry import BACKEND_NAMES
 from .modules import Conv2dReLUMaxPool2d, LinearReLU
 
-__all__ = ["FusedChain", "fuse", "fuse_graph", "summary"]
+__all__ = ["PATTERNS", "FusedChain", "Link", "OpSpec", "Pattern", "fuse", "fuse_graph", "summary"]
 
 CONV_KIND = "conv2d_relu_maxpool2d"
 LINEAR_KIND = "linear_relu"
@@ -71,6 +81,10 @@ class FusedChain:
         return f"{self.kind}: {chain} ({self.where})" + (f" skipped: {self.reason}" if self.reason else "")
 
 
+class _Skip(Exception):
+    """A candidate chain that the fused op cannot compute exactly; the message says why."""
+
+
 # --------------------------------------------------------------------------------------------
 # Argument normalisation (signatures of the stock functions, to bind node args/kwargs)
 
@@ -92,6 +106,10 @@ def _relu_sig(input, inplace=False):  # noqa: ANN001, ANN202
     pass
 
 
+def _input_sig(input):  # noqa: ANN001, ANN202
+    pass
+
+
 def _bind(sig_fn: Callable, args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
     try:
         bound = inspect.signature(sig_fn).bind(*args, **kwargs)
@@ -99,20 +117,6 @@ def _bind(sig_fn: Callable, args: tuple, kwargs: dict) -> Optional[dict[str, Any
         return None
     bound.apply_defaults()
     return dict(bound.arguments)
-
-
-class _Skip(Exception):
-    """A candidate chain that the fused op cannot compute exactly; the message says why."""
-
-
-def _plain(module: nn.Module, cls: type) -> bool:
-    """`module` is a `cls` that still runs `cls.forward` (a subclass may compute something else)."""
-    return isinstance(module, cls) and type(module).forward is cls.forward
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or getattr(module, "_backward_pre_hooks", None))
 
 
 def _int_pair(value: Any, name: str) -> tuple[int, int]:
@@ -123,8 +127,8 @@ def _int_pair(value: Any, name: str) -> tuple[int, int]:
 
 
 def _conv_params(stride: Any, padding: Any, dilation: Any, groups: Any, kernel_size: Optional[tuple[int, int]],
-                 padding_mode: str = "zeros") -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """(stride, padding, dilation) as int pairs, or _Skip."""
+                 padding_mode: str = "zeros") -> dict[str, tuple[int, int]]:
+    """{"stride", "padding", "dilation"} as int pairs, or _Skip."""
     if groups != 1:
         raise _Skip(f"conv groups={groups} (the fused op needs groups=1)")
     if padding_mode != "zeros":
@@ -133,22 +137,25 @@ def _conv_params(stride: Any, padding: Any, dilation: Any, groups: Any, kernel_s
     dilation_ = _int_pair(dilation, "dilation")
     if isinstance(padding, str):
         if padding == "valid":
-            return stride_, (0, 0), dilation_
-        if padding != "same" or kernel_size is None:
+            pads = (0, 0)
+        elif padding != "same" or kernel_size is None:
             raise _Skip(f"conv padding={padding!r} with unknown kernel size")
-        pads = []
-        for d, k in zip(dilation_, kernel_size):
-            total = d * (k - 1)
-            if total % 2:
-                raise _Skip("conv padding='same' is asymmetric for this kernel")
-            pads.append(total // 2)
-        return stride_, (pads[0], pads[1]), dilation_
-    return stride_, _int_pair(padding, "padding"), dilation_
+        else:
+            halves = []
+            for d, k in zip(dilation_, kernel_size):
+                total = d * (k - 1)
+                if total % 2:
+                    raise _Skip("conv padding='same' is asymmetric for this kernel")
+                halves.append(total // 2)
+            pads = (halves[0], halves[1])
+    else:
+        pads = _int_pair(padding, "padding")
+    return {"stride": stride_, "padding": pads, "dilation": dilation_}
 
 
 def _pool_params(kernel_size: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: Any,
-                 return_indices: Any) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(pool_kernel_size, pool_stride) as int pairs, or _Skip."""
+                 return_indices: Any) -> dict[str, tuple[int, int]]:
+    """{"kernel_size", "stride"} as int pairs, or _Skip."""
     k = _int_pair(kernel_size, "pool kernel_size")
     default_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)  # [] in aten
     s = k if default_stride else _int_pair(stride, "pool stride")
@@ -162,46 +169,213 @@ def _pool_params(kernel_size: Any, stride: Any, padding: Any, dilation: Any, cei
         raise _Skip("pool return_indices=True")
     if k[0] * k[1] > MAX_POOL_WINDOW:
         raise _Skip(f"pool window {k} has more than {MAX_POOL_WINDOW} elements")
-    return k, s
+    return {"kernel_size": k, "stride": s}
 
 
-def _check_conv_module(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
-        raise _Skip("lazy conv is not initialised yet")
+def _no_params(_: Any) -> dict[str, Any]:
+    return {}
+
+
+def _conv_module_params(conv: nn.Conv2d) -> dict[str, Any]:
     return _conv_params(conv.stride, conv.padding, conv.dilation, conv.groups, tuple(conv.kernel_size),
                         conv.padding_mode)
 
 
-def _check_pool_module(pool: nn.MaxPool2d) -> tuple[tuple[int, int], tuple[int, int]]:
+def _conv_call_params(args: dict[str, Any]) -> dict[str, Any]:
+    kernel = None
+    if isinstance(args["padding"], str):  # 'same' needs the kernel size: from the weight's example value
+        w = args["weight"]
+        val = w.meta.get("val", w.meta.get("example_value")) if isinstance(w, fx.Node) else None
+        if isinstance(val, torch.Tensor) and val.dim() == 4:
+            kernel = tuple(int(v) for v in val.shape[2:])
+    return _conv_params(args["stride"], args["padding"], args["dilation"], args["groups"], kernel)
+
+
+def _pool_module_params(pool: nn.MaxPool2d) -> dict[str, Any]:
     return _pool_params(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
                         pool.return_indices)
 
 
-def _fused_conv_module(conv: nn.Conv2d, stride: tuple[int, int], padding: tuple[int, int],
-                       dilation: tuple[int, int], pool_k: tuple[int, int], pool_s: tuple[int, int],
-                       backend: str) -> Conv2dReLUMaxPool2d:
-    """A fused module holding `conv`'s own Parameters (built on meta: no allocation, no RNG use)."""
-    fused = Conv2dReLUMaxPool2d(
-        conv.in_channels, conv.out_channels, tuple(conv.kernel_size), stride, padding, dilation,
-        bias=conv.bias is not None, pool_kernel_size=pool_k, pool_stride=pool_s, backend=backend, device="meta",
+def _pool_call_params(args: dict[str, Any]) -> dict[str, Any]:
+    return _pool_params(args["kernel_size"], args["stride"], args["padding"], args["dilation"], args["ceil_mode"],
+                        args["return_indices"])
+
+
+# --------------------------------------------------------------------------------------------
+# The table: stock ops, and the chains of them that a fused op replaces
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One stock op a chain can contain, as a module and as a graph call.
+
+    name: short name used in messages ("conv2d", "relu", ...).
+    module_type: the nn.Module class (instances must keep its ``forward``; subclasses that override
+        it compute something else and do not match).
+    functions: ``call_function`` targets that spell the op in an fx graph (F.conv2d, torch.conv2d...).
+    methods: ``call_method`` names (Tensor.relu -> "relu"), called with the input only.
+    signature: a function with the stock signature, to bind a call's args/kwargs by name (default:
+        the input only).
+    module_params: normalised arguments of a module instance (dict); raises _Skip when the fused
+        op cannot compute this instance exactly.
+    call_params: the same from a bound functional call.
+    parameters: names of the module's tensors that the fused module adopts (must be nn.Parameters).
+    """
+
+    name: str
+    module_type: type
+    functions: frozenset = frozenset()
+    methods: frozenset = frozenset()
+    signature: Callable = _input_sig
+    module_params: Callable[[nn.Module], dict[str, Any]] = _no_params
+    call_params: Callable[[dict[str, Any]], dict[str, Any]] = _no_params
+    parameters: tuple[str, ...] = ()
+
+
+CONV2D = OpSpec("conv2d", nn.Conv2d, frozenset({F.conv2d, torch.conv2d}), signature=_conv_sig,
+                module_params=_conv_module_params, call_params=_conv_call_params, parameters=("weight", "bias"))
+RELU = OpSpec("relu", nn.ReLU, frozenset({F.relu, F.relu_, torch.relu, torch.relu_}), frozenset({"relu", "relu_"}),
+              signature=_relu_sig)
+MAX_POOL2D = OpSpec("max_pool2d", nn.MaxPool2d, frozenset({F.max_pool2d, torch.max_pool2d}), signature=_pool_sig,
+                    module_params=_pool_module_params, call_params=_pool_call_params)
+LINEAR = OpSpec("linear", nn.Linear, frozenset({F.linear}), signature=_linear_sig, parameters=("weight", "bias"))
+
+
+@dataclass
+class Link:
+    """One matched op of a chain.
+
+    op: its OpSpec. name: qualified module name (module pass) or graph node name (graph pass).
+    module: the matched module (module pass, and ``call_module`` nodes), else None.
+    node: the graph node (graph pass), else None. input: the node it reads (graph pass).
+    args: the bound arguments of a ``call_function`` node ({} otherwise).
+    params: the normalised arguments (``op.module_params`` / ``op.call_params``).
+    """
+
+    op: OpSpec
+    name: str
+    module: Optional[nn.Module] = None
+    node: Optional[fx.Node] = None
+    input: Any = None
+    args: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+#: tensor(link, "weight") -> the graph value of a matched op's tensor argument (None for a missing bias)
+TensorOf = Callable[[Link, str], Any]
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One fusion: a chain of stock ops and what replaces it.
+
+    kind: the name reported in FusedChain.kind.
+    chain: the ops, in data-flow order; each reads the previous one's output.
+    fused_module: the class build_module returns (torch.fx traces keep it as a leaf).
+    build_module(links, backend): the fused nn.Module, adopting the first link's module's Parameters
+        (used when the chain starts with a module: the module pass, and ``call_module`` nodes).
+    function: the ``lightnet_ops.functional`` op that replaces the chain in a graph.
+    call_args(links, tensor): its arguments after the input (the call also gets ``backend=``);
+        ``tensor`` gives the graph value of a matched op's weight/bias, whether module or function.
+    """
+
+    kind: str
+    chain: tuple[OpSpec, ...]
+    fused_module: type
+    build_module: Callable[[Sequence[Link], str], nn.Module]
+    function: Callable
+    call_args: Callable[[Sequence[Link], TensorOf], tuple]
+
+
+def _adopt_parameters(fused: nn.Module, module: nn.Module, names: Sequence[str]) -> nn.Module:
+    """Give `fused` (built on meta) `module`'s own Parameters and training flag."""
+    for name in names:
+        value = getattr(module, name)
+        if value is not None:
+            setattr(fused, name, value)
+    fused.train(module.training)
+    return fused
+
+
+def _conv_relu_pool_module(links: Sequence[Link], backend: str) -> nn.Module:
+    conv, _, pool = links
+    m = conv.module
+    p, q = conv.params, pool.params
+    fused = Conv2dReLUMaxPool2d(  # on meta: no allocation, no RNG use
+        m.in_channels, m.out_channels, tuple(m.kernel_size), p["stride"], p["padding"], p["dilation"],
+        bias=m.bias is not None, pool_kernel_size=q["kernel_size"], pool_stride=q["stride"], backend=backend,
+        device="meta",
     )
-    fused.weight = conv.weight
-    if conv.bias is not None:
-        fused.bias = conv.bias
-    fused.train(conv.training)
-    return fused
+    return _adopt_parameters(fused, m, CONV2D.parameters)
 
 
-def _fused_linear_module(linear: nn.Linear, backend: str) -> LinearReLU:
-    if isinstance(linear.weight, nn.parameter.UninitializedParameter):
-        raise _Skip("lazy linear is not initialised yet")
-    fused = LinearReLU(linear.in_features, linear.out_features, bias=linear.bias is not None, backend=backend,
-                       device="meta")
-    fused.weight = linear.weight
-    if linear.bias is not None:
-        fused.bias = linear.bias
-    fused.train(linear.training)
-    return fused
+def _conv_relu_pool_args(links: Sequence[Link], tensor: TensorOf) -> tuple:
+    conv, _, pool = links
+    p, q = conv.params, pool.params
+    return (tensor(conv, "weight"), tensor(conv, "bias"), p["stride"], p["padding"], p["dilation"],
+            q["kernel_size"], q["stride"])
+
+
+def _linear_relu_module(links: Sequence[Link], backend: str) -> nn.Module:
+    m = links[0].module
+    fused = LinearReLU(m.in_features, m.out_features, bias=m.bias is not None, backend=backend, device="meta")
+    return _adopt_parameters(fused, m, LINEAR.parameters)
+
+
+def _linear_relu_args(links: Sequence[Link], tensor: TensorOf) -> tuple:
+    return (tensor(links[0], "weight"), tensor(links[0], "bias"))
+
+
+#: Every fusion, tried in this order at each position (a longer chain that starts with the same op
+#: as a shorter one goes first); the first pattern whose chain matches decides (fused or skipped).
+PATTERNS: tuple[Pattern, ...] = (
+    Pattern(CONV_KIND, (CONV2D, RELU, MAX_POOL2D), Conv2dReLUMaxPool2d, _conv_relu_pool_module,
+            LF.conv2d_relu_maxpool2d, _conv_relu_pool_args),
+    Pattern(LINEAR_KIND, (LINEAR, RELU), LinearReLU, _linear_relu_module, LF.linear_relu, _linear_relu_args),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks shared by both passes
+
+
+def _plain(module: Any, cls: type) -> bool:
+    """`module` is a `cls` that still runs `cls.forward` (a subclass may compute something else)."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def _hook_names(module: nn.Module) -> list[str]:
+    found = []
+    for kind, hooks in (("forward pre-hook", module._forward_pre_hooks), ("forward hook", module._forward_hooks),
+                        ("backward pre-hook", getattr(module, "_backward_pre_hooks", {})),
+                        ("backward hook", module._backward_hooks)):
+        for hook in hooks.values():
+            what = getattr(hook, "__qualname__", None) or type(hook).__name__
+            found.append(f"{kind} {what}")
+    return found
+
+
+def _check_module(op: OpSpec, name: str, module: nn.Module) -> None:
+    """_Skip unless `module` is an instance the fused module can stand in for: no hooks, initialised."""
+    hooks = _hook_names(module)
+    if hooks:
+        raise _Skip(f"{name} has hooks ({', '.join(hooks)}); a module with hooks must run as itself")
+    for tensor_name in op.parameters:
+        value = getattr(module, tensor_name, None)
+        if value is None and tensor_name == "bias":
+            continue
+        if isinstance(value, nn.parameter.UninitializedParameter):
+            raise _Skip(f"lazy {op.name} is not initialised yet")
+
+
+def _resolve(links: Sequence[Link]) -> None:
+    """Fill each link's params (module checks first); raises _Skip with the first problem found."""
+    for link in links:
+        if link.module is not None:
+            _check_module(link.op, link.name, link.module)
+            link.params = link.op.module_params(link.module)
+        else:
+            link.params = link.op.call_params(link.args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,6 +383,7 @@ def _fused_linear_module(linear: nn.Linear, backend: str) -> LinearReLU:
 
 
 def _fuse_sequentials(root: nn.Module, backend: str, fused: list[FusedChain], skipped: list[FusedChain]) -> None:
+    patterns = PATTERNS
     for seq_name, seq in list(root.named_modules()):
         if not _plain(seq, nn.Sequential):
             continue
@@ -217,52 +392,30 @@ def _fuse_sequentials(root: nn.Module, backend: str, fused: list[FusedChain], sk
         names = [f"{seq_name}.{k}" if seq_name else k for k in keys]
         i = 0
         while i < len(mods):
-            m = mods[i]
-            nxt = mods[i + 1] if i + 1 < len(mods) else None
-            nxt2 = mods[i + 2] if i + 2 < len(mods) else None
-            if _plain(m, nn.Conv2d) and nxt is not None and _plain(nxt, nn.ReLU) and nxt2 is not None \
-                    and _plain(nxt2, nn.MaxPool2d):
-                chain = tuple(names[i:i + 3])
-                try:
-                    if any(_has_hooks(x) for x in (m, nxt, nxt2)):
-                        raise _Skip("a module in the chain has hooks")
-                    stride, padding, dilation = _check_conv_module(m)
-                    pool_k, pool_s = _check_pool_module(nxt2)
-                except _Skip as e:
-                    skipped.append(FusedChain(CONV_KIND, chain, "module", str(e)))
-                    i += 1
+            step = 1
+            for pattern in patterns:
+                n = len(pattern.chain)
+                window = mods[i:i + n]
+                if len(window) < n or not all(_plain(m, op.module_type) for m, op in zip(window, pattern.chain)):
                     continue
-                seq._modules[keys[i]] = _fused_conv_module(m, stride, padding, dilation, pool_k, pool_s, backend)
-                seq._modules[keys[i + 1]] = nn.Identity()
-                seq._modules[keys[i + 2]] = nn.Identity()
-                fused.append(FusedChain(CONV_KIND, chain, "module"))
-                i += 3
-            elif _plain(m, nn.Linear) and nxt is not None and _plain(nxt, nn.ReLU):
-                chain = tuple(names[i:i + 2])
+                links = [Link(op, names[i + j], module=window[j]) for j, op in enumerate(pattern.chain)]
                 try:
-                    if _has_hooks(m) or _has_hooks(nxt):
-                        raise _Skip("a module in the chain has hooks")
-                    new = _fused_linear_module(m, backend)
+                    _resolve(links)
+                    new = pattern.build_module(links, backend)
                 except _Skip as e:
-                    skipped.append(FusedChain(LINEAR_KIND, chain, "module", str(e)))
-                    i += 1
-                    continue
+                    skipped.append(FusedChain(pattern.kind, tuple(names[i:i + n]), "module", str(e)))
+                    break
                 seq._modules[keys[i]] = new
-                seq._modules[keys[i + 1]] = nn.Identity()
-                fused.append(FusedChain(LINEAR_KIND, chain, "module"))
-                i += 2
-            else:
-                i += 1
+                for key in keys[i + 1:i + n]:
+                    seq._modules[key] = nn.Identity()
+                fused.append(FusedChain(pattern.kind, tuple(names[i:i + n]), "module"))
+                step = n
+                break
+            i += step
 
 
 # --------------------------------------------------------------------------------------------
 # Graph pass (torch.fx graphs: symbolic traces and TorchDynamo captures)
-
-_RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_}
-_RELU_METHODS = {"relu", "relu_"}
-_POOL_FUNCTIONS = {F.max_pool2d, torch.max_pool2d}
-_CONV_FUNCTIONS = {F.conv2d, torch.conv2d}
-_LINEAR_FUNCTIONS = {F.linear}
 
 
 def _module_of(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
@@ -274,98 +427,72 @@ def _module_of(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
         return None
 
 
-def _relu_input(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
-    """The input node if `node` is a ReLU (any spelling), else None."""
-    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
-        b = _bind(_relu_sig, node.args, node.kwargs)  # (input, inplace=False); the others take only input
-        return b["input"] if b else None
-    if node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1 and not node.kwargs:
-        return node.args[0]
+def _match_node(gm: fx.GraphModule, op: OpSpec, node: fx.Node) -> Optional[Link]:
+    """A Link if `node` spells `op` (module, function or method call), else None. Arguments are
+    not checked here (see _resolve)."""
+    if node.op == "call_function" and node.target in op.functions:
+        args = _bind(op.signature, node.args, node.kwargs)
+        return None if args is None else Link(op, node.name, node=node, input=args["input"], args=args)
+    if node.op == "call_method" and node.target in op.methods and len(node.args) == 1 and not node.kwargs:
+        return Link(op, node.name, node=node, input=node.args[0])
     mod = _module_of(gm, node)
-    if mod is not None and _plain(mod, nn.ReLU) and not _has_hooks(mod) and len(node.args) == 1:
-        return node.args[0]
+    if mod is not None and _plain(mod, op.module_type) and len(node.args) == 1 and not node.kwargs:
+        return Link(op, node.name, module=mod, node=node, input=node.args[0])
     return None
 
 
-@dataclass
-class _ConvInfo:
-    input: Any
-    weight: Any        # fx.Node (call_function) or None (call_module)
-    bias: Any
-    module: Optional[nn.Conv2d]
-    params: tuple      # (stride, padding, dilation)
-
-
-def _conv_info(gm: fx.GraphModule, node: fx.Node) -> Optional[_ConvInfo]:
-    """Conv description if `node` is a 2-d convolution; raises _Skip for an unsupported one."""
-    if node.op == "call_function" and node.target in _CONV_FUNCTIONS:
-        b = _bind(_conv_sig, node.args, node.kwargs)
-        if b is None:
+def _match_chain(gm: fx.GraphModule, pattern: Pattern, node: fx.Node) -> Optional[list[Link]]:
+    """The links if the chain of `pattern` starts at `node`, each op's output feeding only the next op."""
+    first = _match_node(gm, pattern.chain[0], node)
+    if first is None:
+        return None
+    links = [first]
+    for op in pattern.chain[1:]:
+        prev = links[-1].node
+        users = list(prev.users)
+        link = _match_node(gm, op, users[0]) if len(users) == 1 else None
+        if link is None or link.input is not prev:
             return None
-        kernel = None
-        if isinstance(b["padding"], str):
-            w = b["weight"]
-            val = w.meta.get("val", w.meta.get("example_value")) if isinstance(w, fx.Node) else None
-            if isinstance(val, torch.Tensor) and val.dim() == 4:
-                kernel = tuple(int(v) for v in val.shape[2:])
-        params = _conv_params(b["stride"], b["padding"], b["dilation"], b["groups"], kernel)
-        return _ConvInfo(b["input"], b["weight"], b["bias"], None, params)
-    mod = _module_of(gm, node)
-    if mod is not None and _plain(mod, nn.Conv2d) and len(node.args) == 1 and not node.kwargs:
-        if _has_hooks(mod):
-            raise _Skip("the conv module has hooks")
-        return _ConvInfo(node.args[0], None, None, mod, _check_conv_module(mod))
-    return None
+        links.append(link)
+    return links
 
 
-def _pool_info(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[Any, tuple, tuple]]:
-    """(input, kernel, stride) if `node` is a 2-d max pool; raises _Skip for an unsupported one."""
-    if node.op == "call_function" and node.target in _POOL_FUNCTIONS:
-        b = _bind(_pool_sig, node.args, node.kwargs)
-        if b is None:
-            return None
-        k, s = _pool_params(b["kernel_size"], b["stride"], b["padding"], b["dilation"], b["ceil_mode"],
-                            b["return_indices"])
-        return b["input"], k, s
-    mod = _module_of(gm, node)
-    if mod is not None and _plain(mod, nn.MaxPool2d) and len(node.args) == 1 and not node.kwargs:
-        if _has_hooks(mod):
-            raise _Skip("the pool module has hooks")
-        k, s = _check_pool_module(mod)
-        return node.args[0], k, s
-    return None
-
-
-def _linear_info(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[Any, Any, Any, Optional[nn.Linear]]]:
-    if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
-        b = _bind(_linear_sig, node.args, node.kwargs)
-        return None if b is None else (b["input"], b["weight"], b["bias"], None)
-    mod = _module_of(gm, node)
-    if mod is not None and _plain(mod, nn.Linear) and len(node.args) == 1 and not node.kwargs:
-        if _has_hooks(mod):
-            raise _Skip("the linear module has hooks")
-        return node.args[0], None, None, mod
-    return None
-
-
-def _only_user(node: fx.Node) -> Optional[fx.Node]:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
-def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+def _parent_of(root: nn.Module, target: str) -> tuple[nn.Module, str]:
     parent_name, _, leaf = target.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, leaf, module)
+    return (root.get_submodule(parent_name) if parent_name else root), leaf
 
 
-def _call_sites(graph: fx.Graph, target: str) -> int:
-    return sum(1 for n in graph.nodes if n.op == "call_module" and n.target == target)
+def _rewrite(gm: fx.GraphModule, pattern: Pattern, links: Sequence[Link], backend: str, swap_module: bool) -> None:
+    """Replace the chain's nodes by one call of the fused module (swap_module: the first op is a
+    module called from this one place) or of the fused function."""
+    graph = gm.graph
+    first, last = links[0], links[-1]
+    new_module = None
+    if swap_module:
+        new_module = pattern.build_module(links, backend)
+    with graph.inserting_before(last.node):
+        if new_module is not None:
+            parent, leaf = _parent_of(gm, first.node.target)
+            setattr(parent, leaf, new_module)
+            new = graph.call_module(first.node.target, (first.input,))
+        else:
+            def tensor(link: Link, name: str) -> Any:
+                if link.module is None:
+                    return link.args[name]
+                return graph.get_attr(f"{link.node.target}.{name}") if getattr(link.module, name) is not None \
+                    else None
+
+            new = graph.call_function(pattern.function, (first.input, *pattern.call_args(links, tensor)),
+                                      {"backend": backend})
+    new.meta = dict(last.node.meta)
+    last.node.replace_all_uses_with(new)
+    for link in reversed(links):
+        graph.erase_node(link.node)
 
 
 def fuse_graph(gm: fx.GraphModule, *, backend: str = "auto", use_modules: bool = True
                ) -> tuple[list[FusedChain], list[FusedChain]]:
-    """Rewrite Conv2d->ReLU->MaxPool2d and Linear->ReLU chains in `gm`'s graph, in place.
+    """Rewrite the chains of :data:`PATTERNS` (Conv2d->ReLU->MaxPool2d, Linear->ReLU) in `gm`'s graph, in place.
 
     Args:
         gm: a GraphModule from ``torch.fx.symbolic_trace`` or TorchDynamo.
@@ -378,112 +505,38 @@ def fuse_graph(gm: fx.GraphModule, *, backend: str = "auto", use_modules: bool =
         (fused chains, skipped candidate chains with the reason).
     """
     graph = gm.graph
+    patterns = PATTERNS
     fused: list[FusedChain] = []
     skipped: list[FusedChain] = []
+    call_sites = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
     for node in list(graph.nodes):
         if getattr(node, "_erased", False):
             continue
-        try:
-            conv = _conv_info(gm, node)
-        except _Skip as e:
-            conv, reason = None, str(e)
-            relu = _only_user(node)
-            if relu is not None and _relu_input(gm, relu) is node:
-                skipped.append(FusedChain(CONV_KIND, (node.name, relu.name), "graph", reason))
-            continue
-        if conv is not None:
-            _try_fuse_conv(gm, node, conv, backend, use_modules, fused, skipped)
-            continue
-        try:
-            lin = _linear_info(gm, node)
-        except _Skip as e:
-            relu = _only_user(node)
-            if relu is not None and _relu_input(gm, relu) is node:
-                skipped.append(FusedChain(LINEAR_KIND, (node.name, relu.name), "graph", str(e)))
-            continue
-        if lin is not None:
-            _try_fuse_linear(gm, node, lin, backend, use_modules, fused)
+        for pattern in patterns:
+            links = _match_chain(gm, pattern, node)
+            if links is None:
+                continue
+            names = tuple(link.name for link in links)
+            try:
+                _resolve(links)
+                swap = use_modules and links[0].module is not None and call_sites[node.target] == 1
+                _rewrite(gm, pattern, links, backend, swap)
+            except _Skip as e:
+                skipped.append(FusedChain(pattern.kind, names, "graph", str(e)))
+            else:
+                fused.append(FusedChain(pattern.kind, names, "graph"))
+            break
     if fused:
         graph.lint()
         gm.recompile()
     return fused, skipped
 
 
-def _try_fuse_conv(gm: fx.GraphModule, node: fx.Node, conv: _ConvInfo, backend: str, use_modules: bool,
-                   fused: list[FusedChain], skipped: list[FusedChain]) -> None:
-    graph = gm.graph
-    relu = _only_user(node)
-    if relu is None or _relu_input(gm, relu) is not node:
-        return
-    pool = _only_user(relu)
-    if pool is None:
-        return
-    try:
-        pool_info = _pool_info(gm, pool)
-    except _Skip as e:
-        skipped.append(FusedChain(CONV_KIND, (node.name, relu.name, pool.name), "graph", str(e)))
-        return
-    if pool_info is None or pool_info[0] is not relu:
-        return
-    _, pool_k, pool_s = pool_info
-    stride, padding, dilation = conv.params
-    with graph.inserting_before(pool):
-        if conv.module is not None and use_modules and _call_sites(graph, node.target) == 1:
-            _set_submodule(gm, node.target, _fused_conv_module(conv.module, stride, padding, dilation, pool_k,
-                                                               pool_s, backend))
-            new = graph.call_module(node.target, (conv.input,))
-        else:
-            if conv.module is not None:
-                weight = graph.get_attr(f"{node.target}.weight")
-                bias = graph.get_attr(f"{node.target}.bias") if conv.module.bias is not None else None
-            else:
-                weight, bias = conv.weight, conv.bias
-            new = graph.call_function(
-                LF.conv2d_relu_maxpool2d,
-                (conv.input, weight, bias, stride, padding, dilation, pool_k, pool_s),
-                {"backend": backend},
-            )
-    new.meta = dict(pool.meta)
-    names = (node.name, relu.name, pool.name)
-    pool.replace_all_uses_with(new)
-    for n in (pool, relu, node):
-        graph.erase_node(n)
-    fused.append(FusedChain(CONV_KIND, names, "graph"))
-
-
-def _try_fuse_linear(gm: fx.GraphModule, node: fx.Node, lin: tuple, backend: str, use_modules: bool,
-                     fused: list[FusedChain]) -> None:
-    graph = gm.graph
-    relu = _only_user(node)
-    if relu is None or _relu_input(gm, relu) is not node:
-        return
-    x, weight, bias, module = lin
-    with graph.inserting_before(relu):
-        if module is not None and use_modules and _call_sites(graph, node.target) == 1:
-            try:
-                new_mod = _fused_linear_module(module, backend)
-            except _Skip:
-                return
-            _set_submodule(gm, node.target, new_mod)
-            new = graph.call_module(node.target, (x,))
-        else:
-            if module is not None:
-                weight = graph.get_attr(f"{node.target}.weight")
-                bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
-            new = graph.call_function(LF.linear_relu, (x, weight, bias), {"backend": backend})
-    new.meta = dict(relu.meta)
-    names = (node.name, relu.name)
-    relu.replace_all_uses_with(new)
-    graph.erase_node(relu)
-    graph.erase_node(node)
-    fused.append(FusedChain(LINEAR_KIND, names, "graph"))
-
-
 class _Tracer(fx.Tracer):
-    """Default torch.fx tracer that also keeps the fused modules as leaves."""
+    """Default torch.fx tracer that also keeps the fused modules (of every pattern) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (Conv2dReLUMaxPool2d, LinearReLU)):
+        if isinstance(m, tuple(p.fused_module for p in PATTERNS)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -559,10 +612,11 @@ def _fuse_traced(module: nn.Module, qualname: str, backend: str, fused: list[Fus
 
 
 def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", verbose: bool = False) -> nn.Module:
-    """Replace Conv2d->ReLU->MaxPool2d and Linear->ReLU chains in `model` with the fused ops.
+    """Replace Conv2d->ReLU->MaxPool2d and Linear->ReLU chains (:data:`PATTERNS`) in `model` with the fused ops.
 
     Results and state_dict keys do not change: checkpoints of the original load into the fused
-    model and back. The fused modules hold the original ``nn.Parameter`` objects.
+    model and back. The fused modules hold the original ``nn.Parameter`` objects. Chains through
+    modules with hooks are left alone and listed, with the reason, in ``skipped_chains``.
 
     Args:
         model: any nn.Module; ``nn.Sequential`` stacks are fused module by module, other forwards
@@ -608,4 +662,3 @@ def summary(model: nn.Module, notes: Union[list[str], tuple] = ()) -> str:
     lines += [f"  skipped {c}" for c in skipped]
     lines += [f"  note    {n}" for n in notes]
     return "\n".join(lines)
-

@@ -5,6 +5,7 @@ graph breaks, options, and the Inductor hand-off."""
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import subprocess
 import sys
@@ -226,3 +227,26 @@ def test_three_ways_example_runs():
     assert "lightnet_ops backend: 4 chain(s) fused" in out.stdout
     diffs = [float(line.rsplit("=", 1)[1]) for line in out.stdout.splitlines() if "max |fused - stock|" in line]
     assert len(diffs) == 3 and all(d < 1e-4 for d in diffs), diffs
+
+
+def test_pattern_table_drives_the_backend(monkeypatch):
+    """A pattern added to lightnet_ops.fuse.PATTERNS is rewritten in captured graphs too."""
+    fuse_mod = importlib.import_module("lightnet_ops.fuse")  # the module (lightnet_ops.fuse is the function)
+
+    def linear_relu6(x, weight, bias=None, *, backend="auto"):
+        return F.relu6(F.linear(x, weight, bias))
+
+    def relu6_sig(input, inplace=False):
+        pass
+
+    relu6 = fuse_mod.OpSpec("relu6", nn.ReLU6, frozenset({F.relu6}), signature=relu6_sig)
+    pattern = fuse_mod.Pattern("linear_relu6", (fuse_mod.LINEAR, relu6), nn.Module, None, linear_relu6,
+                               lambda links, tensor: (tensor(links[0], "weight"), tensor(links[0], "bias")))
+    monkeypatch.setattr(fuse_mod, "PATTERNS", fuse_mod.PATTERNS + (pattern,))
+    torch.manual_seed(7)
+    lin = nn.Linear(4, 6).double()
+    x = torch.randn(3, 4, dtype=torch.float64) * 10
+    compiled = torch.compile(lambda t: F.relu6(lin(t)), backend="lightnet_ops")
+    torch.testing.assert_close(compiled(x), F.relu6(lin(x)), rtol=1e-12, atol=1e-12)
+    assert _kinds() == ["linear_relu6"]
+    assert "linear_relu6" in compile_backend.reports[-1].code

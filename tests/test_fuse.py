@@ -1,11 +1,13 @@
 """lo.fuse: module-style models (torchvision VGG11 / AlexNet, nn.Sequential stacks), functional
-models (torch.fx rewrite), what must not be fused, state_dict round trips, inplace semantics.
+models (torch.fx rewrite), what must not be fused, state_dict round trips, inplace semantics, the
+pattern table.
 
 Only the torchvision model tests need torchvision; they skip without it, the rest always run."""
 
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 import lightnet_ops as lo
 from seed_model import SeedLightNet  # the seed tutorial's class, verbatim
 from lightnet_ops.fuse import FusedChain
+
+fuse_mod = importlib.import_module("lightnet_ops.fuse")  # the module (lightnet_ops.fuse is the function)
 
 
 def _torchvision():
@@ -527,3 +531,76 @@ def test_unbatched_input_through_fused_sequential():
     fused = lo.fuse(model)
     x = torch.randn(1, 10, 10)
     torch.testing.assert_close(fused(x), model(x), rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pattern table: one entry is all a new fusion needs, in both passes
+
+
+class LinearReLU6(nn.Module):
+    """Stand-in fused module for a test-only Linear -> ReLU6 pattern."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x):
+        return linear_relu6(x, self.weight, self.bias)
+
+
+def linear_relu6(x, weight, bias=None, *, backend="auto"):
+    return F.relu6(F.linear(x, weight, bias))
+
+
+def _relu6_sig(input, inplace=False):
+    pass
+
+
+RELU6 = fuse_mod.OpSpec("relu6", nn.ReLU6, frozenset({F.relu6}), signature=_relu6_sig)
+LINEAR_RELU6 = fuse_mod.Pattern(
+    "linear_relu6", (fuse_mod.LINEAR, RELU6), LinearReLU6, lambda links, backend: LinearReLU6(links[0].module),
+    linear_relu6,
+    lambda links, tensor: (tensor(links[0], "weight"), tensor(links[0], "bias")))
+
+
+class FunctionalReLU6(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        self.b = nn.Linear(6, 6)
+
+    def forward(self, x):
+        x = F.relu6(self.a(x) * 4)  # not a chain: the multiply sits between
+        x = F.relu6(self.b(x))      # b has two call sites: both chains become functional calls
+        return F.relu6(self.b(x)) + F.relu(self.a.weight.sum() * x)
+
+
+def test_new_pattern_entry_is_used_by_both_passes(monkeypatch):
+    torch.manual_seed(16)
+    seq = nn.Sequential(nn.Linear(5, 6), nn.ReLU6(), nn.Linear(6, 4), nn.ReLU()).double()
+    func = FunctionalReLU6().double()
+    with torch.no_grad():
+        func.b.weight.mul_(4)  # large enough for the clamp at 6
+    x = torch.randn(3, 5, dtype=torch.float64) * 10
+    assert [c.kind for c in lo.fuse(seq).fused_chains] == ["linear_relu"]  # not in the table yet
+    assert lo.fuse(func).fused_chains == []
+
+    monkeypatch.setattr(fuse_mod, "PATTERNS", fuse_mod.PATTERNS + (LINEAR_RELU6,))
+    fused = lo.fuse(seq)
+    assert [c.kind for c in fused.fused_chains] == ["linear_relu6", "linear_relu"]
+    assert isinstance(fused[0], LinearReLU6) and isinstance(fused[1], nn.Identity) and fused[0].weight is not seq[0].weight
+    assert set(fused.state_dict()) == set(seq.state_dict())
+    torch.testing.assert_close(fused(x), seq(x), rtol=1e-12, atol=1e-12)
+
+    fused = lo.fuse(func)
+    assert [(c.kind, c.names[0]) for c in fused.fused_chains] == [("linear_relu6", "b"), ("linear_relu6", "b_1")]
+    assert isinstance(fused.b, nn.Linear) and "linear_relu6" in fused.code  # b has two call sites
+    y0, gx0, g0 = _out_and_grads(func, x)
+    y1, gx1, g1 = _out_and_grads(fused, x)
+    with torch.no_grad():  # the first fused chain's output reaches both sides of the clamp
+        h = F.relu6(func.b(F.relu6(func.a(x) * 4)))
+    assert (h == 6).any() and ((h > 0) & (h < 6)).any()
+    assert_close_rel(y1, y0, 1e-12, "output")
+    assert_close_rel(gx1, gx0, 1e-12, "input grad")
+    for n in g0:
+        assert_close_rel(g1[n], g0[n], 1e-12, n)
