@@ -7,6 +7,9 @@ rewritten with :func:`lightnet_ops.fuse.fuse_graph`, which matches the chains of
 ``lightnet_ops.fuse.PATTERNS`` (the same table and rules as ``lo.fuse``: a chain is fused only when
 every intermediate value has a single consumer) and replaces each by the call of its
 ``lightnet_ops.functional`` op, whose autograd.Functions carry the hand-written backward passes.
+Modules are inlined in the captured graph, parametrizations and hooks included, so a parametrized or
+pruned conv's computed weight simply becomes the fused op's weight argument, and a hook that
+changes a value sits between two ops and keeps that chain stock.
 
 By default the rewritten graph runs eagerly (op by op, like the "eager" backend). Options::
 

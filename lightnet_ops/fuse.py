@@ -22,7 +22,7 @@ Two passes:
    not a plain Sequential) is traced with ``torch.fx``; matching chains in the graph are rewritten
    and the model comes back as a ``torch.fx.GraphModule``. A chain is fused only when each
    intermediate value has exactly one consumer (the next op of the chain), so skip connections
-   and second consumers are left alone. A model that ``torch.fx`` cannot trace is
+   and second consumers are left alone (and reported). A model that ``torch.fx`` cannot trace is
    searched submodule by submodule; for such models use ``torch.compile(model, backend="lightnet_ops")``,
    which rewrites the same chains in the graph TorchDynamo captures (see compile_backend.py).
 
@@ -33,8 +33,16 @@ Recognised: ``nn.Conv2d`` / ``F.conv2d`` / ``torch.conv2d``; ``nn.ReLU`` (also i
 padding_mode='zeros' (padding ints, tuples, 'valid', or 'same' when it is symmetric); pool padding
 0, dilation 1, ceil_mode=False, return_indices=False, window of at most 255 elements.
 
-Left alone, with the reason in ``skipped_chains``: chains through a module with hooks, or a lazy
-module not initialised yet.
+Left alone, with the reason in ``skipped_chains``: chains through a module that is not plain —
+one with forward/backward hooks or pre-hooks (this includes the old-style
+``torch.nn.utils.weight_norm`` / ``spectral_norm`` and ``torch.nn.utils.prune``, which recompute
+the weight in a pre-hook), a parametrized one (``torch.nn.utils.parametrizations.weight_norm`` /
+``spectral_norm`` / ``orthogonal``, any ``register_parametrization``), one whose weight is not an
+``nn.Parameter``, a lazy module not initialised yet — and chains whose intermediate value has
+another consumer.
+
+The default works on a copy (old-style weight_norm / pruning attributes, which ``copy.deepcopy``
+refuses, are copied detached: their hook recomputes them).
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import functional as LF
 from ._shapes import MAX_POOL_WINDOW, pair
@@ -356,7 +365,13 @@ def _hook_names(module: nn.Module) -> list[str]:
 
 
 def _check_module(op: OpSpec, name: str, module: nn.Module) -> None:
-    """_Skip unless `module` is an instance the fused module can stand in for: no hooks, initialised."""
+    """_Skip unless `module` is a plain instance the fused module can stand in for: no hooks, no
+    parametrizations, its tensors real nn.Parameters (old-style weight_norm / prune turn the weight
+    into a computed attribute), initialised."""
+    if parametrize.is_parametrized(module):
+        tensors = ", ".join(f"{t} by {'/'.join(type(p).__name__ for p in plist)}"
+                            for t, plist in module.parametrizations.items())
+        raise _Skip(f"{name} is parametrized ({tensors}); the fused module would bypass the parametrization")
     hooks = _hook_names(module)
     if hooks:
         raise _Skip(f"{name} has hooks ({', '.join(hooks)}); a module with hooks must run as itself")
@@ -366,6 +381,8 @@ def _check_module(op: OpSpec, name: str, module: nn.Module) -> None:
             continue
         if isinstance(value, nn.parameter.UninitializedParameter):
             raise _Skip(f"lazy {op.name} is not initialised yet")
+        if not isinstance(value, nn.Parameter) or module._parameters.get(tensor_name) is not value:
+            raise _Skip(f"{name}.{tensor_name} is not an nn.Parameter of the module ({type(value).__name__})")
 
 
 def _resolve(links: Sequence[Link]) -> None:
@@ -441,20 +458,27 @@ def _match_node(gm: fx.GraphModule, op: OpSpec, node: fx.Node) -> Optional[Link]
     return None
 
 
-def _match_chain(gm: fx.GraphModule, pattern: Pattern, node: fx.Node) -> Optional[list[Link]]:
-    """The links if the chain of `pattern` starts at `node`, each op's output feeding only the next op."""
+def _match_chain(gm: fx.GraphModule, pattern: Pattern, node: fx.Node) -> Optional[tuple[list[Link], str]]:
+    """(links, why-not) if the chain of `pattern` starts at `node`, following each op's output to a
+    consumer that is the next op; why-not is "" or names an intermediate with another consumer."""
     first = _match_node(gm, pattern.chain[0], node)
     if first is None:
         return None
-    links = [first]
+    links, shared = [first], ""
     for op in pattern.chain[1:]:
         prev = links[-1].node
-        users = list(prev.users)
-        link = _match_node(gm, op, users[0]) if len(users) == 1 else None
-        if link is None or link.input is not prev:
+        nxt = None
+        for user in prev.users:
+            link = _match_node(gm, op, user)
+            if link is not None and link.input is prev:
+                nxt = link
+                break
+        if nxt is None:
             return None
-        links.append(link)
-    return links
+        if len(prev.users) > 1 and not shared:
+            shared = f"the output of {prev.name} has {len(prev.users)} consumers"
+        links.append(nxt)
+    return links, shared
 
 
 def _parent_of(root: nn.Module, target: str) -> tuple[nn.Module, str]:
@@ -513,11 +537,14 @@ def fuse_graph(gm: fx.GraphModule, *, backend: str = "auto", use_modules: bool =
         if getattr(node, "_erased", False):
             continue
         for pattern in patterns:
-            links = _match_chain(gm, pattern, node)
-            if links is None:
+            found = _match_chain(gm, pattern, node)
+            if found is None:
                 continue
+            links, shared = found
             names = tuple(link.name for link in links)
             try:
+                if shared:
+                    raise _Skip(shared)
                 _resolve(links)
                 swap = use_modules and links[0].module is not None and call_sites[node.target] == 1
                 _rewrite(gm, pattern, links, backend, swap)
@@ -611,12 +638,25 @@ def _fuse_traced(module: nn.Module, qualname: str, backend: str, fused: list[Fus
 # Public entry point
 
 
+def _copy_model(model: nn.Module) -> nn.Module:
+    """copy.deepcopy, except for the non-leaf tensors that old-style ``weight_norm`` /
+    ``spectral_norm`` / ``prune`` keep as plain attributes (deepcopy refuses them): the copy gets
+    them detached; their forward pre-hook recomputes them from the copied parameters on every call."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", verbose: bool = False) -> nn.Module:
     """Replace Conv2d->ReLU->MaxPool2d and Linear->ReLU chains (:data:`PATTERNS`) in `model` with the fused ops.
 
     Results and state_dict keys do not change: checkpoints of the original load into the fused
     model and back. The fused modules hold the original ``nn.Parameter`` objects. Chains through
-    modules with hooks are left alone and listed, with the reason, in ``skipped_chains``.
+    modules with hooks or parametrizations are left alone and listed, with the reason, in
+    ``skipped_chains``.
 
     Args:
         model: any nn.Module; ``nn.Sequential`` stacks are fused module by module, other forwards
@@ -634,7 +674,7 @@ def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", verb
         raise TypeError(f"fuse: model must be an nn.Module, got {type(model).__name__}")
     if backend != "auto" and backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKEND_NAMES}")
-    root = model if inplace else copy.deepcopy(model)
+    root = model if inplace else _copy_model(model)
     fused: list[FusedChain] = []
     skipped: list[FusedChain] = []
     notes: list[str] = []

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.prune as prune
 
 import lightnet_ops as lo
 from conftest import autograd_node_names, ran_fused_backwards
@@ -227,6 +228,48 @@ def test_three_ways_example_runs():
     assert "lightnet_ops backend: 4 chain(s) fused" in out.stdout
     diffs = [float(line.rsplit("=", 1)[1]) for line in out.stdout.splitlines() if "max |fused - stock|" in line]
     assert len(diffs) == 3 and all(d < 1e-4 for d in diffs), diffs
+
+
+class Decorated(nn.Module):
+    """Modules that lo.fuse leaves alone (parametrized, pruned, hooked): TorchDynamo inlines the
+    parametrization, the pruning hook and the forward hook, so the backend sees plain functional
+    chains whose weight is computed in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3, padding=1))
+        self.c2 = nn.Conv2d(4, 6, 3)
+        prune.l1_unstructured(self.c2, "weight", amount=0.4)
+        self.l1 = nn.Linear(6 * 2 * 2, 8)
+        self.l1.register_forward_hook(lambda mod, args, out: out * 2)  # sits between linear and relu
+        self.l2 = torch.nn.utils.parametrizations.orthogonal(nn.Linear(8, 5))
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        x = F.max_pool2d(F.relu(self.c2(x)), 2)
+        x = F.relu(self.l1(x.flatten(1)))
+        return F.relu(self.l2(x))
+
+
+def test_parametrized_pruned_and_hooked_modules():
+    def make():
+        torch.manual_seed(6)
+        return Decorated().double()
+
+    eager, model = make(), make()
+    compiled = torch.compile(model, backend="lightnet_ops")
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    g = torch.randn(2, 5, dtype=torch.float64)
+    ye, yc = eager(x), compiled(x)
+    torch.testing.assert_close(yc, ye, rtol=1e-10, atol=1e-12)
+    ye.backward(g)
+    yc.backward(g)
+    assert sorted(_kinds()) == ["conv2d_relu_maxpool2d"] * 2 + ["linear_relu"]  # not l1: the hook's multiply
+    named = dict(model.named_parameters())
+    assert "parametrizations.weight.original0" in " ".join(named) and "c2.weight_orig" in named
+    for n, pe in eager.named_parameters():
+        assert pe.grad is not None and pe.grad.abs().max() > 0, n
+        torch.testing.assert_close(named[n].grad, pe.grad, rtol=1e-10, atol=1e-12, msg=n)
 
 
 def test_pattern_table_drives_the_backend(monkeypatch):

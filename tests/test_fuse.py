@@ -1,6 +1,6 @@
 """lo.fuse: module-style models (torchvision VGG11 / AlexNet, nn.Sequential stacks), functional
-models (torch.fx rewrite), what must not be fused, state_dict round trips, inplace semantics, the
-pattern table.
+models (torch.fx rewrite), what must not be fused (hooks, parametrizations, shared intermediates),
+state_dict round trips, inplace semantics, the pattern table.
 
 Only the torchvision model tests need torchvision; they skip without it, the rest always run."""
 
@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.prune as prune
 
 import lightnet_ops as lo
 from seed_model import SeedLightNet  # the seed tutorial's class, verbatim
@@ -381,6 +382,9 @@ def test_functional_intermediate_used_elsewhere_not_fused(cls, n_fused):
     if cls is SkipConnection:
         assert fused.fused_chains[0].names[0] == "conv2"
         assert type(fused.conv) is nn.Conv2d
+    if cls is not InplaceAlias:  # there the pool reads the conv output: no chain in the graph at all
+        # each left-alone chain is reported, naming the intermediate that has another consumer
+        assert fused.skipped_chains and all("consumers" in c.reason for c in fused.skipped_chains)
     else:
         assert type(fused) is cls  # nothing fused: the model keeps its class
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
@@ -531,6 +535,141 @@ def test_unbatched_input_through_fused_sequential():
     fused = lo.fuse(model)
     x = torch.randn(1, 10, 10)
     torch.testing.assert_close(fused(x), model(x), rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules that are not plain (hooks, parametrizations, computed weights): skipped with the reason
+
+
+class TwoOfEach(nn.Module):
+    """Two Conv->ReLU->MaxPool chains and two Linear->ReLU chains, functional forward (graph pass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 6, 3)
+        self.l1 = nn.Linear(6 * 2 * 2, 8)
+        self.l2 = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        x = F.max_pool2d(torch.relu(self.c2(x)), 2)
+        x = F.relu(self.l1(x.flatten(1)))
+        return F.relu(self.l2(x))
+
+
+def _two_of_each_sequential():
+    """The same network as an nn.Sequential (module pass)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(6 * 2 * 2, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(),
+    )
+
+
+# form -> (constructor, names of the first conv and linear (altered), names of the second ones)
+FORMS = {
+    "sequential": (_two_of_each_sequential, ("0", "7"), ("3", "9")),
+    "graph": (TwoOfEach, ("c1", "l1"), ("c2", "l2")),
+}
+
+
+def _scale_grads(factor):
+    return lambda module, grads: tuple(None if g is None else g * factor for g in grads)
+
+
+def _as_buffer(m):
+    w = m.weight.detach().clone()
+    del m.weight
+    m.register_buffer("weight", w)
+
+
+# how to make a module non-plain -> a word the skip reason must contain. Every hook changes the
+# values it sees, so dropping it would change the output or the gradients.
+ALTERATIONS = {
+    "parametrizations.weight_norm": (lambda m: torch.nn.utils.parametrizations.weight_norm(m),
+                                     "parametrized (weight by _WeightNorm)"),
+    "parametrizations.spectral_norm": (lambda m: torch.nn.utils.parametrizations.spectral_norm(m),
+                                       "parametrized (weight by _SpectralNorm)"),
+    "parametrizations.orthogonal": (lambda m: torch.nn.utils.parametrizations.orthogonal(m),
+                                    "parametrized (weight by _Orthogonal)"),
+    "utils.weight_norm (old)": (lambda m: torch.nn.utils.weight_norm(m), "forward pre-hook WeightNorm"),
+    "utils.spectral_norm (old)": (lambda m: torch.nn.utils.spectral_norm(m), "forward pre-hook SpectralNorm"),
+    "prune.l1_unstructured": (lambda m: prune.l1_unstructured(m, "weight", amount=0.4),
+                              "forward pre-hook L1Unstructured"),
+    "forward_hook": (lambda m: m.register_forward_hook(lambda mod, args, out: out * 2), "forward hook"),
+    "forward_pre_hook": (lambda m: m.register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,)),
+                         "forward pre-hook"),
+    "full_backward_hook": (lambda m: m.register_full_backward_hook(lambda mod, gi, go: _scale_grads(3)(mod, gi)),
+                           "backward hook"),
+    "full_backward_pre_hook": (lambda m: m.register_full_backward_pre_hook(_scale_grads(0.25)), "backward pre-hook"),
+    "weight_is_a_buffer": (_as_buffer, "weight is not an nn.Parameter"),
+}
+
+
+def _altered(kind: str, form: str) -> nn.Module:
+    """The float64 two-of-each model with ALTERATIONS[kind] applied to its first conv and first linear
+    (seeded: two calls give equal models)."""
+    make, (conv_name, linear_name), _ = FORMS[form]
+    torch.manual_seed(11)
+    model = make().double()
+    for name in (conv_name, linear_name):
+        ALTERATIONS[kind][0](model.get_submodule(name))
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:.torch.nn.utils.weight_norm. is deprecated:FutureWarning")
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("kind", list(ALTERATIONS))
+def test_not_plain_module_chain_skipped_with_reason(kind, form, inplace):
+    twin, model = _altered(kind, form), _altered(kind, form)
+    _, altered, plain = FORMS[form]
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    for m in (twin, model):  # a model that has run (old-style hooks then hold computed weights)
+        m(x)
+    keys = set(model.state_dict().keys())
+    fused = lo.fuse(model, inplace=inplace)
+    assert sorted(c.names[0] for c in fused.fused_chains) == sorted(plain)
+    reasons = {c.names[0]: c.reason for c in fused.skipped_chains}
+    assert sorted(reasons) == sorted(altered), fused.skipped_chains
+    for name, reason in reasons.items():
+        assert ALTERATIONS[kind][1] in reason and name in reason, reason
+        # the module itself still runs (parametrized classes are made per instance: compare names)
+        assert type(fused.get_submodule(name)).__name__ == type(twin.get_submodule(name)).__name__
+    assert set(fused.state_dict().keys()) == keys
+    if inplace:
+        assert all(any(p is q for q in fused.parameters()) for p in model.parameters())
+    else:  # the original is untouched, and the copy owns its own tensors
+        assert [type(m).__name__ for m in model.modules()] == [type(m).__name__ for m in twin.modules()]
+        assert not hasattr(model, "fused_chains")
+        ptrs = {t.data_ptr() for t in model.state_dict().values()}
+        assert not any(t.data_ptr() in ptrs for t in fused.state_dict().values())
+    # same output and gradients as the unfused twin: every hook and parametrization still applies
+    g = torch.randn(2, 5, dtype=torch.float64)
+    y0, gx0, g0 = _out_and_grads(twin, x, g)
+    y1, gx1, g1 = _out_and_grads(fused, x, g)
+    assert _max_abs(y0) > 0
+    assert_close_rel(y1, y0, 1e-10, "output")
+    assert_close_rel(gx1, gx0, 1e-10, "input grad")
+    assert g1.keys() == g0.keys()
+    for n in g0:
+        assert_close_rel(g1[n], g0[n], 1e-10, n)
+
+
+@pytest.mark.parametrize("form", ["sequential", "graph"])
+@pytest.mark.parametrize("position", [1, 2], ids=["relu", "pool"])
+def test_hook_on_relu_or_pool_skips_the_chain(form, position):
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2)).double()
+    if form == "graph":  # call_module nodes of a GraphModule (graph pass)
+        model = fx.symbolic_trace(model)
+    model.get_submodule(str(position)).register_forward_hook(lambda mod, args, out: out + 1)
+    fused = lo.fuse(model)
+    assert fused.fused_chains == []
+    assert len(fused.skipped_chains) == 1 and f"{position} has hooks (forward hook" in fused.skipped_chains[0].reason
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
