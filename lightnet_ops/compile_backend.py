@@ -9,7 +9,8 @@ every intermediate value has a single consumer) and replaces each by the call of
 ``lightnet_ops.functional`` op, whose autograd.Functions carry the hand-written backward passes.
 Modules are inlined in the captured graph, parametrizations and hooks included, so a parametrized or
 pruned conv's computed weight simply becomes the fused op's weight argument, and a hook that
-changes a value sits between two ops and keeps that chain stock.
+changes a value sits between two ops and keeps that chain stock. If the rewrite fails, the graph is
+left as Dynamo captured it and the error propagates.
 
 By default the rewritten graph runs eagerly (op by op, like the "eager" backend). Options::
 

@@ -41,8 +41,9 @@ the weight in a pre-hook), a parametrized one (``torch.nn.utils.parametrizations
 ``nn.Parameter``, a lazy module not initialised yet — and chains whose intermediate value has
 another consumer.
 
-The default works on a copy (old-style weight_norm / pruning attributes, which ``copy.deepcopy``
-refuses, are copied detached: their hook recomputes them).
+``inplace=True`` is all or nothing: if anything fails, every edit made to the model is undone
+before the exception propagates. The default works on a copy (old-style weight_norm / pruning
+attributes, which ``copy.deepcopy`` refuses, are copied detached: their hook recomputes them).
 """
 
 from __future__ import annotations
@@ -396,10 +397,49 @@ def _resolve(links: Sequence[Link]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Undo log: every edit fuse makes to a model it was given goes through it, so a failure can undo them
+
+
+class _Journal:
+    """Edits to existing modules, with their undo actions (run newest first by rollback)."""
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+        self._graphs: set[int] = set()
+
+    def set_child(self, parent: nn.Module, name: str, child: nn.Module) -> None:
+        old = parent._modules[name]
+        parent._modules[name] = child
+        self._undo.append(lambda: parent._modules.__setitem__(name, old))
+
+    def set_attr(self, obj: nn.Module, name: str, value: Any) -> None:
+        had, old = name in obj.__dict__, obj.__dict__.get(name)
+        obj.__dict__[name] = value
+        self._undo.append(lambda: obj.__dict__.__setitem__(name, old) if had else obj.__dict__.pop(name, None))
+
+    def new_graph_module(self, gm: fx.GraphModule) -> None:
+        """`gm` was made by fuse itself: its graph needs no snapshot."""
+        self._graphs.add(id(gm))
+
+    def keep_graph(self, gm: fx.GraphModule) -> None:
+        """Snapshot `gm`'s graph before its first edit."""
+        if id(gm) in self._graphs:
+            return
+        self._graphs.add(id(gm))
+        saved = copy.deepcopy(gm.graph)
+        self._undo.append(lambda: setattr(gm, "graph", saved))  # the setter recompiles
+
+    def rollback(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+# --------------------------------------------------------------------------------------------
 # Module pass: nn.Sequential children
 
 
-def _fuse_sequentials(root: nn.Module, backend: str, fused: list[FusedChain], skipped: list[FusedChain]) -> None:
+def _fuse_sequentials(root: nn.Module, backend: str, fused: list[FusedChain], skipped: list[FusedChain],
+                      journal: _Journal) -> None:
     patterns = PATTERNS
     for seq_name, seq in list(root.named_modules()):
         if not _plain(seq, nn.Sequential):
@@ -422,9 +462,9 @@ def _fuse_sequentials(root: nn.Module, backend: str, fused: list[FusedChain], sk
                 except _Skip as e:
                     skipped.append(FusedChain(pattern.kind, tuple(names[i:i + n]), "module", str(e)))
                     break
-                seq._modules[keys[i]] = new
+                journal.set_child(seq, keys[i], new)
                 for key in keys[i + 1:i + n]:
-                    seq._modules[key] = nn.Identity()
+                    journal.set_child(seq, key, nn.Identity())
                 fused.append(FusedChain(pattern.kind, tuple(names[i:i + n]), "module"))
                 step = n
                 break
@@ -486,7 +526,8 @@ def _parent_of(root: nn.Module, target: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), leaf
 
 
-def _rewrite(gm: fx.GraphModule, pattern: Pattern, links: Sequence[Link], backend: str, swap_module: bool) -> None:
+def _rewrite(gm: fx.GraphModule, pattern: Pattern, links: Sequence[Link], backend: str, swap_module: bool,
+             journal: _Journal) -> None:
     """Replace the chain's nodes by one call of the fused module (swap_module: the first op is a
     module called from this one place) or of the fused function."""
     graph = gm.graph
@@ -494,10 +535,11 @@ def _rewrite(gm: fx.GraphModule, pattern: Pattern, links: Sequence[Link], backen
     new_module = None
     if swap_module:
         new_module = pattern.build_module(links, backend)
+    journal.keep_graph(gm)
     with graph.inserting_before(last.node):
         if new_module is not None:
             parent, leaf = _parent_of(gm, first.node.target)
-            setattr(parent, leaf, new_module)
+            journal.set_child(parent, leaf, new_module)
             new = graph.call_module(first.node.target, (first.input,))
         else:
             def tensor(link: Link, name: str) -> Any:
@@ -514,20 +556,8 @@ def _rewrite(gm: fx.GraphModule, pattern: Pattern, links: Sequence[Link], backen
         graph.erase_node(link.node)
 
 
-def fuse_graph(gm: fx.GraphModule, *, backend: str = "auto", use_modules: bool = True
-               ) -> tuple[list[FusedChain], list[FusedChain]]:
-    """Rewrite the chains of :data:`PATTERNS` (Conv2d->ReLU->MaxPool2d, Linear->ReLU) in `gm`'s graph, in place.
-
-    Args:
-        gm: a GraphModule from ``torch.fx.symbolic_trace`` or TorchDynamo.
-        backend: lightnet_ops backend the fused calls use.
-        use_modules: swap a conv/linear submodule called from exactly one place for the fused module
-            (keeps its name and Parameters); otherwise (and for functional convs) emit a call to
-            ``lightnet_ops.functional`` with the same weight/bias values.
-
-    Returns:
-        (fused chains, skipped candidate chains with the reason).
-    """
+def _fuse_graph(gm: fx.GraphModule, backend: str, use_modules: bool, journal: _Journal
+                ) -> tuple[list[FusedChain], list[FusedChain]]:
     graph = gm.graph
     patterns = PATTERNS
     fused: list[FusedChain] = []
@@ -547,7 +577,7 @@ def fuse_graph(gm: fx.GraphModule, *, backend: str = "auto", use_modules: bool =
                     raise _Skip(shared)
                 _resolve(links)
                 swap = use_modules and links[0].module is not None and call_sites[node.target] == 1
-                _rewrite(gm, pattern, links, backend, swap)
+                _rewrite(gm, pattern, links, backend, swap, journal)
             except _Skip as e:
                 skipped.append(FusedChain(pattern.kind, names, "graph", str(e)))
             else:
@@ -557,6 +587,29 @@ def fuse_graph(gm: fx.GraphModule, *, backend: str = "auto", use_modules: bool =
         graph.lint()
         gm.recompile()
     return fused, skipped
+
+
+def fuse_graph(gm: fx.GraphModule, *, backend: str = "auto", use_modules: bool = True
+               ) -> tuple[list[FusedChain], list[FusedChain]]:
+    """Rewrite the chains of :data:`PATTERNS` (Conv2d->ReLU->MaxPool2d, Linear->ReLU) in `gm`'s graph,
+    in place; if anything fails, `gm` is restored before the exception propagates.
+
+    Args:
+        gm: a GraphModule from ``torch.fx.symbolic_trace`` or TorchDynamo.
+        backend: lightnet_ops backend the fused calls use.
+        use_modules: swap a conv/linear submodule called from exactly one place for the fused module
+            (keeps its name and Parameters); otherwise (and for functional convs) emit a call to
+            ``lightnet_ops.functional`` with the same weight/bias values.
+
+    Returns:
+        (fused chains, skipped candidate chains with the reason).
+    """
+    journal = _Journal()
+    try:
+        return _fuse_graph(gm, backend, use_modules, journal)
+    except BaseException:
+        journal.rollback()
+        raise
 
 
 class _Tracer(fx.Tracer):
@@ -602,7 +655,7 @@ def _copy_training_flags(original: nn.Module, gm: nn.Module) -> None:
 
 
 def _fuse_traced(module: nn.Module, qualname: str, backend: str, fused: list[FusedChain],
-                 skipped: list[FusedChain], notes: list[str]) -> Optional[nn.Module]:
+                 skipped: list[FusedChain], notes: list[str], journal: _Journal) -> Optional[nn.Module]:
     """Trace `module` with torch.fx and fuse its graph; a GraphModule if anything was fused, else None.
     If it cannot be traced, try its children (replacing them in place)."""
     if _is_leaf(module):
@@ -616,7 +669,8 @@ def _fuse_traced(module: nn.Module, qualname: str, backend: str, fused: list[Fus
                          "use torch.compile(model, backend='lightnet_ops') for such models")
         else:
             gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
-            f, s = fuse_graph(gm, backend=backend, use_modules=True)
+            journal.new_graph_module(gm)
+            f, s = _fuse_graph(gm, backend, True, journal)
             prefix = f"{qualname}." if qualname else ""
             skipped.extend(FusedChain(c.kind, tuple(prefix + n for n in c.names), c.where, c.reason) for c in s)
             if not f:
@@ -628,9 +682,10 @@ def _fuse_traced(module: nn.Module, qualname: str, backend: str, fused: list[Fus
     for name, child in list(module._modules.items()):
         if child is None:
             continue
-        new = _fuse_traced(child, f"{qualname}.{name}" if qualname else name, backend, fused, skipped, notes)
+        new = _fuse_traced(child, f"{qualname}.{name}" if qualname else name, backend, fused, skipped, notes,
+                           journal)
         if new is not None:
-            module._modules[name] = new
+            journal.set_child(module, name, new)
     return None
 
 
@@ -662,7 +717,8 @@ def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", verb
         model: any nn.Module; ``nn.Sequential`` stacks are fused module by module, other forwards
             through a ``torch.fx`` trace (the model then comes back as a ``torch.fx.GraphModule``).
         inplace: modify `model` itself (its Sequentials; a traced model still comes back as a new
-            GraphModule sharing `model`'s parameters). Default: work on a deep copy.
+            GraphModule sharing `model`'s parameters); all or nothing: on any exception `model` is
+            restored before it propagates. Default: work on a deep copy.
         backend: backend of the fused ops: "auto", "cpu", "cuda", "triton" or "reference".
         verbose: print what was fused and which candidates were left alone and why.
 
@@ -678,16 +734,21 @@ def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", verb
     fused: list[FusedChain] = []
     skipped: list[FusedChain] = []
     notes: list[str] = []
-    if isinstance(root, fx.GraphModule):
-        f, s = fuse_graph(root, backend=backend, use_modules=True)
-        fused += f
-        skipped += s
-        result: nn.Module = root
-    else:
-        _fuse_sequentials(root, backend, fused, skipped)
-        result = _fuse_traced(root, "", backend, fused, skipped, notes) or root
-    result.fused_chains = fused
-    result.skipped_chains = skipped
+    journal = _Journal()
+    try:
+        if isinstance(root, fx.GraphModule):
+            f, s = _fuse_graph(root, backend, True, journal)
+            fused += f
+            skipped += s
+            result: nn.Module = root
+        else:
+            _fuse_sequentials(root, backend, fused, skipped, journal)
+            result = _fuse_traced(root, "", backend, fused, skipped, notes, journal) or root
+        journal.set_attr(result, "fused_chains", fused)
+        journal.set_attr(result, "skipped_chains", skipped)
+    except BaseException:
+        journal.rollback()
+        raise
     if verbose:
         print(summary(result, notes))
     return result

@@ -1,12 +1,13 @@
 """lo.fuse: module-style models (torchvision VGG11 / AlexNet, nn.Sequential stacks), functional
 models (torch.fx rewrite), what must not be fused (hooks, parametrizations, shared intermediates),
-state_dict round trips, inplace semantics, the pattern table.
+state_dict round trips, inplace semantics (all or nothing), the pattern table.
 
 Only the torchvision model tests need torchvision; they skip without it, the rest always run."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 
 import pytest
@@ -670,6 +671,198 @@ def test_hook_on_relu_or_pool_skips_the_chain(form, position):
     assert len(fused.skipped_chains) == 1 and f"{position} has hooks (forward hook" in fused.skipped_chains[0].reason
     x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
     torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# inplace=True is all or nothing: a failure anywhere leaves the model exactly as it was
+
+
+class Injected(RuntimeError):
+    pass
+
+
+def _fail_at_build(monkeypatch, fail_at: int, exc: type[BaseException] = Injected) -> list[int]:
+    """Make the fail_at-th fused-module build or fused-call construction (counted over every pattern
+    of fuse.PATTERNS) raise `exc`; returns the call counter."""
+    calls = [0]
+
+    def wrap(fn):
+        def wrapped(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == fail_at:
+                raise exc(f"injected failure at build {fail_at}")
+            return fn(*args, **kwargs)
+        return wrapped
+
+    patterns = tuple(dataclasses.replace(p, build_module=wrap(p.build_module), call_args=wrap(p.call_args))
+                     for p in fuse_mod.PATTERNS)
+    monkeypatch.setattr(fuse_mod, "PATTERNS", patterns)
+    return calls
+
+
+def _snapshot(model: nn.Module) -> dict:
+    """Everything fuse could change: the module tree (objects by identity, child names, flags), each
+    Parameter / buffer (object and value), the root's attributes, GraphModules' code and graphs."""
+    return {
+        "modules": [(name, id(m), type(m), tuple(m._modules), m.training)
+                    for name, m in model.named_modules(remove_duplicate=False)],
+        "tensors": [(k, id(v), v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()],
+        "attrs": sorted(vars(model)),
+        "code": [(name, m.code, m.graph.python_code(root_module="self").src) for name, m in model.named_modules()
+                 if isinstance(m, fx.GraphModule)],  # the compiled code, and the code of the graph as it is now
+    }
+
+
+def _assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = _snapshot(model)
+    assert after["modules"] == before["modules"]
+    assert [t[:2] for t in after["tensors"]] == [t[:2] for t in before["tensors"]]
+    for (k, _, a), (_, _, b) in zip(after["tensors"], before["tensors"]):
+        assert torch.equal(a, b), k
+    assert after["attrs"] == before["attrs"]
+    assert after["code"] == before["code"]
+
+
+class Mixed(nn.Module):
+    """Every kind of edit fuse makes: Sequentials fused child by child (features, head), a functional
+    block replaced by its fused GraphModule, under a top level that torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.block = FunctionalBlock()
+        self.head = nn.Sequential(nn.Linear(4 * 3 * 3, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        x = self.block(self.features(x))
+        n = 1
+        for s in x.size()[1:]:
+            n *= s
+        return self.head(x.view(-1, n))
+
+
+class FunctionalBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        return F.max_pool2d(F.relu(self.conv(x)), 2)
+
+
+def _mixed() -> nn.Module:
+    torch.manual_seed(13)
+    return Mixed().double()
+
+
+MIXED_X = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def test_mixed_model_fuses_with_three_builds(monkeypatch):
+    """The failure tests below inject at builds 1..3: make sure those are all the builds there are."""
+    calls = _fail_at_build(monkeypatch, 0)
+    model = _mixed()
+    fused = lo.fuse(model, inplace=True)
+    assert calls[0] == 3 and len(fused.fused_chains) == 3
+    assert isinstance(model.block, fx.GraphModule) and isinstance(model.features[0], lo.Conv2dReLUMaxPool2d)
+    torch.testing.assert_close(model(MIXED_X), _mixed()(MIXED_X), rtol=1e-12, atol=1e-12)
+
+
+def _check_atomic(model: nn.Module, x: torch.Tensor, exc: type[BaseException] = Injected) -> None:
+    """lo.fuse(model, inplace=True) raises `exc` and leaves `model` as it was; then, without the
+    failure, fusing it works."""
+    y = model(x)
+    before = _snapshot(model)
+    with pytest.raises(exc, match="injected"):
+        lo.fuse(model, inplace=True)
+    _assert_unchanged(model, before)
+    assert not hasattr(model, "fused_chains")
+    torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3])
+def test_inplace_failure_at_any_build_leaves_model_unchanged(monkeypatch, fail_at):
+    model = _mixed()
+    _fail_at_build(monkeypatch, fail_at)
+    _check_atomic(model, MIXED_X)
+    monkeypatch.undo()
+    fused = lo.fuse(model, inplace=True)  # the rolled-back model is intact and still fusable
+    assert len(fused.fused_chains) == 3
+    torch.testing.assert_close(model(MIXED_X), _mixed()(MIXED_X), rtol=1e-12, atol=1e-12)
+
+
+def test_inplace_interrupt_leaves_model_unchanged(monkeypatch):
+    _fail_at_build(monkeypatch, 3, KeyboardInterrupt)
+    _check_atomic(_mixed(), MIXED_X, KeyboardInterrupt)
+
+
+def _raise_injected(*args, **kwargs):
+    raise Injected("injected failure")
+
+
+@pytest.mark.parametrize("where", ["graph lint", "state keys", "training flags", "report"])
+def test_inplace_failure_after_edits_leaves_model_unchanged(monkeypatch, where):
+    """Failures after the fused modules are in place: in the graph rewrite's final check, while
+    copying state keys / flags onto the traced block, and when attaching the report (the last step)."""
+    if where == "graph lint":
+        monkeypatch.setattr(fx.Graph, "lint", _raise_injected)
+    elif where == "state keys":
+        monkeypatch.setattr(fuse_mod, "_restore_state_keys", _raise_injected)
+    elif where == "training flags":
+        monkeypatch.setattr(fuse_mod, "_copy_training_flags", _raise_injected)
+    else:
+        set_attr = fuse_mod._Journal.set_attr
+
+        def fail_on_second_attribute(self, obj, name, value):
+            if name == "skipped_chains":
+                raise Injected("injected failure")
+            set_attr(self, obj, name, value)
+
+        monkeypatch.setattr(fuse_mod._Journal, "set_attr", fail_on_second_attribute)
+    _check_atomic(_mixed(), MIXED_X)
+
+
+def test_inplace_refuse_keeps_previous_report(monkeypatch):
+    """A model fused before keeps its fused_chains when a second, failing fuse is rolled back."""
+    model = _mixed()
+    lo.fuse(model, inplace=True)
+    chains = model.fused_chains
+    monkeypatch.setattr(fuse_mod._Journal, "set_attr", _raise_injected)
+    with pytest.raises(Injected):
+        lo.fuse(model, inplace=True)
+    assert model.fused_chains is chains
+
+
+LIGHTNET_X = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4, "lint"])
+def test_inplace_graph_module_failure_leaves_graph_unchanged(monkeypatch, fail_at):
+    """A GraphModule given to fuse is rewritten in place: on failure its graph, code and submodules
+    come back (builds 1-4: conv1, conv2, fc1, fc2; "lint": after all four rewrites)."""
+    torch.manual_seed(14)
+    gm = fx.symbolic_trace(lo.StockLightNet())
+    if fail_at == "lint":
+        monkeypatch.setattr(fx.Graph, "lint", _raise_injected)
+    else:
+        _fail_at_build(monkeypatch, fail_at)
+    _check_atomic(gm, LIGHTNET_X)
+
+
+@pytest.mark.parametrize("use_modules", [True, False])
+@pytest.mark.parametrize("fail_at", [2, 4])
+def test_fuse_graph_failure_restores_graph(monkeypatch, fail_at, use_modules):
+    """fuse_graph (also the compile backend's rewrite) leaves the graph as it was when it fails."""
+    torch.manual_seed(15)
+    gm = fx.symbolic_trace(lo.StockLightNet())
+    y = gm(LIGHTNET_X)
+    before = _snapshot(gm)
+    calls = _fail_at_build(monkeypatch, fail_at)
+    with pytest.raises(Injected):
+        fuse_mod.fuse_graph(gm, use_modules=use_modules)
+    assert calls[0] == fail_at
+    _assert_unchanged(gm, before)
+    torch.testing.assert_close(gm(LIGHTNET_X), y, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
