@@ -1,23 +1,24 @@
-"""autograd.Functions for the fused ops. Forward calls the backend's forward op; backward calls
-its hand-written backward op (never autograd through stock ops). The backend is passed as an
-already-resolved name (see registry.resolve).
+"""autograd.Functions for the fused ops, for the Python backends (triton, reference).
 
-The functional API uses these for the Triton and reference backends. The extension's backends
-(cpu, cuda) record the same backward through C++ twins of these classes (csrc/autograd.cpp),
-which skip Python in backward; these classes still accept them."""
+Forward calls the backend's forward op; first-order backward calls its hand-written backward op
+(never autograd through stock ops). Under ``create_graph=True`` backward switches to the reference
+backward, made of differentiable stock ops routed by the same argmax, so second derivatives are
+exact; ``jvp`` routes tangents the same way (forward-mode AD). The Functions use the
+``setup_context`` form, so ``torch.func.grad``/``vjp``/``jacrev``/``jvp`` work through them.
+
+The extension's backends (cpu, cuda) record the same contract in C++ (csrc/autograd.cpp), which
+skips Python in backward; these classes still accept them. The backend is passed as an
+already-resolved name (see registry.resolve)."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.autograd.forward_ad as forward_ad
 
 from . import backend_registry as registry
-
-
-def _grad_or_none(t: torch.Tensor, needed: bool) -> Optional[torch.Tensor]:
-    return t if needed else None
+from . import reference
 
 
 def forward_ad_active() -> bool:
@@ -25,138 +26,126 @@ def forward_ad_active() -> bool:
     return forward_ad._current_level >= 0
 
 
-def _second_order_message(op: str) -> str:
-    return (f"lightnet_ops.{op}: second derivatives (double backward through create_graph=True) are not supported "
-            "yet; use the stock torch.nn.functional ops for higher-order gradients")
+def _creates_graph(*backward_inputs: Optional[torch.Tensor]) -> bool:
+    """Backward under create_graph=True whose results depend on something that requires grad: it
+    must record its own graph for a second derivative."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in backward_inputs)
 
 
-def _forward_ad_message(op: str) -> str:
-    return (f"lightnet_ops.{op}: forward-mode AD (torch.func.jvp / torch.autograd.forward_ad) is not supported yet; "
-            "use the stock torch.nn.functional ops")
-
-
-class _SecondOrderUnsupported(torch.autograd.Function):
-    """Identity on the first-order gradients whose own backward raises. Its graph edges lead to the
-    backward's real inputs (grad_output, input, weight), so a second derivative along any path
-    reaches it. (@once_differentiable links its error node to detached copies of the results
-    instead: a second derivative taken with respect to the weight never meets it and silently drops
-    a term.)"""
-
-    @staticmethod
-    def forward(ctx, message: str, n_grads: int, *tensors: torch.Tensor):
-        ctx.message = message
-        return tuple(t.clone() for t in tensors[:n_grads])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(ctx.message)
-
-
-def _first_order_only(op: str, grads: tuple, inputs: tuple) -> tuple:
-    """`grads` (the backward's results, None where not needed) unchanged, unless backward runs with
-    create_graph=True on inputs that require grad: then they carry a node that raises on a second
-    derivative."""
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
-        return grads
-    present = [i for i, g in enumerate(grads) if g is not None]
-    linked = _SecondOrderUnsupported.apply(_second_order_message(op), len(present),
-                                           *[grads[i] for i in present], *[t for t in inputs if t is not None])
-    out = list(grads)
-    for i, g in zip(present, linked):
-        out[i] = g
-    return tuple(out)
+def _masked(grads, mask) -> tuple:
+    return tuple(g if need else None for g, need in zip(grads, mask))
 
 
 class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
-    """max_pool2d(relu(conv2d(input, weight, bias))) keeping only a uint8 argmax for backward."""
+    """max_pool2d(relu(conv2d(input, weight, bias))) keeping only a uint8 argmax for backward.
+
+    ``apply(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, backend)``
+    returns ``(output, argmax)``, both (N, K, PH, PW), like the raw op; every int argument is a pair.
+    (The argmax is an output, not hidden state, because torch.func transforms need every tensor that
+    backward uses to pass through ``setup_context``.)"""
+
+    # vmap (e.g. per-sample gradients, vmap(grad(f))) runs forward/backward/jvp on batched tensors.
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(
-        ctx,
-        input: torch.Tensor,             # (N, C, H, W)
-        weight: torch.Tensor,            # (K, C, R, S)
-        bias: Optional[torch.Tensor],    # (K) or None
-        stride: Sequence[int],
-        padding: Sequence[int],
-        dilation: Sequence[int],
-        pool_kernel_size: Sequence[int],
-        pool_stride: Sequence[int],
-        backend: str,
-    ) -> torch.Tensor:                   # (N, K, PH, PW)
-        impl = registry.get(backend)
-        out, argmax = impl.conv_forward(input, weight, bias, stride, padding, dilation, pool_kernel_size,
-                                        pool_stride, True)
+    def forward(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, backend):
+        # input (N, C, H, W), weight (K, C, R, S), bias (K) or None -> (output, argmax uint8), (N, K, PH, PW)
+        return registry.get(backend).conv_forward(input, weight, bias, stride, padding, dilation,
+                                                  pool_kernel_size, pool_stride, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, backend = inputs
+        _, argmax = output
+        ctx.mark_non_differentiable(argmax)
         ctx.save_for_backward(input, weight, argmax)
+        if forward_ad_active():
+            ctx.save_for_forward(input, weight, argmax)
         ctx.params = (stride, padding, dilation, pool_kernel_size, pool_stride)
         ctx.has_bias = bias is not None
         ctx.backend = backend
         # An output that receives no gradient arrives as None (as in stock PyTorch's nodes) instead
         # of a zero tensor to route through the whole backward.
         ctx.set_materialize_grads(False)
-        return out
 
     @staticmethod
-    def backward(ctx, grad_output: Optional[torch.Tensor]):
+    def backward(ctx, grad_output: Optional[torch.Tensor], _grad_argmax: Any = None):
         if grad_output is None:
             return (None,) * 9
         input, weight, argmax = ctx.saved_tensors
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        need_bias = need_bias and ctx.has_bias
-        impl = registry.get(ctx.backend)
-        with torch.no_grad():
-            grad_input, grad_weight, grad_bias = impl.conv_backward(
-                grad_output, input, weight, argmax, *ctx.params, [need_input, need_weight, need_bias]
-            )
-        grads = (
-            _grad_or_none(grad_input, need_input),
-            _grad_or_none(grad_weight, need_weight),
-            _grad_or_none(grad_bias, need_bias),
-        )
-        return _first_order_only("conv2d_relu_maxpool2d", grads, (grad_output, input, weight)) + (None,) * 6
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias]
+        if _creates_graph(grad_output, input, weight):
+            # create_graph=True: the reference backward is made of differentiable stock ops routed by
+            # the same argmax, so autograd records it and second derivatives are exact.
+            grads = reference.conv2d_relu_maxpool2d_backward(grad_output, input, weight, argmax, *ctx.params, mask)
+        else:
+            with torch.no_grad():
+                grads = registry.get(ctx.backend).conv_backward(grad_output, input, weight, argmax, *ctx.params, mask)
+        return _masked(grads, mask) + (None,) * 6
 
     @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(_forward_ad_message("conv2d_relu_maxpool2d"))
+    def jvp(ctx, t_input, t_weight, t_bias, *_):
+        """Forward-mode AD: the conv's tangent routed through the forward's argmax."""
+        input, weight, argmax = ctx.saved_tensors
+        t_out = reference.conv2d_relu_maxpool2d_jvp(input, weight, argmax, t_input, t_weight, t_bias, *ctx.params)
+        return t_out, None
 
 
 class LinearReLUFunction(torch.autograd.Function):
-    """relu(linear(input, weight, bias)) for 2-D input; saves the output as the ReLU gate."""
+    """relu(linear(input, weight, bias)) for 2-D input; saves the output as the ReLU gate.
+
+    ``apply(input, weight, bias, backend)`` returns the output (M, out_features)."""
+
+    generate_vmap_rule = True  # see Conv2dReLUMaxPool2dFunction
 
     @staticmethod
-    def forward(
-        ctx,
-        input: torch.Tensor,             # (M, in_features)
-        weight: torch.Tensor,            # (out_features, in_features)
-        bias: Optional[torch.Tensor],    # (out_features) or None
-        backend: str,
-    ) -> torch.Tensor:                   # (M, out_features)
-        impl = registry.get(backend)
-        out = impl.linear_forward(input, weight, bias)
-        ctx.save_for_backward(input, weight, out)
+    def forward(input, weight, bias, backend):
+        # input (M, in_features), weight (out_features, in_features), bias (out_features) or None
+        return registry.get(backend).linear_forward(input, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        input, weight, bias, backend = inputs
+        ctx.save_for_backward(input, weight, output)
+        if forward_ad_active():
+            ctx.save_for_forward(input, weight, output)
         ctx.has_bias = bias is not None
         ctx.backend = backend
         ctx.set_materialize_grads(False)  # see Conv2dReLUMaxPool2dFunction
-        return out
 
     @staticmethod
     def backward(ctx, grad_output: Optional[torch.Tensor]):
         if grad_output is None:
             return (None,) * 4
         input, weight, out = ctx.saved_tensors
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        need_bias = need_bias and ctx.has_bias
-        impl = registry.get(ctx.backend)
-        with torch.no_grad():
-            grad_input, grad_weight, grad_bias = impl.linear_backward(
-                grad_output, input, weight, out, [need_input, need_weight, need_bias]
-            )
-        grads = (
-            _grad_or_none(grad_input, need_input),
-            _grad_or_none(grad_weight, need_weight),
-            _grad_or_none(grad_bias, need_bias),
-        )
-        return _first_order_only("linear_relu", grads, (grad_output, input, weight)) + (None,)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias]
+        if _creates_graph(grad_output, input, weight):  # see Conv2dReLUMaxPool2dFunction.backward
+            grads = reference.linear_relu_backward(grad_output, input, weight, out, mask)
+        else:
+            with torch.no_grad():
+                grads = registry.get(ctx.backend).linear_backward(grad_output, input, weight, out, mask)
+        return _masked(grads, mask) + (None,)
 
     @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(_forward_ad_message("linear_relu"))
+    def jvp(ctx, t_input, t_weight, t_bias, _):
+        """Forward-mode AD: the linear map's tangent, gated by the ReLU."""
+        input, weight, out = ctx.saved_tensors
+        return reference.linear_relu_jvp(input, weight, out, t_input, t_weight, t_bias)
+
+
+# TorchDynamo refuses to trace autograd.Functions that define a custom jvp. Outside forward-mode AD
+# the functional API records these twins instead: the same Functions with Function's default jvp,
+# under the same class names (so graph nodes read "Conv2dReLUMaxPool2dFunctionBackward" either way).
+_Conv2dReLUMaxPool2dReverseOnly = type("Conv2dReLUMaxPool2dFunction", (Conv2dReLUMaxPool2dFunction,),
+                                       {"jvp": torch.autograd.Function.jvp, "__module__": __name__})
+_LinearReLUReverseOnly = type("LinearReLUFunction", (LinearReLUFunction,),
+                              {"jvp": torch.autograd.Function.jvp, "__module__": __name__})
+
+
+def conv_function(forward_ad: bool) -> type[Conv2dReLUMaxPool2dFunction]:
+    """The Function to record: with the jvp rule when forward-mode AD (or a torch.func transform) is active."""
+    return Conv2dReLUMaxPool2dFunction if forward_ad else _Conv2dReLUMaxPool2dReverseOnly
+
+
+def linear_function(forward_ad: bool) -> type[LinearReLUFunction]:
+    return LinearReLUFunction if forward_ad else _LinearReLUReverseOnly

@@ -12,17 +12,24 @@ import torch
 
 from . import backend_registry as registry
 from ._shapes import IntPair, check_conv_pool, check_linear, pair
-from .autograd import Conv2dReLUMaxPool2dFunction, LinearReLUFunction, forward_ad_active
+from .autograd import conv_function, forward_ad_active, linear_function
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _tangents_possible() -> bool:
+    return forward_ad_active() or torch._C._are_functorch_transforms_active()
+
+
 def _needs_function(impl: registry.Backend, *tensors: Optional[torch.Tensor]) -> bool:
-    """Whether a Python backend's call must go through its autograd.Function: to record backward,
-    or, with a forward-mode AD level open, to reach its jvp rule (a bare kernel call would return
-    an output without a tangent, which reads as zero)."""
+    """Whether the call must go through the Python autograd.Function: for a Python backend, to
+    record backward, or, with a forward-mode AD level open, to reach its jvp rule (a bare kernel
+    call would return an output without a tangent, which reads as zero). Under torch.func
+    transforms every backend goes through it: C++ autograd Functions cannot run under them."""
+    if torch._C._are_functorch_transforms_active():
+        return True
     return not impl.records_autograd and (_needs_grad(*tensors) or forward_ad_active())
 
 
@@ -68,13 +75,13 @@ def conv2d_relu_maxpool2d(
         input = input.unsqueeze(0)
     check_conv_pool(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s)
     impl = registry.resolve(backend, input)
-    needs_grad = _needs_grad(input, weight, bias)
     if _needs_function(impl, input, weight, bias):
-        out = Conv2dReLUMaxPool2dFunction.apply(
+        out, _ = conv_function(_tangents_possible()).apply(
             input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, impl.name
         )
     else:
-        out, _ = impl.conv_forward(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, needs_grad)
+        out, _ = impl.conv_forward(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s,
+                                   _needs_grad(input, weight, bias))
     return out.squeeze(0) if unbatched else out
 
 
@@ -108,5 +115,5 @@ def linear_relu(
 def _linear_relu_2d(impl: registry.Backend, input: torch.Tensor, weight: torch.Tensor,
                     bias: Optional[torch.Tensor]) -> torch.Tensor:
     if _needs_function(impl, input, weight, bias):
-        return LinearReLUFunction.apply(input, weight, bias, impl.name)
+        return linear_function(_tangents_possible()).apply(input, weight, bias, impl.name)
     return impl.linear_forward(input, weight, bias)

@@ -65,8 +65,8 @@ def route_pooled_grad(
     w = pw + a % s.pool_kernel_size[1]
     flat = torch.where(live, h * s.Q + w, torch.zeros_like(a)).reshape(N, K, s.PH * s.PW)
     src = torch.where(live, grad_output, torch.zeros_like(grad_output)).to(dtype).reshape(N, K, s.PH * s.PW)
-    grad_conv = torch.zeros(N, K, s.P * s.Q, dtype=dtype, device=grad_output.device)
-    grad_conv.scatter_add_(2, flat, src)
+    # Out of place, so that vmap (per-sample gradients) can batch it.
+    grad_conv = torch.zeros(N, K, s.P * s.Q, dtype=dtype, device=grad_output.device).scatter_add(2, flat, src)
     return grad_conv.view(N, K, s.P, s.Q)
 
 
@@ -124,3 +124,66 @@ def linear_relu_backward(
         gated.t() @ input if output_mask[1] else empty(),
         gated.sum(0) if output_mask[2] else empty(),
     )
+
+
+# --- Forward-mode AD (tangents) ---------------------------------------------------------------
+# With the routing (argmax) fixed, the fused ops are linear in their inputs' perturbations: the
+# tangent is the conv's (or the linear map's) tangent, routed through the argmax (or ReLU gate).
+
+
+def _sum_defined(*terms: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    total = None
+    for t in terms:
+        if t is not None:
+            total = t if total is None else total + t
+    return total
+
+
+def conv2d_relu_maxpool2d_jvp(
+    input: torch.Tensor,                 # (N, C, H, W), primal
+    weight: torch.Tensor,                # (K, C, R, S), primal
+    argmax: torch.Tensor,                # uint8 (N, K, PH, PW), from the forward
+    t_input: Optional[torch.Tensor],     # tangents (None: zero)
+    t_weight: Optional[torch.Tensor],
+    t_bias: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    pool_kernel_size: Sequence[int],
+    pool_stride: Sequence[int],
+) -> torch.Tensor:
+    """Tangent of the output (N, K, PH, PW): route(conv(t_input, w) + conv(x, t_weight) + t_bias)."""
+    s = conv_pool_shape(input, weight, None, stride, padding, dilation, pool_kernel_size, pool_stride)
+    t_conv = _sum_defined(
+        None if t_input is None else F.conv2d(t_input, weight, None, stride, padding, dilation),
+        None if t_weight is None else F.conv2d(input, t_weight, None, stride, padding, dilation),
+        None if t_bias is None else t_bias.view(1, -1, 1, 1).expand(s.N, s.K, s.P, s.Q),
+    )
+    if t_conv is None:
+        return input.new_zeros(s.out_shape)
+    a = argmax.long()
+    live = a != ARGMAX_RELU_ZERO
+    ph = torch.arange(s.PH, device=a.device).view(-1, 1) * s.pool_stride[0]
+    pw = torch.arange(s.PW, device=a.device).view(1, -1) * s.pool_stride[1]
+    flat = torch.where(live, (ph + a // s.pool_kernel_size[1]) * s.Q + pw + a % s.pool_kernel_size[1], 0)
+    picked = t_conv.reshape(s.N, s.K, s.P * s.Q).gather(2, flat.reshape(s.N, s.K, -1)).view(s.out_shape)
+    return torch.where(live, picked, torch.zeros_like(picked))
+
+
+def linear_relu_jvp(
+    input: torch.Tensor,                 # (M, in_features), primal
+    weight: torch.Tensor,                # (out_features, in_features), primal
+    output: torch.Tensor,                # (M, out_features), the forward's output (the ReLU gate)
+    t_input: Optional[torch.Tensor],
+    t_weight: Optional[torch.Tensor],
+    t_bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Tangent of the output (M, out_features): relu-gated t_input @ W^T + x @ t_weight^T + t_bias."""
+    t = _sum_defined(
+        None if t_input is None else t_input @ weight.t(),
+        None if t_weight is None else input @ t_weight.t(),
+        None if t_bias is None else t_bias.expand_as(output),
+    )
+    if t is None:
+        return torch.zeros_like(output)
+    return torch.where(_relu_passes_grad(output), t, torch.zeros_like(t))

@@ -142,7 +142,8 @@ def test_python_functions_still_run_the_extension_backends():
     # The public autograd.Function classes accept "cpu" too (their forward calls the op below
     # its autograd kernel: Function.forward runs without grad recording).
     x, w, b = _conv_args()
-    out = lo.Conv2dReLUMaxPool2dFunction.apply(x, w, b, (1, 1), (1, 1), (1, 1), (2, 2), (2, 2), "cpu")
+    out, argmax = lo.Conv2dReLUMaxPool2dFunction.apply(x, w, b, (1, 1), (1, 1), (1, 1), (2, 2), (2, 2), "cpu")
+    assert argmax.dtype == torch.uint8 and argmax.shape == out.shape and not argmax.requires_grad
     assert out.grad_fn.name() == "Conv2dReLUMaxPool2dFunctionBackward"
     ref = torch.nn.functional.max_pool2d(torch.relu(torch.nn.functional.conv2d(x, w, b, padding=1)), 2)
     g = torch.randn_like(ref)
