@@ -301,9 +301,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_autograd(
     return conv_forward_op().call(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride,
                                   need_argmax);
   }
-  TORCH_CHECK(need_argmax || !records,
-              "conv2d_relu_maxpool2d: need_argmax=False keeps no argmax, so there is no backward; call it with "
-              "need_argmax=True when an input requires grad (or under torch.no_grad())");
+  // need_argmax=False with an input that requires grad (a graph traced or exported under no_grad,
+  // then run with grad): the node still gets its argmax; the caller just does not see it.
   at::Tensor out, argmax;
   if (records) {
     // C++ custom Functions reject dual inputs; their primals carry the reverse-mode history.

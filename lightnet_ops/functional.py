@@ -80,8 +80,10 @@ def conv2d_relu_maxpool2d(
             input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, impl.name
         )
     else:
-        out, _ = impl.conv_forward(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s,
-                                   _needs_grad(input, weight, bias))
+        # need_argmax: whether backward may follow. A torch.jit.trace graph must not depend on the
+        # grad mode it was traced in (its check re-traces under no_grad), so tracing always asks for it.
+        need_argmax = _needs_grad(input, weight, bias) or torch.jit.is_tracing()
+        out, _ = impl.conv_forward(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, need_argmax)
     return out.squeeze(0) if unbatched else out
 
 

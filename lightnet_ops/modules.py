@@ -24,6 +24,13 @@ def _reset_like_stock(weight: nn.Parameter, bias: Optional[nn.Parameter]) -> Non
             nn.init.uniform_(bias, -bound, bound)
 
 
+def _refuse_scripting(module: nn.Module) -> nn.Module:
+    raise RuntimeError(
+        f"lightnet_ops.{type(module).__name__} cannot be compiled by torch.jit.script (the fused ops dispatch in "
+        "Python); use torch.export.export or torch.compile (or torch.jit.trace) instead"
+    )
+
+
 class Conv2dReLUMaxPool2d(nn.Module):
     """Conv2d -> ReLU -> MaxPool2d as one fused op. Input (N, C, H, W) or (C, H, W)."""
 
@@ -72,6 +79,9 @@ class Conv2dReLUMaxPool2d(nn.Module):
             self.pool_kernel_size, self.pool_stride, backend=self.backend,
         )
 
+    # torch.jit.script calls this on every submodule before compiling: fail with a clear message.
+    __prepare_scriptable__ = _refuse_scripting
+
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
         if self.padding != (0, 0):
@@ -116,6 +126,9 @@ class LinearReLU(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return LF.linear_relu(input, self.weight, self.bias, backend=self.backend)
+
+    # torch.jit.script calls this on every submodule before compiling: fail with a clear message.
+    __prepare_scriptable__ = _refuse_scripting
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

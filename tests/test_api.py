@@ -128,11 +128,16 @@ def test_raw_ops_are_differentiable(with_bias):
 
 
 @needs_extension
-def test_raw_conv_op_without_argmax_refuses_to_record_a_graph():
+def test_raw_conv_op_without_argmax_still_records_its_backward():
+    # A graph traced or exported under no_grad bakes in need_argmax=False; run with grad it must
+    # still differentiate (the node keeps its own argmax), and match stock.
     x, w, b = _conv_args()
-    with pytest.raises(RuntimeError, match="need_argmax=False keeps no argmax"):
-        torch.ops.lightnet_ops.conv2d_relu_maxpool2d(x, w, b, *CONV_PARAMS, False)
-    with torch.no_grad():  # inference: fine, and no argmax is written
+    out, argmax = torch.ops.lightnet_ops.conv2d_relu_maxpool2d(x, w, b, *CONV_PARAMS, False)
+    assert argmax.numel() == 0 and out.grad_fn is not None
+    ref = torch.nn.functional.max_pool2d(torch.relu(torch.nn.functional.conv2d(x, w, b, padding=1)), 2)
+    for got, want in zip(torch.autograd.grad(out.sum(), (x, w, b)), torch.autograd.grad(ref.sum(), (x, w, b))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # inference: no argmax is written
         out, argmax = torch.ops.lightnet_ops.conv2d_relu_maxpool2d(x, w, b, *CONV_PARAMS, False)
     assert argmax.numel() == 0 and out.shape == (2, 4, 4, 4)
 

@@ -245,3 +245,40 @@ def test_second_order_maml_matches_stock(backend):
     torch.testing.assert_close(fused[0], stock[0], rtol=1e-9, atol=1e-12)
     for p, q in zip(fused[1], stock[1]):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+# --- Tracing and export do not bake in the grad mode ------------------------------------------------
+
+def _lightnet_pair():
+    torch.manual_seed(0)
+    net = lo.LightNet().double()
+    stock = lo.StockLightNet().double()
+    stock.load_state_dict(net.state_dict())
+    return net, stock, torch.randn(3, 1, 32, 32, dtype=torch.float64)
+
+
+def _grads_match(run_fused, net, stock, x):
+    run_fused(x).square().sum().backward()
+    stock(x).square().sum().backward()
+    for p, q in zip(net.parameters(), stock.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_jit_trace_passes_its_check_and_trains():
+    net, stock, x = _lightnet_pair()
+    traced = torch.jit.trace(net, x)  # check_trace re-traces under no_grad: the graphs must agree
+    torch.testing.assert_close(traced(x), stock(x), rtol=1e-9, atol=1e-12)
+    _grads_match(traced, net, stock, x)
+
+
+@pytest.mark.parametrize("how", ["jit.trace", "export"])
+def test_graph_captured_under_no_grad_runs_with_grad(how):
+    net, stock, x = _lightnet_pair()
+    with torch.no_grad():
+        graph = torch.jit.trace(net, x) if how == "jit.trace" else torch.export.export(net, (x,)).module()
+    _grads_match(graph, net, stock, x)
+
+
+def test_jit_script_says_what_to_use_instead():
+    with pytest.raises(RuntimeError, match="torch.jit.script.*torch.export"):
+        torch.jit.script(lo.LightNet())
