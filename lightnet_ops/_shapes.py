@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -21,19 +22,34 @@ def pair(value: IntPair, name: str) -> list[int]:
     # Fast path (every call from the modules passes a pair of ints): this runs on every forward.
     if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
         return list(value)
-    if isinstance(value, bool):
+    if _as_int(value) is not None:
+        return [_as_int(value)] * 2
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dim() == 0):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return [value, value]
     try:
         items = list(value)
     except TypeError:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
     if len(items) == 1:
         items = items * 2
-    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+    ints = [_as_int(v) for v in items]
+    if len(ints) != 2 or any(v is None for v in ints):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return items
+    return ints
+
+
+def _as_int(value) -> Optional[int]:
+    """A Python int for integer-likes that stock accepts (int, numpy integer, 0-d integer tensor); None
+    for anything else (bools included)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor):
+        return int(value) if value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool \
+            and not value.is_complex() else None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

@@ -9,6 +9,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import backend_registry as registry
 from ._shapes import IntPair, check_conv_pool, check_linear, pair
@@ -17,6 +18,30 @@ from .autograd import conv_function, forward_ad_active, linear_function
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _autocast(input: torch.Tensor, *tensors: Optional[torch.Tensor]) -> tuple:
+    """(input, *tensors) cast as autocast casts conv2d's / linear's arguments: under an enabled autocast
+    for the input's device, every float tensor but float64 goes to the autocast dtype."""
+    device = input.device.type
+    if not torch.is_autocast_enabled(device):
+        return (input, *tensors)
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (input, *tensors))
+
+
+def _same_padding(input: torch.Tensor, weight: torch.Tensor, stride: list[int],
+                  dilation: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """padding='same' as F.conv2d does it: total padding dilation * (k - 1) per dimension, the odd
+    element on the bottom/right (applied to the input explicitly, as the op pads symmetrically)."""
+    if stride != [1, 1]:
+        raise ValueError("conv2d_relu_maxpool2d: padding='same' is not supported for strided convolutions")
+    totals = [dilation[i] * (weight.shape[2 + i] - 1) for i in range(2)]
+    extra_h, extra_w = totals[0] % 2, totals[1] % 2
+    if extra_h or extra_w:
+        input = F.pad(input, (0, extra_w, 0, extra_h))
+    return input, [totals[0] // 2, totals[1] // 2]
 
 
 def _tangents_possible() -> bool:
@@ -52,7 +77,8 @@ def conv2d_relu_maxpool2d(
         input: (N, C, H, W) or unbatched (C, H, W).
         weight: (K, C, R, S); groups=1.
         bias: (K) or None.
-        stride, padding, dilation: conv parameters, int or pair.
+        stride, padding, dilation: conv parameters, int or pair (numpy / 0-d tensor ints too); padding may
+            also be "valid" or "same" (stride 1), as in F.conv2d.
         pool_kernel_size: max-pool window, int or pair (at most 255 elements).
         pool_stride: max-pool stride; None means pool_kernel_size. Pool padding is 0, floor mode.
         backend: "auto", "cpu", "cuda", "triton" or "reference" (see lightnet_ops.backend_registry).
@@ -60,7 +86,8 @@ def conv2d_relu_maxpool2d(
     Returns:
         (N, K, PH, PW), or (K, PH, PW) for unbatched input.
     """
-    stride_, padding_, dilation_ = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    stride_, dilation_ = pair(stride, "stride"), pair(dilation, "dilation")
+    padding_ = padding if isinstance(padding, str) else pair(padding, "padding")
     pool_k = pair(pool_kernel_size, "pool_kernel_size")
     pool_s = pool_k if pool_stride is None else pair(pool_stride, "pool_stride")
     if not isinstance(input, torch.Tensor):
@@ -73,6 +100,15 @@ def conv2d_relu_maxpool2d(
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
+    input, weight, bias = _autocast(input, weight, bias)
+    if isinstance(padding_, str):  # F.conv2d's string forms
+        if padding_ == "valid":
+            padding_ = [0, 0]
+        elif padding_ == "same" and isinstance(weight, torch.Tensor) and weight.dim() == 4:
+            input, padding_ = _same_padding(input, weight, stride_, dilation_)
+        elif padding_ != "same":
+            raise ValueError(f"conv2d_relu_maxpool2d: invalid padding string {padding_!r}, should be one of "
+                             "{'valid', 'same'}")
     check_conv_pool(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s)
     impl = registry.resolve(backend, input)
     if _needs_function(impl, input, weight, bias):
@@ -105,6 +141,10 @@ def linear_relu(
     Returns:
         (*, out_features).
     """
+    if isinstance(input, torch.Tensor):
+        input, weight, bias = _autocast(input, weight, bias)
+    if isinstance(bias, torch.Tensor) and bias.dim() == 0 and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        bias = bias.expand(weight.shape[0])  # F.linear broadcasts a 0-d bias
     check_linear(input, weight, bias)
     impl = registry.resolve(backend, input)
     if input.dim() == 2:  # the common case: no reshapes (each would add a view node to the graph)
