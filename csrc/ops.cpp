@@ -1,5 +1,7 @@
-// Op schemas for the whole library, declared once. Device kernels register implementations in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) implementations live in lightnet_ops/_ops.py.
+// The extension's op schemas. Each op's contract (lightnet_ops/ops/<op>.py) holds the same schema
+// text, which the Triton backend registers too; tests/test_contracts.py checks they agree. Device
+// kernels register implementations in csrc/cpu/*.cpp and csrc/cuda/*.cu; the fakes come from the
+// contracts.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ._shapes import conv_pool_shape
+from .ops import CONTRACTS
 
 
 class ExtensionWarning(UserWarning):
@@ -104,12 +104,8 @@ def _load_extension() -> tuple[bool, str | None]:
 
 EXTENSION_AVAILABLE, EXTENSION_ERROR = _load_extension()
 
-OP_NAMES = (
-    "conv2d_relu_maxpool2d",
-    "conv2d_relu_maxpool2d_backward",
-    "linear_relu",
-    "linear_relu_backward",
-)
+# The extension's ops: each contract's forward and backward (lightnet_ops/ops).
+OP_NAMES = tuple(name for c in CONTRACTS.values() for name in (c.name, c.backward_name))
 
 
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
@@ -119,47 +115,8 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"lightnet_ops::{op_name}", dispatch_key)
 
 
-def empty_placeholder(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The [0]-shaped tensor the ops return for an output that was not asked for."""
-    return like.new_empty((0,), dtype=dtype or like.dtype)
-
-
-# Fake (meta) implementations, shared by the compiled ops below and the Triton ops
-# (lightnet_ops/_triton_ops.py), which have the same schemas.
-
-
-def conv2d_relu_maxpool2d_fake(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride,
-                               need_argmax):
-    s = conv_pool_shape(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride)
-    out = input.new_empty(s.out_shape)
-    argmax = input.new_empty(s.out_shape, dtype=torch.uint8) if need_argmax else empty_placeholder(input, torch.uint8)
-    return out, argmax
-
-
-def conv2d_relu_maxpool2d_backward_fake(grad_output, input, weight, argmax, stride, padding, dilation,
-                                        pool_kernel_size, pool_stride, output_mask):
-    return _grads_fake(input, weight, output_mask)
-
-
-def linear_relu_fake(input, weight, bias):
-    return input.new_empty((input.shape[0], weight.shape[0]))
-
-
-def linear_relu_backward_fake(grad_output, input, weight, output, output_mask):
-    return _grads_fake(input, weight, output_mask)
-
-
-def _grads_fake(input, weight, output_mask):
-    """(grad_input, grad_weight, grad_bias), contiguous, or placeholders where not asked for."""
-    return (
-        input.new_empty(input.shape) if output_mask[0] else empty_placeholder(input),
-        input.new_empty(weight.shape) if output_mask[1] else empty_placeholder(input),
-        input.new_empty((weight.shape[0],)) if output_mask[2] else empty_placeholder(input),
-    )
-
-
+# Fake (meta) kernels of the compiled ops come from the contracts; the Triton ops register the same.
 if EXTENSION_AVAILABLE:
-    torch.library.register_fake("lightnet_ops::conv2d_relu_maxpool2d")(conv2d_relu_maxpool2d_fake)
-    torch.library.register_fake("lightnet_ops::conv2d_relu_maxpool2d_backward")(conv2d_relu_maxpool2d_backward_fake)
-    torch.library.register_fake("lightnet_ops::linear_relu")(linear_relu_fake)
-    torch.library.register_fake("lightnet_ops::linear_relu_backward")(linear_relu_backward_fake)
+    for _c in CONTRACTS.values():
+        torch.library.register_fake(f"lightnet_ops::{_c.name}")(_c.fake)
+        torch.library.register_fake(f"lightnet_ops::{_c.backward_name}")(_c.backward_fake)

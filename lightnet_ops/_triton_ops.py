@@ -1,6 +1,6 @@
 """The ``triton`` backend: the Triton kernels registered as torch ops through ``torch.library``.
 
-Ops (same schemas and return conventions as the C++ ones in csrc/ops.cpp, prefixed ``triton_``):
+Ops (the schemas of the contracts in lightnet_ops/ops, as the C++ ones, prefixed ``triton_``):
   lightnet_ops::triton_conv2d_relu_maxpool2d, lightnet_ops::triton_conv2d_relu_maxpool2d_backward,
   lightnet_ops::triton_linear_relu, lightnet_ops::triton_linear_relu_backward
 They are ``torch.library.custom_op``s with fake kernels, so ``torch.compile(fullgraph=True)`` treats them
@@ -32,14 +32,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._ops import (
-    conv2d_relu_maxpool2d_backward_fake,
-    conv2d_relu_maxpool2d_fake,
-    linear_relu_backward_fake,
-    linear_relu_fake,
-)
-from ._shapes import check_linear, conv_pool_shape
-from .backend_registry import Backend
+from .backend_registry import Backend, OpKernels
+from .ops import CONTRACTS
+from .ops import conv2d_relu_maxpool2d as conv_op
+from .ops import linear_relu as linear_op
 
 _KERNELS_NAME = f"{__package__}.triton_kernels"
 
@@ -108,48 +104,12 @@ def _check_dtype_only(op: str, t: torch.Tensor) -> None:
         _check_runnable(op, t)
 
 
-def _check_conv_backward_args(s, grad_output: torch.Tensor, input: torch.Tensor, argmax: torch.Tensor) -> None:
-    op = "conv2d_relu_maxpool2d_backward"
-    if tuple(grad_output.shape) != s.out_shape:
-        raise ValueError(f"{op}: grad_output has shape {list(grad_output.shape)}, expected {list(s.out_shape)}")
-    if argmax.dtype != torch.uint8 or tuple(argmax.shape) != s.out_shape:
-        raise ValueError(
-            f"{op}: argmax must be uint8 of shape {list(s.out_shape)}, got {argmax.dtype} {list(argmax.shape)} "
-            "(was the forward run with need_argmax=True?)"
-        )
-    if grad_output.dtype != input.dtype:
-        raise ValueError(f"{op}: grad_output dtype {grad_output.dtype} does not match input dtype {input.dtype}")
-    for name, t in (("grad_output", grad_output), ("argmax", argmax)):
-        if t.device != input.device:
-            raise ValueError(f"{op}: input is on {input.device} but {name} is on {t.device}")
-
-
-def _check_linear_backward_args(grad_output, input, weight, output) -> None:
-    op = "linear_relu_backward"
-    if input.dim() != 2:
-        raise ValueError(f"{op}: expected 2-D input (M, in_features), got shape {list(input.shape)}")
-    check_linear(input, weight, None)
-    want = (input.shape[0], weight.shape[0])
-    for name, t in (("grad_output", grad_output), ("output", output)):
-        if tuple(t.shape) != want:
-            raise ValueError(f"{op}: {name} has shape {list(t.shape)}, expected {list(want)}")
-        if t.dtype != input.dtype:
-            raise ValueError(f"{op}: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
-        if t.device != input.device:
-            raise ValueError(f"{op}: input is on {input.device} but {name} is on {t.device}")
-
-
 # ---------------------------------------------------------------------------------------------
 # conv2d_relu_maxpool2d
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op(
-    "lightnet_ops::triton_conv2d_relu_maxpool2d",
-    mutates_args=(),
-    schema="(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
-    "int[2] pool_kernel_size, int[2] pool_stride, bool need_argmax) -> (Tensor, Tensor)",
-)
+@torch.library.custom_op("lightnet_ops::triton_conv2d_relu_maxpool2d", mutates_args=(), schema=conv_op.SCHEMA)
 def triton_conv2d_relu_maxpool2d(
     input: torch.Tensor,                 # (N, C, H, W)
     weight: torch.Tensor,                # (K, C, R, S)
@@ -162,7 +122,7 @@ def triton_conv2d_relu_maxpool2d(
     need_argmax: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out (N, K, PH, PW), argmax uint8 (N, K, PH, PW), or an empty uint8 [0] without need_argmax)."""
-    s = conv_pool_shape(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride)
+    s = conv_op.conv_pool_shape(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride)
     _check_runnable("conv2d_relu_maxpool2d", input)
     with _on_device(input):
         return _conv.conv2d_relu_maxpool2d_forward(
@@ -174,16 +134,12 @@ def triton_conv2d_relu_maxpool2d(
 @triton_conv2d_relu_maxpool2d.register_fake
 def _(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, need_argmax):
     _check_dtype_only("conv2d_relu_maxpool2d", input)
-    return conv2d_relu_maxpool2d_fake(input, weight, bias, stride, padding, dilation, pool_kernel_size,
+    return conv_op.fake(input, weight, bias, stride, padding, dilation, pool_kernel_size,
                                            pool_stride, need_argmax)
 
 
-@torch.library.custom_op(
-    "lightnet_ops::triton_conv2d_relu_maxpool2d_backward",
-    mutates_args=(),
-    schema="(Tensor grad_output, Tensor input, Tensor weight, Tensor argmax, int[2] stride, int[2] padding, "
-    "int[2] dilation, int[2] pool_kernel_size, int[2] pool_stride, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
-)
+@torch.library.custom_op("lightnet_ops::triton_conv2d_relu_maxpool2d_backward", mutates_args=(),
+                         schema=conv_op.BACKWARD_SCHEMA)
 def triton_conv2d_relu_maxpool2d_backward(
     grad_output: torch.Tensor,           # (N, K, PH, PW)
     input: torch.Tensor,                 # (N, C, H, W)
@@ -198,8 +154,8 @@ def triton_conv2d_relu_maxpool2d_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_input (N, C, H, W), grad_weight (K, C, R, S), grad_bias (K)); masked-off entries are
     empty tensors of shape [0]."""
-    s = conv_pool_shape(input, weight, None, stride, padding, dilation, pool_kernel_size, pool_stride)
-    _check_conv_backward_args(s, grad_output, input, argmax)
+    s = conv_op.conv_pool_shape(input, weight, None, stride, padding, dilation, pool_kernel_size, pool_stride)
+    conv_op.check_backward(s, grad_output, input, argmax)
     _check_runnable("conv2d_relu_maxpool2d_backward", input)
     with _on_device(input):
         return _conv.conv2d_relu_maxpool2d_backward(
@@ -210,10 +166,10 @@ def triton_conv2d_relu_maxpool2d_backward(
 
 @triton_conv2d_relu_maxpool2d_backward.register_fake
 def _(grad_output, input, weight, argmax, stride, padding, dilation, pool_kernel_size, pool_stride, output_mask):
-    s = conv_pool_shape(input, weight, None, stride, padding, dilation, pool_kernel_size, pool_stride)
-    _check_conv_backward_args(s, grad_output, input, argmax)
+    s = conv_op.conv_pool_shape(input, weight, None, stride, padding, dilation, pool_kernel_size, pool_stride)
+    conv_op.check_backward(s, grad_output, input, argmax)
     _check_dtype_only("conv2d_relu_maxpool2d_backward", input)
-    return conv2d_relu_maxpool2d_backward_fake(grad_output, input, weight, argmax, stride, padding, dilation,
+    return conv_op.backward_fake(grad_output, input, weight, argmax, stride, padding, dilation,
                                                     pool_kernel_size, pool_stride, output_mask)
 
 
@@ -222,14 +178,10 @@ def _(grad_output, input, weight, argmax, stride, padding, dilation, pool_kernel
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op(
-    "lightnet_ops::triton_linear_relu",
-    mutates_args=(),
-    schema="(Tensor input, Tensor weight, Tensor? bias) -> Tensor",
-)
+@torch.library.custom_op("lightnet_ops::triton_linear_relu", mutates_args=(), schema=linear_op.SCHEMA)
 def triton_linear_relu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """input (M, in_features), weight (out_features, in_features), bias (out_features) or None -> (M, out_features)."""
-    check_linear(input, weight, bias)
+    linear_op.check_linear(input, weight, bias)
     if input.dim() != 2:
         raise ValueError(f"linear_relu: the op takes 2-D input (M, in_features), got shape {list(input.shape)}")
     _check_runnable("linear_relu", input)
@@ -239,19 +191,15 @@ def triton_linear_relu(input: torch.Tensor, weight: torch.Tensor, bias: Optional
 
 @triton_linear_relu.register_fake
 def _(input, weight, bias):
-    check_linear(input, weight, bias)
+    linear_op.check_linear(input, weight, bias)
     if input.dim() != 2:
         raise ValueError(f"linear_relu: the op takes 2-D input (M, in_features), got shape {list(input.shape)}")
     _check_dtype_only("linear_relu", input)
-    return linear_relu_fake(input, weight, bias)
+    return linear_op.fake(input, weight, bias)
 
 
-@torch.library.custom_op(
-    "lightnet_ops::triton_linear_relu_backward",
-    mutates_args=(),
-    schema="(Tensor grad_output, Tensor input, Tensor weight, Tensor output, bool[3] output_mask) "
-    "-> (Tensor, Tensor, Tensor)",
-)
+@torch.library.custom_op("lightnet_ops::triton_linear_relu_backward", mutates_args=(),
+                         schema=linear_op.BACKWARD_SCHEMA)
 def triton_linear_relu_backward(
     grad_output: torch.Tensor,           # (M, out_features)
     input: torch.Tensor,                 # (M, in_features)
@@ -260,7 +208,7 @@ def triton_linear_relu_backward(
     output_mask: Sequence[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_input (M, in), grad_weight (out, in), grad_bias (out)); masked-off entries are empty [0]."""
-    _check_linear_backward_args(grad_output, input, weight, output)
+    linear_op.check_backward(grad_output, input, weight, output)
     _check_runnable("linear_relu_backward", input)
     with _on_device(input):
         return _linear.linear_relu_backward(grad_output, input, weight, output, output_mask)
@@ -268,16 +216,14 @@ def triton_linear_relu_backward(
 
 @triton_linear_relu_backward.register_fake
 def _(grad_output, input, weight, output, output_mask):
-    _check_linear_backward_args(grad_output, input, weight, output)
+    linear_op.check_backward(grad_output, input, weight, output)
     _check_dtype_only("linear_relu_backward", input)
-    return linear_relu_backward_fake(grad_output, input, weight, output, output_mask)
+    return linear_op.backward_fake(grad_output, input, weight, output, output_mask)
 
 
-_ops = torch.ops.lightnet_ops
+_lib = torch.ops.lightnet_ops
 BACKEND = Backend(
     "triton",
-    _ops.triton_conv2d_relu_maxpool2d,
-    _ops.triton_conv2d_relu_maxpool2d_backward,
-    _ops.triton_linear_relu,
-    _ops.triton_linear_relu_backward,
+    {op: OpKernels(getattr(_lib, f"triton_{op}"), getattr(_lib, f"triton_{c.backward_name}"))
+     for op, c in CONTRACTS.items()},
 )

@@ -18,7 +18,8 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from . import backend_registry as registry
-from . import reference
+from .ops import conv2d_relu_maxpool2d as conv_op
+from .ops import linear_relu as linear_op
 
 
 def forward_ad_active() -> bool:
@@ -50,7 +51,7 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, backend):
         # input (N, C, H, W), weight (K, C, R, S), bias (K) or None -> (output, argmax uint8), (N, K, PH, PW)
-        return registry.get(backend).conv_forward(input, weight, bias, stride, padding, dilation,
+        return registry.get(backend).kernels(conv_op.NAME).forward(input, weight, bias, stride, padding, dilation,
                                                   pool_kernel_size, pool_stride, True)
 
     @staticmethod
@@ -77,17 +78,17 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
         if _creates_graph(grad_output, input, weight):
             # create_graph=True: the reference backward is made of differentiable stock ops routed by
             # the same argmax, so autograd records it and second derivatives are exact.
-            grads = reference.conv2d_relu_maxpool2d_backward(grad_output, input, weight, argmax, *ctx.params, mask)
+            grads = conv_op.reference_backward(grad_output, input, weight, argmax, *ctx.params, mask)
         else:
             with torch.no_grad():
-                grads = registry.get(ctx.backend).conv_backward(grad_output, input, weight, argmax, *ctx.params, mask)
+                grads = registry.get(ctx.backend).kernels(conv_op.NAME).backward(grad_output, input, weight, argmax, *ctx.params, mask)
         return _masked(grads, mask) + (None,) * 6
 
     @staticmethod
     def jvp(ctx, t_input, t_weight, t_bias, *_):
         """Forward-mode AD: the conv's tangent routed through the forward's argmax."""
         input, weight, argmax = ctx.saved_tensors
-        t_out = reference.conv2d_relu_maxpool2d_jvp(input, weight, argmax, t_input, t_weight, t_bias, *ctx.params)
+        t_out = conv_op.reference_jvp(input, weight, argmax, t_input, t_weight, t_bias, *ctx.params)
         return t_out, None
 
 
@@ -101,7 +102,7 @@ class LinearReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(input, weight, bias, backend):
         # input (M, in_features), weight (out_features, in_features), bias (out_features) or None
-        return registry.get(backend).linear_forward(input, weight, bias)
+        return registry.get(backend).kernels(linear_op.NAME).forward(input, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -120,17 +121,17 @@ class LinearReLUFunction(torch.autograd.Function):
         input, weight, out = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias]
         if _creates_graph(grad_output, input, weight):  # see Conv2dReLUMaxPool2dFunction.backward
-            grads = reference.linear_relu_backward(grad_output, input, weight, out, mask)
+            grads = linear_op.reference_backward(grad_output, input, weight, out, mask)
         else:
             with torch.no_grad():
-                grads = registry.get(ctx.backend).linear_backward(grad_output, input, weight, out, mask)
+                grads = registry.get(ctx.backend).kernels(linear_op.NAME).backward(grad_output, input, weight, out, mask)
         return _masked(grads, mask) + (None,)
 
     @staticmethod
     def jvp(ctx, t_input, t_weight, t_bias, _):
         """Forward-mode AD: the linear map's tangent, gated by the ReLU."""
         input, weight, out = ctx.saved_tensors
-        return reference.linear_relu_jvp(input, weight, out, t_input, t_weight, t_bias)
+        return linear_op.reference_jvp(input, weight, out, t_input, t_weight, t_bias)
 
 
 # TorchDynamo refuses to trace autograd.Functions that define a custom jvp. Outside forward-mode AD

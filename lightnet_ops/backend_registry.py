@@ -1,4 +1,4 @@
-"""Backend registry: which implementation of the four ops runs for a given backend name and
+"""Backend registry: which kernels of each op (lightnet_ops/ops) run for a given backend name and
 tensor.
 
 Backends:
@@ -16,62 +16,67 @@ import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
-from . import _ops, reference
+from . import _ops
+from .ops import CONTRACTS
 
 BACKEND_NAMES = ("cpu", "cuda", "triton", "reference")
 
 
 @dataclass(frozen=True)
+class OpKernels:
+    """One backend's two entry points for one op; same signatures as the op's schemas
+    (lightnet_ops/ops/<op>.py)."""
+
+    forward: Callable
+    backward: Callable
+
+
+@dataclass(frozen=True)
 class Backend:
-    """The four entry points of one backend; same signatures as ``torch.ops.lightnet_ops.*``."""
+    """A backend: op name (a key of lightnet_ops.ops.CONTRACTS) -> its kernels."""
 
     name: str
-    conv_forward: Callable
-    conv_backward: Callable
-    linear_forward: Callable
-    linear_backward: Callable
+    ops: Mapping[str, OpKernels]
     # True for the extension's ops (cpu, cuda): their forward ops carry a C++ autograd kernel
     # (csrc/autograd.cpp) that records the hand-written backward itself. False: the functional API
     # records it with the Python autograd.Functions (lightnet_ops/autograd.py).
     records_autograd: bool = False
+
+    def kernels(self, op: str) -> OpKernels:
+        try:
+            return self.ops[op]
+        except KeyError:
+            raise BackendUnavailableError(f"backend={self.name!r} has no kernels for {op}") from None
 
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend is not built / not installed / cannot run on the given tensor."""
 
 
-# Built once per name: every fused call looks its backend up (forward and backward), and building
-# a Backend (four torch.ops attribute lookups and a frozen dataclass) costs about a microsecond.
+# Built once per name: every fused call looks its backend up (forward and backward).
 _EXTENSION_BACKENDS: dict[str, Backend] = {}
+_DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 
 
 def _extension_backend(name: str) -> Backend:
     impl = _EXTENSION_BACKENDS.get(name)
     if impl is None:
-        ops = torch.ops.lightnet_ops
+        lib = torch.ops.lightnet_ops
         impl = Backend(
             name,
-            ops.conv2d_relu_maxpool2d,
-            ops.conv2d_relu_maxpool2d_backward,
-            ops.linear_relu,
-            ops.linear_relu_backward,
+            {op: OpKernels(getattr(lib, op), getattr(lib, c.backward_name))
+             for op, c in CONTRACTS.items() if _ops.has_kernel(op, _DISPATCH_KEY[name])},
             records_autograd=True,
         )
         _EXTENSION_BACKENDS[name] = impl
     return impl
 
 
-REFERENCE = Backend(
-    "reference",
-    reference.conv2d_relu_maxpool2d,
-    reference.conv2d_relu_maxpool2d_backward,
-    reference.linear_relu,
-    reference.linear_relu_backward,
-)
+REFERENCE = Backend("reference", {op: OpKernels(c.reference, c.reference_backward) for op, c in CONTRACTS.items()})
 
 
 def triton_interpreter_on() -> bool:

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from . import backend_registry as registry
-from ._shapes import IntPair, check_conv_pool, check_linear, pair
+from ._shapes import IntPair, pair
+from .ops import conv2d_relu_maxpool2d as conv_op
+from .ops import linear_relu as linear_op
 from .autograd import conv_function, forward_ad_active, linear_function
 
 
@@ -109,7 +111,7 @@ def conv2d_relu_maxpool2d(
         elif padding_ != "same":
             raise ValueError(f"conv2d_relu_maxpool2d: invalid padding string {padding_!r}, should be one of "
                              "{'valid', 'same'}")
-    check_conv_pool(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s)
+    conv_op.check_conv_pool(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s)
     impl = registry.resolve(backend, input)
     if _needs_function(impl, input, weight, bias):
         out, _ = conv_function(_tangents_possible()).apply(
@@ -119,7 +121,7 @@ def conv2d_relu_maxpool2d(
         # need_argmax: whether backward may follow. A torch.jit.trace graph must not depend on the
         # grad mode it was traced in (its check re-traces under no_grad), so tracing always asks for it.
         need_argmax = _needs_grad(input, weight, bias) or torch.jit.is_tracing()
-        out, _ = impl.conv_forward(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, need_argmax)
+        out, _ = impl.kernels(conv_op.NAME).forward(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, need_argmax)
     return out.squeeze(0) if unbatched else out
 
 
@@ -145,7 +147,7 @@ def linear_relu(
         input, weight, bias = _autocast(input, weight, bias)
     if isinstance(bias, torch.Tensor) and bias.dim() == 0 and isinstance(weight, torch.Tensor) and weight.dim() == 2:
         bias = bias.expand(weight.shape[0])  # F.linear broadcasts a 0-d bias
-    check_linear(input, weight, bias)
+    linear_op.check_linear(input, weight, bias)
     impl = registry.resolve(backend, input)
     if input.dim() == 2:  # the common case: no reshapes (each would add a view node to the graph)
         return _linear_relu_2d(impl, input, weight, bias)
@@ -158,4 +160,4 @@ def _linear_relu_2d(impl: registry.Backend, input: torch.Tensor, weight: torch.T
                     bias: Optional[torch.Tensor]) -> torch.Tensor:
     if _needs_function(impl, input, weight, bias):
         return linear_function(_tangents_possible()).apply(input, weight, bias, impl.name)
-    return impl.linear_forward(input, weight, bias)
+    return impl.kernels(linear_op.NAME).forward(input, weight, bias)

@@ -202,10 +202,10 @@ def check_conv(chk: Checker, backend: str, c: ConvCase, dtype, kind: str, path: 
     gout = _grad_output(c, dtype, kind, dev)
     args = (list(c.stride), list(c.padding), list(c.dilation), list(c.pool_k), list(c.pool_s))
     try:
-        out, argmax = be.conv_forward(x, w, b, *args, True)
-        out_noarg, argmax_empty = be.conv_forward(x, w, b, *args, False)
-        grads = be.conv_backward(gout, x, w, argmax, *args, [True, True, True])
-        grads_masked = be.conv_backward(gout, x, w, argmax, *args, [False, True, False])
+        out, argmax = be.kernels("conv2d_relu_maxpool2d").forward(x, w, b, *args, True)
+        out_noarg, argmax_empty = be.kernels("conv2d_relu_maxpool2d").forward(x, w, b, *args, False)
+        grads = be.kernels("conv2d_relu_maxpool2d").backward(gout, x, w, argmax, *args, [True, True, True])
+        grads_masked = be.kernels("conv2d_relu_maxpool2d").backward(gout, x, w, argmax, *args, [False, True, False])
         torch.cuda.synchronize()
     except Exception:  # noqa: BLE001 - report and go on with the other cases
         chk.error(label)
@@ -280,8 +280,8 @@ def check_linear(chk: Checker, backend: str, c: LinearCase, dtype, kind: str, ep
     x, w, b, go = _linear_inputs(c, dtype, kind, dev)
     mask = [True, True, b is not None]
     try:
-        out = be.linear_forward(x, w, b)
-        grads = be.linear_backward(go, x, w, out, mask)
+        out = be.kernels("linear_relu").forward(x, w, b)
+        grads = be.kernels("linear_relu").backward(go, x, w, out, mask)
         torch.cuda.synchronize()
     except Exception:  # noqa: BLE001
         chk.error(label)
@@ -374,7 +374,8 @@ def main() -> int:
         try:
             x = torch.randn(2, 3, 8, 8, device=dev, dtype=torch.float32)
             w = torch.randn(4, 3, 3, 3, device=dev, dtype=torch.float16)
-            backend_registry.get("cuda").conv_forward(x, w, None, [1, 1], [0, 0], [1, 1], [2, 2], [2, 2], False)
+            backend_registry.get("cuda").kernels("conv2d_relu_maxpool2d").forward(
+                x, w, None, [1, 1], [0, 0], [1, 1], [2, 2], [2, 2], False)
             chk.failures.append("[cuda] dtype mismatch did not raise")
             print("FAIL [cuda] dtype mismatch did not raise")
         except RuntimeError as ex:

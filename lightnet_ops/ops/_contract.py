@@ -1,0 +1,71 @@
+"""What every op module provides, and the helpers they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class OpContract:
+    """One fused op. Schemas are written without the op name, as ``torch.library.custom_op`` takes
+    them; the extension declares ``lightnet_ops::<name>`` and ``lightnet_ops::<name>_backward`` with
+    the same text (csrc/ops.cpp; tests/test_contracts.py checks they agree) and the Triton backend
+    registers ``lightnet_ops::triton_<name>[_backward]`` from these strings."""
+
+    name: str
+    schema: str                      # forward: "(Tensor input, ...) -> ..."
+    backward_schema: str             # backward: "(Tensor grad_output, ...) -> (Tensor, Tensor, Tensor)"
+    fake: Callable                   # forward's fake (meta) kernel, same arguments as the schema
+    backward_fake: Callable
+    reference: Callable              # pure-PyTorch forward, same arguments and returns as the schema
+    reference_backward: Callable     # pure-PyTorch backward, differentiable (double backward uses it)
+    reference_jvp: Callable          # tangent of the output (forward-mode AD)
+
+    @property
+    def backward_name(self) -> str:
+        return f"{self.name}_backward"
+
+
+def fail(op: str, msg: str) -> None:
+    raise ValueError(f"{op}: {msg}")
+
+
+def check_same(op: str, input: torch.Tensor, other: torch.Tensor, name: str) -> None:
+    """`other` is a tensor with input's dtype and device."""
+    if not isinstance(other, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(other).__name__}")
+    if other.dtype != input.dtype:
+        fail(op, f"input dtype {input.dtype} does not match {name} dtype {other.dtype}")
+    if other.device != input.device:
+        fail(op, f"input is on {input.device} but {name} is on {other.device}")
+
+
+def empty_placeholder(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The [0]-shaped tensor the ops return for an output that was not asked for."""
+    return like.new_empty((0,), dtype=dtype or like.dtype)
+
+
+def grads_fake(input: torch.Tensor, weight: torch.Tensor, output_mask) -> tuple:
+    """(grad_input, grad_weight, grad_bias) of a backward op, or placeholders where not asked for."""
+    return (
+        input.new_empty(input.shape) if output_mask[0] else empty_placeholder(input),
+        input.new_empty(weight.shape) if output_mask[1] else empty_placeholder(input),
+        input.new_empty((weight.shape[0],)) if output_mask[2] else empty_placeholder(input),
+    )
+
+
+def relu_passes_grad(t: torch.Tensor) -> torch.Tensor:
+    """Where ReLU's output passes a gradient: not <= 0, NaN included (as threshold_backward)."""
+    return ~(t <= 0)
+
+
+def sum_defined(*terms: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The sum of the terms that are not None (None if all are)."""
+    total = None
+    for t in terms:
+        if t is not None:
+            total = t if total is None else total + t
+    return total
