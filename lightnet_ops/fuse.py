@@ -50,7 +50,10 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import inspect
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -68,6 +71,7 @@ from .modules import Conv2dReLUMaxPool2d, LinearReLU
 __all__ = ["PATTERNS", "FusedChain", "Link", "OpSpec", "Pattern", "fuse", "fuse_graph", "summary"]
 
 CONV_KIND = "conv2d_relu_maxpool2d"
+CONV_BN_KIND = "conv2d_bn_relu_maxpool2d"
 LINEAR_KIND = "linear_relu"
 
 
@@ -79,16 +83,22 @@ class FusedChain:
     names: the original modules' qualified names (module pass) or graph node names (graph pass).
     where: "module" (nn.Sequential children swapped) or "graph" (torch.fx / TorchDynamo graph).
     reason: why a candidate was skipped; empty for fused chains.
+    modules: graph pass: the module each op was called as (its qualified name in the traced module, ""
+        for a function call), so that a chain the module pass already reported is not reported twice.
+    times: (fused, stock) seconds per call of the chain alone, when ``fuse`` timed it (``guard_input``).
     """
 
     kind: str
     names: tuple[str, ...]
     where: str
     reason: str = ""
+    modules: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    times: Optional[tuple[float, float]] = field(default=None, compare=False)
 
     def __str__(self) -> str:
         chain = " -> ".join(self.names)
-        return f"{self.kind}: {chain} ({self.where})" + (f" skipped: {self.reason}" if self.reason else "")
+        timed = "" if self.times is None else f" [fused {self.times[0] * 1e6:.0f} us, stock {self.times[1] * 1e6:.0f} us]"
+        return f"{self.kind}: {chain} ({self.where}){timed}" + (f" skipped: {self.reason}" if self.reason else "")
 
 
 class _Skip(Exception):
@@ -113,6 +123,11 @@ def _linear_sig(input, weight, bias=None):  # noqa: ANN001, ANN202
 
 
 def _relu_sig(input, inplace=False):  # noqa: ANN001, ANN202
+    pass
+
+
+def _batch_norm_sig(input, running_mean, running_var, weight=None, bias=None, training=False,  # noqa: ANN001, ANN202
+                    momentum=0.1, eps=1e-5):
     pass
 
 
@@ -163,23 +178,53 @@ def _conv_params(stride: Any, padding: Any, dilation: Any, groups: Any, kernel_s
     return {"stride": stride_, "padding": pads, "dilation": dilation_}
 
 
+@dataclass(frozen=True)
+class PoolSupport:
+    """Which max_pool2d arguments beyond a floor-mode, unpadded window the fused op computes exactly.
+
+    A chain whose pool needs an unsupported one is skipped with the reason; a supported one is passed to
+    the fused module / functional call as ``pool_padding=`` / ``pool_ceil_mode=`` (only when it is not the
+    default, so calls of a fused op without those arguments stay valid).
+    """
+
+    padding: bool = False
+    ceil_mode: bool = False
+
+
+#: What the pool of the fused conv op supports (one line to change when the op gains an argument).
+POOL_SUPPORT = PoolSupport()
+
+
 def _pool_params(kernel_size: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: Any,
-                 return_indices: Any) -> dict[str, tuple[int, int]]:
-    """{"kernel_size", "stride"} as int pairs, or _Skip."""
+                 return_indices: Any) -> dict[str, Any]:
+    """{"kernel_size", "stride", "padding"} as int pairs and "ceil_mode" (bool), or _Skip."""
     k = _int_pair(kernel_size, "pool kernel_size")
     default_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)  # [] in aten
     s = k if default_stride else _int_pair(stride, "pool stride")
-    if _int_pair(padding, "pool padding") != (0, 0):
+    pad = _int_pair(padding, "pool padding")
+    if pad != (0, 0) and not POOL_SUPPORT.padding:
         raise _Skip(f"pool padding={padding} (the fused op pools without padding)")
     if _int_pair(dilation, "pool dilation") != (1, 1):
         raise _Skip(f"pool dilation={dilation}")
-    if ceil_mode is not False:
-        raise _Skip("pool ceil_mode=True")
+    if not isinstance(ceil_mode, bool):
+        raise _Skip(f"pool ceil_mode={ceil_mode!r} is not a constant bool")
+    if ceil_mode and not POOL_SUPPORT.ceil_mode:
+        raise _Skip("pool ceil_mode=True (the fused op pools in floor mode)")
     if return_indices is not False:
         raise _Skip("pool return_indices=True")
     if k[0] * k[1] > MAX_POOL_WINDOW:
         raise _Skip(f"pool window {k} has more than {MAX_POOL_WINDOW} elements")
-    return {"kernel_size": k, "stride": s}
+    return {"kernel_size": k, "stride": s, "padding": pad, "ceil_mode": ceil_mode}
+
+
+def _pool_kwargs(pool: dict[str, Any]) -> dict[str, Any]:
+    """The fused op's keyword arguments for a pool's padding / ceil mode, only where not the default."""
+    kwargs: dict[str, Any] = {}
+    if pool["padding"] != (0, 0):
+        kwargs["pool_padding"] = pool["padding"]
+    if pool["ceil_mode"]:
+        kwargs["pool_ceil_mode"] = True
+    return kwargs
 
 
 def _no_params(_: Any) -> dict[str, Any]:
@@ -211,6 +256,27 @@ def _pool_call_params(args: dict[str, Any]) -> dict[str, Any]:
                         args["return_indices"])
 
 
+def _batch_norm_module_params(bn: nn.BatchNorm2d) -> dict[str, Any]:
+    if bn.training:
+        raise _Skip("BatchNorm2d in training mode normalises with batch statistics, which cannot be folded "
+                    "(fuse the model in eval mode: model.eval())")
+    if bn.running_mean is None or bn.running_var is None:
+        raise _Skip("BatchNorm2d without running statistics (track_running_stats=False) normalises with batch "
+                    "statistics, which cannot be folded")
+    return {"eps": float(bn.eps)}
+
+
+def _batch_norm_call_params(args: dict[str, Any]) -> dict[str, Any]:
+    if args["training"] is not False:
+        raise _Skip(f"batch_norm(training={args['training']}) normalises with batch statistics, which cannot be "
+                    "folded")
+    if args["running_mean"] is None or args["running_var"] is None:
+        raise _Skip("batch_norm without running statistics cannot be folded")
+    if not isinstance(args["eps"], (int, float)) or isinstance(args["eps"], bool):
+        raise _Skip(f"batch_norm eps={args['eps']!r} is not a constant number")
+    return {"eps": float(args["eps"])}
+
+
 # --------------------------------------------------------------------------------------------
 # The table: stock ops, and the chains of them that a fused op replaces
 
@@ -230,6 +296,7 @@ class OpSpec:
         op cannot compute this instance exactly.
     call_params: the same from a bound functional call.
     parameters: names of the module's tensors that the fused module adopts (must be nn.Parameters).
+    optional: those of ``parameters`` that may be None (a conv without bias, a non-affine BatchNorm).
     """
 
     name: str
@@ -240,6 +307,7 @@ class OpSpec:
     module_params: Callable[[nn.Module], dict[str, Any]] = _no_params
     call_params: Callable[[dict[str, Any]], dict[str, Any]] = _no_params
     parameters: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ("bias",)
 
 
 CONV2D = OpSpec("conv2d", nn.Conv2d, frozenset({F.conv2d, torch.conv2d}), signature=_conv_sig,
@@ -249,6 +317,10 @@ RELU = OpSpec("relu", nn.ReLU, frozenset({F.relu, F.relu_, torch.relu, torch.rel
 MAX_POOL2D = OpSpec("max_pool2d", nn.MaxPool2d, frozenset({F.max_pool2d, torch.max_pool2d}), signature=_pool_sig,
                     module_params=_pool_module_params, call_params=_pool_call_params)
 LINEAR = OpSpec("linear", nn.Linear, frozenset({F.linear}), signature=_linear_sig, parameters=("weight", "bias"))
+# Only F.batch_norm: torch.batch_norm orders its arguments differently (and TorchDynamo records F.batch_norm).
+BATCH_NORM2D = OpSpec("batch_norm2d", nn.BatchNorm2d, frozenset({F.batch_norm}), signature=_batch_norm_sig,
+                      module_params=_batch_norm_module_params, call_params=_batch_norm_call_params,
+                      parameters=("weight", "bias"), optional=("weight", "bias"))
 
 
 @dataclass
@@ -287,6 +359,13 @@ class Pattern:
     function: the ``lightnet_ops.functional`` op that replaces the chain in a graph.
     call_args(links, tensor): its arguments after the input (the call also gets ``backend=``);
         ``tensor`` gives the graph value of a matched op's weight/bias, whether module or function.
+        Raises _Skip where the chain has no functional form (e.g. it needs a module's train/eval mode).
+    call_kwargs(links): keyword arguments of that call besides ``backend``.
+    stand_ins(links, fused): for each link after the first, the module that takes the place of its
+        module (None: ``nn.Identity`` in a Sequential; in a graph the module is left where it is). A
+        stand-in keeps a module's tensors under its name (state_dict keys unchanged) when the fused
+        module folds it in; a graph chain whose stand-in link is a module called from more than one
+        place is not swapped.
     """
 
     kind: str
@@ -295,6 +374,9 @@ class Pattern:
     build_module: Callable[[Sequence[Link], str], nn.Module]
     function: Callable
     call_args: Callable[[Sequence[Link], TensorOf], tuple]
+    call_kwargs: Callable[[Sequence[Link]], dict[str, Any]] = lambda links: {}
+    stand_ins: Callable[[Sequence[Link], nn.Module], Sequence[Optional[nn.Module]]] = \
+        lambda links, fused: [None] * (len(links) - 1)
 
 
 def _adopt_parameters(fused: nn.Module, module: nn.Module, names: Sequence[str]) -> nn.Module:
@@ -314,9 +396,13 @@ def _conv_relu_pool_module(links: Sequence[Link], backend: str) -> nn.Module:
     fused = Conv2dReLUMaxPool2d(  # on meta: no allocation, no RNG use
         m.in_channels, m.out_channels, tuple(m.kernel_size), p["stride"], p["padding"], p["dilation"],
         bias=m.bias is not None, pool_kernel_size=q["kernel_size"], pool_stride=q["stride"], backend=backend,
-        device="meta",
+        device="meta", **_pool_kwargs(q),
     )
     return _adopt_parameters(fused, m, CONV2D.parameters)
+
+
+def _conv_relu_pool_kwargs(links: Sequence[Link]) -> dict[str, Any]:
+    return _pool_kwargs(links[-1].params)
 
 
 def _conv_relu_pool_args(links: Sequence[Link], tensor: TensorOf) -> tuple:
@@ -336,11 +422,184 @@ def _linear_relu_args(links: Sequence[Link], tensor: TensorOf) -> tuple:
     return (tensor(links[0], "weight"), tensor(links[0], "bias"))
 
 
+# --------------------------------------------------------------------------------------------
+# BatchNorm folded into the conv (eval mode): Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d
+
+
+def fold_conv_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], running_mean: torch.Tensor,
+                 running_var: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the conv that computes ``batch_norm(conv2d(x, weight, bias))`` with running
+    statistics (eval mode): the arithmetic of ``torch.nn.utils.fusion.fuse_conv_bn_weights``,
+    differentiable in every argument.
+
+    Args:
+        weight: conv weight (K, C, R, S). bias: (K) or None.
+        running_mean, running_var: (K). bn_weight, bn_bias: (K) or None (non-affine BatchNorm).
+        eps: the BatchNorm's eps.
+
+    Returns:
+        (weight (K, C, R, S), bias (K)) in the conv weight's dtype.
+    """
+    if bias is None:
+        bias = torch.zeros_like(running_mean)
+    if bn_weight is None:
+        bn_weight = torch.ones_like(running_mean)
+    if bn_bias is None:
+        bn_bias = torch.zeros_like(running_mean)
+    var_rsqrt = torch.rsqrt(running_var + eps)
+    w = (weight * (bn_weight * var_rsqrt).reshape(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype)
+    b = ((bias - running_mean) * var_rsqrt * bn_weight + bn_bias).to(weight.dtype)
+    return w, b
+
+
+def conv2d_bn_relu_maxpool2d(
+    input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], running_mean: torch.Tensor,
+    running_var: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor], eps: float,
+    stride: Any = 1, padding: Any = 0, dilation: Any = 1, pool_kernel_size: Any = 2, pool_stride: Any = None,
+    *, backend: str = "auto", **pool: Any,
+) -> torch.Tensor:
+    """``max_pool2d(relu(batch_norm(conv2d(input, weight, bias), running_mean, running_var, bn_weight,
+    bn_bias, training=False, eps=eps)))`` as the fused conv op with the BatchNorm folded into its weight
+    and bias (:func:`fold_conv_bn`, per call). Input (N, C, H, W) or (C, H, W); returns (N, K, PH, PW).
+    ``pool`` takes the fused op's further pool arguments (see :data:`POOL_SUPPORT`)."""
+    w, b = fold_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
+    return LF.conv2d_relu_maxpool2d(input, w, b, stride, padding, dilation, pool_kernel_size, pool_stride,
+                                    backend=backend, **pool)
+
+
+class FoldedBatchNorm2d(nn.BatchNorm2d):
+    """Stand-in for a BatchNorm2d folded into the :class:`Conv2dBNReLUMaxPool2d` before it.
+
+    It holds the BatchNorm's own Parameters and buffers under the BatchNorm's name, so state_dict keys,
+    checkpoints and ``isinstance(m, nn.BatchNorm2d)`` loops (freezing BN, resetting statistics) work as
+    before; its forward passes the input through, because the fused module applies the BatchNorm.
+    Input (N, K, H, W); output the same tensor.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input
+
+    @classmethod
+    def adopt(cls, bn: nn.BatchNorm2d) -> FoldedBatchNorm2d:
+        """A stand-in sharing `bn`'s tensors (the same objects), settings and training flag."""
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
+        for name in ("weight", "bias"):
+            new._parameters[name] = bn._parameters.get(name)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            new._buffers[name] = bn._buffers.get(name)
+        new.train(bn.training)
+        return new
+
+
+_FOLD_SOURCES = ("weight", "bias", "running_mean", "running_var", "bn_weight", "bn_bias")
+
+
+class Conv2dBNReLUMaxPool2d(Conv2dReLUMaxPool2d):
+    """Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d as one fused op, the BatchNorm folded into the conv.
+
+    Built by :func:`fuse` from an eval-mode chain. It holds the conv's Parameters (``weight``,
+    ``bias``) under the conv's name; the BatchNorm's tensors stay in a :class:`FoldedBatchNorm2d`
+    under the BatchNorm's name (``self.bn`` refers to it without owning it). So the state_dict keys
+    are the original model's, and a checkpoint loads either way.
+
+    While that BatchNorm is in eval mode, forward runs the fused op with the folded weight and bias
+    (non-persistent buffers ``folded_weight`` / ``folded_bias``, folded at fuse time and folded again
+    whenever a source tensor changes: an optimizer step, ``load_state_dict``, ``.to()``). When
+    gradients are needed the fold is recomputed in the autograd graph on each call, so the conv and
+    BatchNorm parameters get their exact gradients. After ``.train()`` (the BatchNorm in training
+    mode) forward is the stock chain, Conv2d -> BatchNorm2d (batch statistics, running-statistics
+    updates) -> ReLU -> MaxPool2d, on the original tensors: training never updates a folded copy.
+    Input (N, C, H, W) or (C, H, W).
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: FoldedBatchNorm2d, conv_params: dict[str, Any],
+                 pool_params: dict[str, Any], *, backend: str = "auto") -> None:
+        p, q = conv_params, pool_params
+        super().__init__(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), p["stride"], p["padding"],
+                         p["dilation"], bias=conv.bias is not None, pool_kernel_size=q["kernel_size"],
+                         pool_stride=q["stride"], backend=backend, device="meta", **_pool_kwargs(q))
+        self._pool_extra = _pool_kwargs(q)
+        self._stock_pool = {"padding": q["padding"], "ceil_mode": q["ceil_mode"]}
+        _adopt_parameters(self, conv, CONV2D.parameters)
+        self.__dict__["bn"] = bn  # not a submodule: its tensors keep the BatchNorm's state_dict keys
+        self.register_buffer("folded_weight", None, persistent=False)
+        self.register_buffer("folded_bias", None, persistent=False)
+        self._folded_from: Optional[tuple] = None
+        self.refold()
+
+    def _sources(self) -> tuple[Optional[torch.Tensor], ...]:
+        bn = self.bn
+        return (self.weight, self.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return fold_conv_bn(*self._sources(), self.bn.eps)
+
+    def _source_key(self) -> Optional[tuple]:
+        try:  # inference tensors have no version counter: no caching then
+            return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
+                         for t in self._sources()) + (self.bn.eps,)
+        except RuntimeError:
+            return None
+
+    def refold(self) -> None:
+        """Fold the BatchNorm into ``folded_weight`` / ``folded_bias`` now (forward does it when needed)."""
+        with torch.no_grad(), torch.inference_mode(False):
+            self.folded_weight, self.folded_bias = self._fold()
+        self._folded_from = self._source_key()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        if bn.training:  # batch statistics: the stock chain, on the original tensors
+            y = F.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation)
+            y = nn.BatchNorm2d.forward(bn, y)
+            return F.max_pool2d(F.relu(y), self.pool_kernel_size, self.pool_stride, **self._stock_pool)
+        sources = self._sources()
+        if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)) \
+                or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            w, b = self._fold()  # in the autograd (or traced) graph
+        else:
+            key = self._source_key()
+            if key is None or key != self._folded_from:
+                self.refold()
+            w, b = self.folded_weight, self.folded_bias
+        return LF.conv2d_relu_maxpool2d(input, w, b, self.stride, self.padding, self.dilation,
+                                        self.pool_kernel_size, self.pool_stride, backend=self.backend,
+                                        **self._pool_extra)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", batch_norm folded"
+
+
+def _conv_bn_relu_pool_module(links: Sequence[Link], backend: str) -> nn.Module:
+    conv, bn, _, pool = links
+    return Conv2dBNReLUMaxPool2d(conv.module, FoldedBatchNorm2d.adopt(bn.module), conv.params, pool.params,
+                                 backend=backend)
+
+
+def _conv_bn_stand_ins(links: Sequence[Link], fused: nn.Module) -> list[Optional[nn.Module]]:
+    return [fused.bn, None, None]
+
+
+def _conv_bn_relu_pool_args(links: Sequence[Link], tensor: TensorOf) -> tuple:
+    conv, bn, _, pool = links
+    if bn.module is not None:  # checked before any graph edit
+        raise _Skip(f"{bn.name} is a BatchNorm2d module called from more than one place (or its conv is): a "
+                    "fused call could not follow its train/eval mode")
+    p, q = conv.params, pool.params
+    return (tensor(conv, "weight"), tensor(conv, "bias"), tensor(bn, "running_mean"), tensor(bn, "running_var"),
+            tensor(bn, "weight"), tensor(bn, "bias"), bn.params["eps"], p["stride"], p["padding"], p["dilation"],
+            q["kernel_size"], q["stride"])
+
+
+
 #: Every fusion, tried in this order at each position (a longer chain that starts with the same op
 #: as a shorter one goes first); the first pattern whose chain matches decides (fused or skipped).
 PATTERNS: tuple[Pattern, ...] = (
+    Pattern(CONV_BN_KIND, (CONV2D, BATCH_NORM2D, RELU, MAX_POOL2D), Conv2dBNReLUMaxPool2d, _conv_bn_relu_pool_module,
+            conv2d_bn_relu_maxpool2d, _conv_bn_relu_pool_args, _conv_relu_pool_kwargs, _conv_bn_stand_ins),
     Pattern(CONV_KIND, (CONV2D, RELU, MAX_POOL2D), Conv2dReLUMaxPool2d, _conv_relu_pool_module,
-            LF.conv2d_relu_maxpool2d, _conv_relu_pool_args),
+            LF.conv2d_relu_maxpool2d, _conv_relu_pool_args, _conv_relu_pool_kwargs),
     Pattern(LINEAR_KIND, (LINEAR, RELU), LinearReLU, _linear_relu_module, LF.linear_relu, _linear_relu_args),
 )
 
@@ -378,7 +637,7 @@ def _check_module(op: OpSpec, name: str, module: nn.Module) -> None:
         raise _Skip(f"{name} has hooks ({', '.join(hooks)}); a module with hooks must run as itself")
     for tensor_name in op.parameters:
         value = getattr(module, tensor_name, None)
-        if value is None and tensor_name == "bias":
+        if value is None and tensor_name in op.optional:
             continue
         if isinstance(value, nn.parameter.UninitializedParameter):
             raise _Skip(f"lazy {op.name} is not initialised yet")
@@ -435,11 +694,144 @@ class _Journal:
 
 
 # --------------------------------------------------------------------------------------------
+# Speed guard: time each candidate chain alone, fused vs stock, and leave the slower ones
+
+
+def _median_times(fused: Callable[[], Any], stock: Callable[[], Any], budget_s: float = 0.3
+                  ) -> tuple[float, float]:
+    """Median seconds per call of `fused` and `stock`, interleaved (same machine state for both)."""
+    for f in (fused, stock, fused, stock):  # warm-up: first-call allocations, kernel plans, caches
+        f()
+    start = time.perf_counter()
+    fused()
+    stock()
+    one = max(time.perf_counter() - start, 1e-7)
+    rounds = int(min(max(budget_s / one, 5), 41))
+    tf: list[float] = []
+    ts: list[float] = []
+    for i in range(rounds):
+        for f, out in ((fused, tf), (stock, ts)) if i % 2 == 0 else ((stock, ts), (fused, tf)):
+            t0 = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(tf), statistics.median(ts)
+
+
+class _Guard:
+    """Per-chain speed check for ``fuse(guard_input=...)``: the input shape each module saw on one run of
+    the model, and the ratio fused/stock above which a chain is left alone."""
+
+    def __init__(self, model: nn.Module, inputs: tuple, ratio: float) -> None:
+        self.ratio = ratio
+        self.seen: dict[int, set] = collections.defaultdict(set)
+
+        def record(module: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                t = args[0]
+                self.seen[id(module)].add((tuple(t.shape), t.dtype, t.device))
+
+        handles = [m.register_forward_pre_hook(record) for m in model.modules()]
+        state = {k: v.clone() for k, v in model.named_buffers()}
+        try:  # one run, then every buffer (BatchNorm statistics...) and the RNG put back
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                model(*inputs)
+        finally:
+            for h in handles:
+                h.remove()
+            with torch.no_grad():
+                for k, v in model.named_buffers():
+                    v.copy_(state[k])
+
+    def check(self, pattern: Pattern, links: Sequence[Link], gm: Optional[fx.GraphModule], backend: str,
+              new_module: Optional[nn.Module]) -> Optional[tuple[float, float]]:
+        """(fused, stock) seconds of this chain at the shape its first module saw, or None where it cannot
+        be timed (a functional first op, several shapes, a value only known at run time); raises _Skip
+        when fused / stock > ratio."""
+        first = links[0]
+        shapes = self.seen.get(id(first.module)) if first.module is not None else None
+        if not shapes or len(shapes) != 1:
+            return None
+        shape, dtype, device = next(iter(shapes))
+        x = torch.randn(shape, dtype=dtype, device=device) if dtype.is_floating_point else None
+        if x is None:
+            return None
+
+        def value(link: Link, name: str) -> Any:
+            if link.module is not None:
+                return getattr(link.module, name)
+            return _node_value(gm, link.args[name])
+
+        try:
+            stock_ops = [_stock_call(link, gm) for link in links]
+            if new_module is not None:
+                fused_call = functools.partial(new_module, x)
+            else:
+                args = pattern.call_args(links, value)
+                fused_call = functools.partial(pattern.function, x, *args, **pattern.call_kwargs(links),
+                                               backend=backend)
+        except _NotTimed:
+            return None
+
+        def stock_call() -> Any:
+            y = x
+            for op in stock_ops:
+                y = op(y)
+            return y
+
+        with torch.no_grad():
+            tf, ts = _median_times(fused_call, stock_call)
+        if tf > self.ratio * ts:
+            raise _SlowerSkip(f"fused chain slower than stock at input {tuple(shape)}: {tf * 1e6:.0f} us vs "
+                              f"{ts * 1e6:.0f} us", (tf, ts))
+        return tf, ts
+
+
+class _NotTimed(Exception):
+    pass
+
+
+class _SlowerSkip(_Skip):
+    def __init__(self, message: str, times: tuple[float, float]) -> None:
+        super().__init__(message)
+        self.times = times
+
+
+def _node_value(gm: Optional[fx.GraphModule], value: Any) -> Any:
+    """A graph argument's value where it is known before running (constants, get_attr), else _NotTimed."""
+    if isinstance(value, fx.Node):
+        if value.op == "get_attr" and gm is not None:
+            obj: Any = gm
+            for part in str(value.target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        raise _NotTimed
+    if isinstance(value, (list, tuple)):
+        return type(value)(_node_value(gm, v) for v in value)
+    return value
+
+
+def _stock_call(link: Link, gm: Optional[fx.GraphModule]) -> Callable[[torch.Tensor], Any]:
+    """The op of `link` as it runs in the model, as a function of its input."""
+    if link.module is not None:
+        return link.module
+    node = link.node
+    if node.op == "call_method":
+        return lambda x: getattr(x, node.target)()
+    args = [_node_value(gm, a) if a is not link.input else None for a in node.args]
+    kwargs = {k: _node_value(gm, v) for k, v in node.kwargs.items() if v is not link.input}
+    pos = next((i for i, a in enumerate(node.args) if a is link.input), None)
+    if pos is None:
+        key = next(k for k, v in node.kwargs.items() if v is link.input)
+        return lambda x: node.target(*args, **{**kwargs, key: x})
+    return lambda x: node.target(*args[:pos], x, *args[pos + 1:], **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
 # Module pass: nn.Sequential children
 
 
 def _fuse_sequentials(root: nn.Module, backend: str, fused: list[FusedChain], skipped: list[FusedChain],
-                      journal: _Journal) -> None:
+                      journal: _Journal, guard: Optional[_Guard] = None) -> None:
     patterns = PATTERNS
     for seq_name, seq in list(root.named_modules()):
         if not _plain(seq, nn.Sequential):
@@ -459,13 +851,15 @@ def _fuse_sequentials(root: nn.Module, backend: str, fused: list[FusedChain], sk
                 try:
                     _resolve(links)
                     new = pattern.build_module(links, backend)
+                    times = guard.check(pattern, links, None, backend, new) if guard is not None else None
                 except _Skip as e:
-                    skipped.append(FusedChain(pattern.kind, tuple(names[i:i + n]), "module", str(e)))
+                    skipped.append(FusedChain(pattern.kind, tuple(names[i:i + n]), "module", str(e),
+                                              times=getattr(e, "times", None)))
                     break
                 journal.set_child(seq, keys[i], new)
-                for key in keys[i + 1:i + n]:
-                    journal.set_child(seq, key, nn.Identity())
-                fused.append(FusedChain(pattern.kind, tuple(names[i:i + n]), "module"))
+                for key, stand_in in zip(keys[i + 1:i + n], pattern.stand_ins(links, new)):
+                    journal.set_child(seq, key, nn.Identity() if stand_in is None else stand_in)
+                fused.append(FusedChain(pattern.kind, tuple(names[i:i + n]), "module", times=times))
                 step = n
                 break
             i += step
@@ -527,19 +921,23 @@ def _parent_of(root: nn.Module, target: str) -> tuple[nn.Module, str]:
 
 
 def _rewrite(gm: fx.GraphModule, pattern: Pattern, links: Sequence[Link], backend: str, swap_module: bool,
-             journal: _Journal) -> None:
+             journal: _Journal, new_module: Optional[nn.Module] = None) -> None:
     """Replace the chain's nodes by one call of the fused module (swap_module: the first op is a
     module called from this one place) or of the fused function."""
     graph = gm.graph
     first, last = links[0], links[-1]
-    new_module = None
-    if swap_module:
+    if swap_module and new_module is None:
         new_module = pattern.build_module(links, backend)
+    elif not swap_module:
+        new_module = None
     journal.keep_graph(gm)
     with graph.inserting_before(last.node):
         if new_module is not None:
             parent, leaf = _parent_of(gm, first.node.target)
             journal.set_child(parent, leaf, new_module)
+            for link, stand_in in zip(links[1:], pattern.stand_ins(links, new_module)):
+                if stand_in is not None:
+                    journal.set_child(*_parent_of(gm, link.node.target), stand_in)
             new = graph.call_module(first.node.target, (first.input,))
         else:
             def tensor(link: Link, name: str) -> Any:
@@ -548,16 +946,20 @@ def _rewrite(gm: fx.GraphModule, pattern: Pattern, links: Sequence[Link], backen
                 return graph.get_attr(f"{link.node.target}.{name}") if getattr(link.module, name) is not None \
                     else None
 
-            new = graph.call_function(pattern.function, (first.input, *pattern.call_args(links, tensor)),
-                                      {"backend": backend})
+            args = pattern.call_args(links, tensor)
+            new = graph.call_function(pattern.function, (first.input, *args),
+                                      {**pattern.call_kwargs(links), "backend": backend})
     new.meta = dict(last.node.meta)
     last.node.replace_all_uses_with(new)
     for link in reversed(links):
         graph.erase_node(link.node)
 
 
-def _fuse_graph(gm: fx.GraphModule, backend: str, use_modules: bool, journal: _Journal
+def _fuse_graph(gm: fx.GraphModule, backend: str, use_modules: bool, journal: _Journal,
+                guard: Optional[_Guard] = None, decided: Callable[[tuple[str, ...]], bool] = lambda modules: False
                 ) -> tuple[list[FusedChain], list[FusedChain]]:
+    """See fuse_graph. decided(modules): the module pass already left this chain of modules alone (and
+    said why): the graph pass leaves it too, unreported."""
     graph = gm.graph
     patterns = PATTERNS
     fused: list[FusedChain] = []
@@ -572,16 +974,24 @@ def _fuse_graph(gm: fx.GraphModule, backend: str, use_modules: bool, journal: _J
                 continue
             links, shared = found
             names = tuple(link.name for link in links)
+            modules = tuple(str(link.node.target) if link.node.op == "call_module" else "" for link in links)
+            if decided(modules):
+                break
             try:
                 if shared:
                     raise _Skip(shared)
                 _resolve(links)
-                swap = use_modules and links[0].module is not None and call_sites[node.target] == 1
-                _rewrite(gm, pattern, links, backend, swap, journal)
+                # the module form adopts the modules of the first op and of every op with tensors (a
+                # BatchNorm): each must be a module called from this one place
+                swap = use_modules and all(link.module is not None and call_sites[link.node.target] == 1
+                                           for j, link in enumerate(links) if j == 0 or link.op.parameters)
+                new_module = pattern.build_module(links, backend) if swap else None
+                times = guard.check(pattern, links, gm, backend, new_module) if guard is not None else None
+                _rewrite(gm, pattern, links, backend, swap, journal, new_module)
             except _Skip as e:
-                skipped.append(FusedChain(pattern.kind, names, "graph", str(e)))
+                skipped.append(FusedChain(pattern.kind, names, "graph", str(e), modules, getattr(e, "times", None)))
             else:
-                fused.append(FusedChain(pattern.kind, names, "graph"))
+                fused.append(FusedChain(pattern.kind, names, "graph", modules=modules, times=times))
             break
     if fused:
         graph.lint()
@@ -655,7 +1065,8 @@ def _copy_training_flags(original: nn.Module, gm: nn.Module) -> None:
 
 
 def _fuse_traced(module: nn.Module, qualname: str, backend: str, fused: list[FusedChain],
-                 skipped: list[FusedChain], notes: list[str], journal: _Journal) -> Optional[nn.Module]:
+                 skipped: list[FusedChain], notes: list[str], journal: _Journal,
+                 guard: Optional[_Guard] = None) -> Optional[nn.Module]:
     """Trace `module` with torch.fx and fuse its graph; a GraphModule if anything was fused, else None.
     If it cannot be traced, try its children (replacing them in place)."""
     if _is_leaf(module):
@@ -670,12 +1081,15 @@ def _fuse_traced(module: nn.Module, qualname: str, backend: str, fused: list[Fus
         else:
             gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
             journal.new_graph_module(gm)
-            f, s = _fuse_graph(gm, backend, True, journal)
             prefix = f"{qualname}." if qualname else ""
-            skipped.extend(FusedChain(c.kind, tuple(prefix + n for n in c.names), c.where, c.reason) for c in s)
+            reported = {c.names for c in skipped if c.where == "module"}
+            f, s = _fuse_graph(gm, backend, True, journal, guard,
+                               lambda modules: tuple(prefix + m for m in modules) in reported)
+            skipped.extend(FusedChain(c.kind, tuple(prefix + n for n in c.names), c.where, c.reason, times=c.times)
+                           for c in s)
             if not f:
                 return None
-            fused.extend(FusedChain(c.kind, tuple(prefix + n for n in c.names), c.where) for c in f)
+            fused.extend(FusedChain(c.kind, tuple(prefix + n for n in c.names), c.where, times=c.times) for c in f)
             _restore_state_keys(module, gm)
             _copy_training_flags(module, gm)
             return gm
@@ -683,7 +1097,7 @@ def _fuse_traced(module: nn.Module, qualname: str, backend: str, fused: list[Fus
         if child is None:
             continue
         new = _fuse_traced(child, f"{qualname}.{name}" if qualname else name, backend, fused, skipped, notes,
-                           journal)
+                           journal, guard)
         if new is not None:
             journal.set_child(module, name, new)
     return None
@@ -705,7 +1119,8 @@ def _copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", verbose: bool = False) -> nn.Module:
+def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", verbose: bool = False,
+         guard_input: Union[torch.Tensor, tuple, None] = None, guard_ratio: float = 1.0) -> nn.Module:
     """Replace Conv2d->ReLU->MaxPool2d and Linear->ReLU chains (:data:`PATTERNS`) in `model` with the fused ops.
 
     Results and state_dict keys do not change: checkpoints of the original load into the fused
@@ -721,6 +1136,14 @@ def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", verb
             restored before it propagates. Default: work on a deep copy.
         backend: backend of the fused ops: "auto", "cpu", "cuda", "triton" or "reference".
         verbose: print what was fused and which candidates were left alone and why.
+        guard_input: an example input (a tensor, or a tuple of forward's arguments). When given, the
+            model runs once on it (no_grad; buffers and the RNG state are put back) to see each chain's
+            input shape, and each candidate chain is timed alone at that shape, fused against stock
+            (inference, median of interleaved calls); a chain whose fused form takes more than
+            ``guard_ratio`` times the stock time is left alone (in ``skipped_chains``, with both
+            times). Chains that cannot be timed this way (their first op is a function call, or it
+            saw several shapes) are fused untimed.
+        guard_ratio: see guard_input.
 
     Returns:
         The fused model. ``.fused_chains`` lists the fused chains (:class:`FusedChain`),
@@ -731,19 +1154,22 @@ def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", verb
     if backend != "auto" and backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKEND_NAMES}")
     root = model if inplace else _copy_model(model)
+    guard = None
+    if guard_input is not None:
+        guard = _Guard(root, guard_input if isinstance(guard_input, tuple) else (guard_input,), guard_ratio)
     fused: list[FusedChain] = []
     skipped: list[FusedChain] = []
     notes: list[str] = []
     journal = _Journal()
     try:
         if isinstance(root, fx.GraphModule):
-            f, s = _fuse_graph(root, backend, True, journal)
+            f, s = _fuse_graph(root, backend, True, journal, guard)
             fused += f
             skipped += s
             result: nn.Module = root
         else:
-            _fuse_sequentials(root, backend, fused, skipped, journal)
-            result = _fuse_traced(root, "", backend, fused, skipped, notes, journal) or root
+            _fuse_sequentials(root, backend, fused, skipped, journal, guard)
+            result = _fuse_traced(root, "", backend, fused, skipped, notes, journal, guard) or root
         journal.set_attr(result, "fused_chains", fused)
         journal.set_attr(result, "skipped_chains", skipped)
     except BaseException:
