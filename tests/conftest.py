@@ -96,16 +96,24 @@ def _seed():
     yield
 
 
-#: Tests that start another interpreter or process group, compile, or train: several seconds to
-#: minutes each on a 2-core machine. Marked `slow` here (tests may also carry the mark themselves);
-#: `make test-fast` (pytest -m "not slow") leaves them out, `make test` runs them.
+#: Tests that start another interpreter or process group, compile, or train, and the single cases
+#: over ~10 s on a 2-core machine (`file::test` marks every case, `file::test[id]` one). Marked `slow`
+#: here (tests may also carry the mark themselves): `make test-fast` (pytest -m "not slow") leaves
+#: them out, `make test` runs them.
 SLOW_TESTS = {
     "test_api.py::test_import_without_built_extension_keeps_reference_and_says_how_to_build",
+    "test_api.py::test_raw_ops_are_differentiable[True]",
     "test_bench.py::test_module_entry_point_runs",
+    "test_compile_backend.py::test_inductor_handoff_uses_fused_forward_and_backward_ops",
     "test_compile_backend.py::test_lazy_registration_in_fresh_process",
     "test_compile_backend.py::test_three_ways_example_runs",
+    "test_conv2d_relu_maxpool2d.py::test_cpu_winograd_forward_shapes",
+    "test_conv2d_relu_maxpool2d.py::test_fuzz_against_reference[triton]",
+    "test_conv2d_relu_maxpool2d.py::test_gradcheck[small-reference-cpu]",
     "test_ddp.py::test_ddp_matches_single_process",
+    "test_fuse.py::test_torchvision_fused_matches_original[vgg11-32-expect0]",
     "test_training.py::test_example_script_runs",
+    "test_training.py::test_float64_training_parity_and_accuracy",
     "test_triton_kernels.py::test_cpu_tensors_without_interpreter_raise_a_clear_error",
     "test_triton_kernels.py::test_kernels_compile_for_sm90_without_a_gpu",
 }
@@ -114,13 +122,16 @@ SLOW_TESTS = {
 def pytest_collection_modifyitems(config, items):
     modules = {}
     for item in items:
-        if f"{item.path.name}::{item.originalname}" in SLOW_TESTS:
+        if {f"{item.path.name}::{item.originalname}", f"{item.path.name}::{item.name}"} & SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
         if getattr(item, "module", None) is not None:
             modules[item.path.name] = item.module
     # A renamed test would silently slow the fast tier down: fail when a listed test is gone from its file.
-    stale = sorted(n for n in SLOW_TESTS if n.split("::")[0] in modules
-                   and not hasattr(modules[n.split("::")[0]], n.split("::")[1]))
+    stale = []
+    for entry in sorted(SLOW_TESTS):
+        file, test = entry.split("::")
+        if file in modules and not hasattr(modules[file], test.split("[")[0]):
+            stale.append(entry)
     if stale:
         raise pytest.UsageError(f"tests/conftest.py SLOW_TESTS names tests that do not exist: {stale}")
 
