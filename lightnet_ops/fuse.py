@@ -752,9 +752,9 @@ class _Guard:
         if not shapes or len(shapes) != 1:
             return None
         shape, dtype, device = next(iter(shapes))
-        x = torch.randn(shape, dtype=dtype, device=device) if dtype.is_floating_point else None
-        if x is None:
+        if not dtype.is_floating_point:
             return None
+        x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device)  # global RNG untouched
 
         def value(link: Link, name: str) -> Any:
             if link.module is not None:

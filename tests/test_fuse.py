@@ -936,3 +936,332 @@ def test_new_pattern_entry_is_used_by_both_passes(monkeypatch):
     assert_close_rel(gx1, gx0, 1e-12, "input grad")
     for n in g0:
         assert_close_rel(g1[n], g0[n], 1e-12, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm2d folded into Conv2d -> ReLU -> MaxPool2d (eval mode)
+
+
+BN_KIND = "conv2d_bn_relu_maxpool2d"
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so that a wrong fold shows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                dt = m.running_mean.dtype
+                m.running_mean.copy_(torch.rand(m.num_features, generator=gen, dtype=dt) * 2 - 1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen, dtype=dt) * 1.5 + 0.25)
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.num_features, generator=gen, dtype=dt) * 3 - 1.5)
+                    m.bias.copy_(torch.rand(m.num_features, generator=gen, dtype=dt) - 0.5)
+    return model
+
+
+def _bn_seq(bias: bool = True, affine: bool = True) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=bias), nn.BatchNorm2d(6, affine=affine), nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, bias=not bias), nn.BatchNorm2d(8, eps=1e-3, affine=affine), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Flatten(), nn.Linear(8 * 1 * 1, 5),
+    )
+
+
+class BasicConv2d(nn.Module):
+    """torchvision GoogLeNet / Inception's block: conv + bn in a module whose forward calls F.relu."""
+
+    def __init__(self, cin: int, cout: int, **kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, bias=False, **kwargs)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.bn(x)
+        return F.relu(x, inplace=True)
+
+
+class BasicConvNet(nn.Module):
+    """Chains that cross module boundaries: BasicConv2d, then a pool in the parent."""
+
+    def __init__(self, affine: bool = True, conv_bias: bool = False):
+        super().__init__()
+        self.b1 = BasicConv2d(3, 6, kernel_size=3, padding=1)
+        self.pool1 = nn.MaxPool2d(2)
+        self.b2 = BasicConv2d(6, 8, kernel_size=3)
+        if conv_bias:
+            self.b1.conv = nn.Conv2d(3, 6, 3, padding=1)
+        if not affine:
+            self.b2.bn = nn.BatchNorm2d(8, eps=0.001, affine=False)
+        self.fc = nn.Linear(8 * 2 * 2, 5)
+
+    def forward(self, x):
+        x = self.pool1(self.b1(x))
+        x = F.max_pool2d(self.b2(x), 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+class FunctionalBN(nn.Module):
+    """F.batch_norm(training=False) written out: a graph function call (also what TorchDynamo captures)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        bn = self.bn
+        y = F.batch_norm(self.conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps)
+        return F.max_pool2d(torch.relu(y), 2)
+
+
+def _check_parity64(model: nn.Module, fused: nn.Module, x: torch.Tensor, rel: float = 1e-10) -> None:
+    """Outputs, input gradient and every parameter gradient (eval mode) agree to `rel`."""
+    g = None
+    y0, gx0, g0 = _out_and_grads(model, x, g)
+    y1, gx1, g1 = _out_and_grads(fused, x, g)
+    assert _max_abs(y0) > 0
+    assert_close_rel(y1, y0, rel, "output")
+    assert_close_rel(gx1, gx0, rel, "input grad")
+    assert g1.keys() == g0.keys()
+    for n in g0:
+        assert _max_abs(g0[n]) > 0, n
+        assert_close_rel(g1[n], g0[n], rel, n)
+    with torch.no_grad():  # the cached fold (no autograd graph) gives the same numbers
+        assert_close_rel(fused(x), y0, rel, "no_grad output")
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "non-affine"])
+@pytest.mark.parametrize("bias", [True, False], ids=["conv-bias", "no-conv-bias"])
+def test_bn_folded_sequential_float64(bias, affine):
+    torch.manual_seed(20)
+    model = _randomize_bn(_bn_seq(bias, affine).double()).eval()
+    keys = list(model.state_dict().keys())
+    fused = lo.fuse(model)
+    assert _fused_kinds(fused) == [BN_KIND, BN_KIND] and fused.skipped_chains == []
+    assert isinstance(fused[0], fuse_mod.Conv2dBNReLUMaxPool2d) and isinstance(fused[0], lo.Conv2dReLUMaxPool2d)
+    assert type(fused[1]) is fuse_mod.FoldedBatchNorm2d and isinstance(fused[2], nn.Identity)
+    assert fused[0].bn is fused[1]  # the fused module applies the stand-in's BatchNorm
+    assert list(fused.state_dict().keys()) == keys  # the BN entries included, in the same order
+    assert (fused[0].bias is None) == (not bias) and (fused[1].weight is None) == (not affine)
+    # the fold happened at fuse time, into non-persistent buffers
+    assert fused[0].folded_weight is not None and "0.folded_weight" not in fused.state_dict()
+    _check_parity64(model, fused, torch.randn(3, 3, 12, 12, dtype=torch.float64))
+
+
+def test_bn_fold_is_fuse_conv_bn_weights_arithmetic():
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    torch.manual_seed(21)
+    for bias, affine in ((True, True), (False, False)):
+        conv, bn = _bn_seq(bias, affine)[:2]
+        _randomize_bn(bn)
+        w, b = fuse_mod.fold_conv_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                     bn.eps)
+        w0, b0 = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                                      bn.bias)
+        assert torch.equal(w, w0) and torch.equal(b, b0)
+
+
+@pytest.mark.parametrize("make", [BasicConvNet, lambda: BasicConvNet(affine=False, conv_bias=True), FunctionalBN],
+                         ids=["basic-conv", "basic-conv-nonaffine-bias", "functional-batch-norm"])
+def test_bn_folded_across_module_boundaries_float64(make):
+    torch.manual_seed(22)
+    model = _randomize_bn(make().double()).eval()
+    keys = set(model.state_dict().keys())
+    fused = lo.fuse(model)
+    assert isinstance(fused, fx.GraphModule)
+    assert set(fused.state_dict().keys()) == keys
+    if isinstance(model, BasicConvNet):
+        # the chain runs through BasicConv2d (conv, bn, F.relu) into the parent's pool: found in the traced graph
+        assert [(c.kind, c.names) for c in fused.fused_chains] == [
+            (BN_KIND, ("b1_conv", "b1_bn", "relu", "pool1")), (BN_KIND, ("b2_conv", "b2_bn", "relu_1", "max_pool2d"))]
+        assert isinstance(fused.b1.conv, fuse_mod.Conv2dBNReLUMaxPool2d)
+        assert type(fused.b1.bn) is fuse_mod.FoldedBatchNorm2d and fused.b1.conv.bn is fused.b1.bn
+        assert "batch_norm" not in fused.code and "relu(" not in fused.code
+    else:  # a functional BatchNorm is folded by the fused call itself, on each call
+        assert _fused_kinds(fused) == [BN_KIND] and "conv2d_bn_relu_maxpool2d" in fused.code
+        assert not any(isinstance(m, fuse_mod.FoldedBatchNorm2d) for m in fused.modules())
+    _check_parity64(model, fused, torch.randn(2, 3, 13, 13, dtype=torch.float64))
+
+
+def test_bn_folded_float32_within_stock_error():
+    torch.manual_seed(23)
+    model = _randomize_bn(_bn_seq()).eval()
+    fused = lo.fuse(model)
+    assert _fused_kinds(fused) == [BN_KIND, BN_KIND]
+    ref = copy.deepcopy(model).double()
+    x = torch.randn(8, 3, 12, 12)
+    with torch.no_grad():
+        y_r, y_s, y_f = ref(x.double()), model(x), fused(x)
+    err_f, err_s = _max_abs(y_f.double() - y_r), _max_abs(y_s.double() - y_r)
+    assert err_f <= 8 * err_s + 1e-6 * _max_abs(y_r), (err_f, err_s)
+
+
+@pytest.mark.parametrize("form", ["sequential", "graph"])
+def test_bn_train_mode_chain_left_alone(form):
+    torch.manual_seed(24)
+    model = (_bn_seq() if form == "sequential" else BasicConvNet()).double().train()
+    twin = copy.deepcopy(model)
+    fused = lo.fuse(model)
+    assert BN_KIND not in _fused_kinds(fused)
+    bn_skips = [c for c in fused.skipped_chains if c.kind == BN_KIND]
+    assert len(bn_skips) == 2, fused.skipped_chains  # each chain reported once
+    assert all("training mode" in c.reason and "model.eval()" in c.reason for c in bn_skips)
+    assert not any(isinstance(m, fuse_mod.FoldedBatchNorm2d) for m in fused.modules())
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), twin(x), rtol=1e-12, atol=1e-12)  # batch statistics, as before
+    for a, b in zip(fused.state_dict().values(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # running statistics updated alike
+
+
+def test_bn_without_running_stats_left_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                          nn.MaxPool2d(2)).eval()
+    fused = lo.fuse(model)
+    assert fused.fused_chains == [] and "track_running_stats=False" in fused.skipped_chains[0].reason
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+
+
+def test_bn_module_called_twice_left_alone():
+    class SharedBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+            return self.bn(y)  # the BatchNorm runs a second time: it cannot become a pass-through
+
+    model = _randomize_bn(SharedBN().double()).eval()
+    fused = lo.fuse(model)
+    assert fused.fused_chains == []
+    assert "called from more than one place" in fused.skipped_chains[0].reason
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("form", ["sequential", "graph"])
+def test_bn_folded_train_unfolds_and_eval_refolds(form):
+    """.train() on a model with a folded BatchNorm runs the stock chain on the original tensors (batch
+    statistics, running-statistics updates, exact gradients); .eval() folds the updated tensors."""
+    torch.manual_seed(25)
+    make = _bn_seq if form == "sequential" else BasicConvNet
+    twin = _randomize_bn(make().double()).eval()
+    fused = lo.fuse(copy.deepcopy(twin))
+    assert _fused_kinds(fused) == [BN_KIND, BN_KIND]
+    opt_t = torch.optim.SGD(twin.parameters(), lr=0.05)
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.05)
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
+    twin.train()
+    fused.train()
+    for _ in range(2):
+        yt, gxt, gt = _out_and_grads(twin, x)
+        yf, gxf, gf = _out_and_grads(fused, x)
+        assert_close_rel(yf, yt, 1e-10, "train output")
+        for n in gt:
+            assert_close_rel(gf[n], gt[n], 1e-10, n)
+        opt_t.step()
+        opt_f.step()
+    for (k, a), b in zip(twin.state_dict().items(), fused.state_dict().values()):
+        assert_close_rel(b.double(), a.double(), 1e-10, k)  # running stats, num_batches_tracked, weights
+    assert twin.state_dict()[[k for k in twin.state_dict() if k.endswith("num_batches_tracked")][0]] == 2
+    twin.eval()
+    fused.eval()
+    with torch.no_grad():
+        assert_close_rel(fused(x), twin(x), 1e-10, "eval output after training")
+
+
+def test_bn_folded_state_dict_round_trip_refolds():
+    torch.manual_seed(26)
+    a = _randomize_bn(_bn_seq().double(), seed=1).eval()
+    b = _randomize_bn(_bn_seq().double(), seed=2).eval()
+    fused_b = lo.fuse(b)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    with torch.no_grad():
+        y_b = fused_b(x)  # caches b's fold
+        fused_b.load_state_dict(a.state_dict(), strict=True)  # stock checkpoint -> fused model
+        assert_close_rel(fused_b(x), a(x), 1e-10, "fused model after loading a's checkpoint")
+        assert not torch.allclose(y_b, a(x))
+        c = _randomize_bn(_bn_seq().double(), seed=3).eval()
+        c.load_state_dict(fused_b.state_dict(), strict=True)  # fused checkpoint -> stock model
+        for k, v in a.state_dict().items():
+            assert torch.equal(c.state_dict()[k], v), k
+
+
+def test_bn_folded_follows_in_place_updates_and_dtype_moves():
+    torch.manual_seed(27)
+    model = _randomize_bn(_bn_seq()).eval()
+    fused = lo.fuse(model, inplace=True)  # shares the tensors with `model`
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        model[5].running_var.mul_(2)  # an in-place change of a BatchNorm buffer
+        model[0].weight.add_(0.1)     # and of a conv weight
+        twin = _randomize_bn(_bn_seq()).eval()
+        twin.load_state_dict(model.state_dict())
+        torch.testing.assert_close(fused(x), twin(x), rtol=1e-5, atol=1e-5)
+        fused.double()
+        assert fused[0].weight.dtype == torch.float64
+        assert_close_rel(fused(x.double()), twin.double()(x.double()), 1e-10, "after .double()")
+        assert fused[0].folded_weight.dtype == torch.float64
+
+
+def test_bn_folded_hooked_batchnorm_left_alone():
+    model = _bn_seq().eval()
+    model[1].register_forward_hook(lambda m, i, o: o * 2)
+    fused = lo.fuse(model)
+    assert _fused_kinds(fused) == [BN_KIND]  # only the second chain
+    assert "1 has hooks" in fused.skipped_chains[0].reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed guard and the pool capability flags
+
+
+def test_speed_guard_leaves_slower_chains_and_records_times():
+    torch.manual_seed(28)
+    model = _randomize_bn(_bn_seq()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    # every timed chain loses against ratio 0: all left alone, with their times
+    fused = lo.fuse(model, guard_input=x, guard_ratio=0.0)
+    assert fused.fused_chains == []
+    assert len(fused.skipped_chains) == 2
+    for c in fused.skipped_chains:
+        assert "slower than stock at input" in c.reason and c.times is not None and min(c.times) > 0
+    assert not any(isinstance(m, lo.Conv2dReLUMaxPool2d) for m in fused.modules())
+    # and every one wins against an infinite ratio
+    fused = lo.fuse(model, guard_input=(x,), guard_ratio=float("inf"))
+    assert _fused_kinds(fused) == [BN_KIND, BN_KIND]
+    assert all(c.times is not None for c in fused.fused_chains)
+    assert "us, stock" in str(fused.fused_chains[0])
+
+
+def test_speed_guard_run_leaves_state_and_rng_alone():
+    torch.manual_seed(29)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.5),
+                          nn.Conv2d(4, 4, 1), nn.ReLU(), nn.MaxPool2d(2)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 12, 12)
+    rng = torch.get_rng_state()
+    fused = lo.fuse(model, guard_input=x, guard_ratio=float("inf"))
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert _fused_kinds(fused) == ["conv2d_relu_maxpool2d"]  # the BN chain is in training mode
+    assert not any(m._forward_pre_hooks for m in fused.modules())  # the shape-recording hooks are gone
+
+
+def test_pool_support_flags_drive_the_skip(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1, ceil_mode=True))
+    assert "padding" in lo.fuse(model).skipped_chains[0].reason
+    monkeypatch.setattr(fuse_mod, "POOL_SUPPORT", fuse_mod.PoolSupport(padding=True))
+    assert "ceil_mode=True" in lo.fuse(model).skipped_chains[0].reason
+    # with both flags the chain is taken, and the fused op gets the pool's padding and ceil mode
+    monkeypatch.setattr(fuse_mod, "POOL_SUPPORT", fuse_mod.PoolSupport(padding=True, ceil_mode=True))
+    link = fuse_mod.Link(fuse_mod.MAX_POOL2D, "2", module=model[2])
+    fuse_mod._resolve([link])
+    assert fuse_mod._pool_kwargs(link.params) == {"pool_padding": (1, 1), "pool_ceil_mode": True}
