@@ -293,3 +293,63 @@ def test_pattern_table_drives_the_backend(monkeypatch):
     torch.testing.assert_close(compiled(x), F.relu6(lin(x)), rtol=1e-12, atol=1e-12)
     assert _kinds() == ["linear_relu6"]
     assert "linear_relu6" in compile_backend.reports[-1].code
+
+
+class BasicConvBN(nn.Module):
+    """torchvision's BasicConv2d (conv + bn, F.relu in its forward) followed by a pool in the parent."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6, eps=1e-3)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)), inplace=True)
+        return self.fc(self.pool(x).flatten(1))
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(8)
+    model = BasicConvBN().double()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.weight.uniform_(-2, 2)
+        model.bn.bias.uniform_(-1, 1)
+    return model
+
+
+def test_batch_norm_chain_folded_in_eval_and_left_alone_in_training():
+    eager = _bn_model().eval()
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="lightnet_ops")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yc = eager(xe), compiled(xc)
+    torch.testing.assert_close(yc, ye, rtol=1e-10, atol=1e-12)
+    ye.sum().backward()
+    yc.sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-10, atol=1e-12)
+    for (n, pe), (_, pc) in zip(eager.named_parameters(), model.named_parameters()):
+        assert pe.grad.abs().max() > 0, n
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-10, atol=1e-12, msg=n)
+    assert _kinds() == ["conv2d_bn_relu_maxpool2d"]
+    assert "batch_norm" not in compile_backend.reports[-1].code.replace("conv2d_bn_relu_maxpool2d", "")
+    # training mode: Dynamo recaptures with batch_norm(training=True), which is not folded
+    eager.train()
+    model.train()
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-10, atol=1e-12)
+    assert "training=True" in " ".join(c.reason for c in compile_backend.reports[-1].skipped)
+    torch.testing.assert_close(model.bn.running_mean, eager.bn.running_mean, rtol=1e-12, atol=1e-12)
+
+
+def test_compiles_a_model_fused_with_folded_batch_norm():
+    eager = _bn_model().eval()
+    fused = lo.fuse(eager)
+    assert [c.kind for c in fused.fused_chains] == ["conv2d_bn_relu_maxpool2d"]
+    compiled = torch.compile(fused, backend="lightnet_ops")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-10, atol=1e-12)
