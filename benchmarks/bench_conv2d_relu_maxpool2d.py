@@ -1,5 +1,6 @@
 """conv2d_relu_maxpool2d: LightNet conv1/conv2 at batch 1/64/256 and the VGG-style block, forward and
-forward+backward, for every backend this install has plus stock eager and torch.compile."""
+forward+backward, conv1/conv2 at batch 8 forward, for every backend this install has plus stock eager
+and torch.compile."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""LightNet (fused, per backend) vs StockLightNet (eager and torch.compile), same initialisation:
-inference forward and the SGD training step (forward, cross-entropy, backward, step) at batch 64 and 256."""
+"""LightNet (fused, per backend) vs StockLightNet (eager, torch.compile, and ONNX Runtime for inference
+when it is installed), same initialisation: inference forward at batch 1, 8, 64 and 256 and the SGD
+training step (forward, cross-entropy, backward, step) at batch 64 and 256."""
 
 from __future__ import annotations
 

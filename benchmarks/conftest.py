@@ -61,6 +61,7 @@ def bench_run():
         if runner.forward_with_grad is not None:
             saved = lb.saved_activation_bytes(runner.forward_with_grad, runner.exclude)
             benchmark.extra_info.update(saved_bytes=saved, saved_bytes_per_sample=saved / case.batch)
-        benchmark.extra_info["peak_bytes"] = lb.peak_bytes(runner.fn, DEVICE)
+        if runner.torch_memory:
+            benchmark.extra_info["peak_bytes"] = lb.peak_bytes(runner.fn, DEVICE)
 
     return run

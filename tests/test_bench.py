@@ -19,6 +19,8 @@ import torch
 
 import lightnet_ops as lo
 import lightnet_ops.bench as lb
+import lightnet_ops.bench.ops as bench_ops
+import lightnet_ops.bench.sweep as sweep
 
 needs_extension = pytest.mark.skipif(not lo._ops.EXTENSION_AVAILABLE, reason="needs the built extension (cpu backend)")
 
@@ -114,7 +116,7 @@ def test_list_and_case_selection(capsys):
         assert case.name in listed
     cpu_cases = [c.name for c in lb.select_cases("cpu")]
     assert "vgg_b8_bf16" not in cpu_cases and "vgg_b8" in cpu_cases  # half precision only on CUDA
-    assert [c.name for c in lb.select_cases("cpu", ["conv2*"])] == ["conv2_b1", "conv2_b64", "conv2_b256"]
+    assert [c.name for c in lb.select_cases("cpu", ["conv2*"])] == ["conv2_b1", "conv2_b64", "conv2_b256", "conv2_b8"]
     assert set(c.name for c in lb.select_cases("cpu", quick=True)) < set(cpu_cases)
     with pytest.raises(SystemExit):
         lb.select_cases("cpu", ["no_such_case"])
@@ -190,10 +192,16 @@ def test_targets_file_names_real_cases_modes_and_backends():
     targets = lb.load_targets()
     assert {t.device for t in targets} == {"cpu", "cuda"}
     backends = {"cpu", "cuda", "triton", "reference"}
+    sweep_names = [c.name for c in sweep.sweep_cases()]
     for t in targets:
-        cases = [c for c in lb.select_cases(t.device, [t.case])]  # raises SystemExit for an unknown case
-        assert any(fnmatch.fnmatchcase(m, t.mode) for c in cases for m in c.modes), t
-        assert set(t.backends) <= backends and t.versus in backends | {"stock", "compile", "memory"}, t
+        if t.case.startswith("sweep"):  # the sweep's shapes and its geometric-mean rows
+            assert any(fnmatch.fnmatchcase(n, t.case) for n in sweep_names + [sweep.GEOMEAN_CASE]), t
+            assert any(fnmatch.fnmatchcase(m, t.mode) for m in ("fwd", "fwd+bwd", "all")), t
+        else:
+            cases = [c for c in lb.select_cases(t.device, [t.case])]  # raises SystemExit for an unknown case
+            assert any(fnmatch.fnmatchcase(m, t.mode) for c in cases for m in c.modes), t
+        assert set(t.backends) <= backends, t
+        assert t.versus in backends | {"stock", "compile", "memory", "onnxruntime"}, t
         assert t.at_least > 0, t
 
 
@@ -305,3 +313,237 @@ def test_gpu_profile_without_a_gpu_says_so(capsys):
     profile = _load_script("gpu_profile.py")
     assert profile.main([]) == 1
     assert "no CUDA device" in capsys.readouterr().out
+
+
+# --- small-batch cases, per-call cost, the ONNX Runtime peer, the shape sweep ---
+
+FUSED = "cpu" if lo._ops.EXTENSION_AVAILABLE else "reference"
+
+
+@pytest.fixture
+def keep_threads():
+    """Restores torch's thread count after a test that runs the harness with --threads."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def test_small_batch_inference_cases_are_listed_once():
+    by = lb.CASES_BY_NAME
+    for name in ("lightnet_b1", "lightnet_b8", "conv1_b8", "conv2_b8", "linear_576x120_b1", "linear_576x120_b8",
+                 "linear_120x84_b1", "linear_120x84_b8", "linear_4096x4096_b1", "linear_4096x4096_b8"):
+        assert by[name].modes == ("fwd",), name
+    assert (by["linear_4096x4096_b1"].batch, by["linear_4096x4096_b8"].batch) == (1, 8)
+    assert by["linear_4096x4096_b8"].shape == lb.LinearShape(4096, 4096)
+    assert by["lightnet_b64"].modes == ("fwd", "step")  # only_modes narrows only where set
+    keys = [lb.cases.case_key(c) for c in lb.CASES]
+    assert len(keys) == len(set(keys)), "two cases measure the same problem"
+
+
+@pytest.mark.parametrize("name", ["call_conv_fn", "call_conv_module", "call_linear_fn", "call_linear_module"])
+def test_per_call_cases_time_one_stock_call_against_the_fused_call(name):
+    # "stock" here is the FIRST op of the chain alone (F.conv2d / nn.Conv2d, F.linear / nn.Linear) on
+    # the same tensors: the fused output is that output after ReLU (and the pool).
+    case = lb.CASES_BY_NAME[name]
+    assert case.modes == ("fwd",)
+    stock, fused = lb.build_runner(case, "stock", "fwd", "cpu"), lb.build_runner(case, FUSED, "fwd", "cpu")
+    for a, b in zip(stock.exclude, fused.exclude):
+        assert torch.equal(a, b)
+    want = torch.relu(stock.fn())
+    if isinstance(case.shape, lb.ConvShape):
+        assert stock.fn().shape == (1, 1, 2, 2)  # 1x1x4x4 input, 3x3 filter: F.conv2d only, no pool
+        want = torch.nn.functional.max_pool2d(want, 2)
+    else:
+        assert stock.fn().shape == (1, 4)
+    torch.testing.assert_close(fused.fn(), want)
+    op = lb.OPS[case.op]
+    assert not op.supports(case, "compile", "fwd") and not op.supports(case, "onnxruntime", "fwd")
+    assert op.supports(case, "stock", "fwd") and op.supports(case, FUSED, "fwd")
+    if case.op == "call_module":
+        module = op.fused_module(case, FUSED)
+        assert isinstance(module, (lo.Conv2dReLUMaxPool2d, lo.LinearReLU)) and module.backend == FUSED
+    with pytest.raises(ValueError):
+        lb.build_runner(case, "compile", "fwd", "cpu")
+
+
+def test_run_leaves_out_the_peers_a_case_does_not_take(tmp_path, keep_threads):
+    # compile is asked for, but the per-call case has no compile peer: no row, no error.
+    rc = lb.main(["--quick", "--device", "cpu", "--cases", "call_linear_fn", "--backends", FUSED, "stock", "compile",
+                  "--out", str(tmp_path), "--no-plot", "--targets", str(_no_targets(tmp_path)), "--threads", "1"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "results_cpu_quick.json").read_text())["rows"]
+    assert [(r["backend"], r["error"]) for r in rows] == [(FUSED, None), ("stock", None)]
+    assert rows[0]["speedup_vs_stock"] == pytest.approx(rows[1]["median_s"] / rows[0]["median_s"])
+
+
+def _no_targets(tmp_path):
+    path = tmp_path / "no_targets.json"
+    path.write_text(json.dumps({"targets": []}))
+    return path
+
+
+def test_onnxruntime_peer_is_optional(tmp_path, monkeypatch, keep_threads):
+    # Without onnxruntime the peer is not a default, and naming it gives an error row that says
+    # what is missing while the rest of the run is measured. A failing export is reported the same way.
+    monkeypatch.setattr(bench_ops, "ort_available", lambda: False)
+    assert "onnxruntime" not in lb.default_backends("cpu")
+    argv = ["--quick", "--device", "cpu", "--cases", "lightnet_b1", "--backends", "stock", "onnxruntime",
+            "--out", str(tmp_path), "--no-plot", "--targets", str(_no_targets(tmp_path)), "--threads", "1"]
+    assert lb.main(argv) == 0
+    rows = json.loads((tmp_path / "results_cpu_quick.json").read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["stock", "onnxruntime"]
+    assert rows[0]["error"] is None and rows[0]["median_s"] > 0 and rows[0]["speedup_vs_onnxruntime"] is None
+    assert "onnxruntime is not installed" in rows[1]["error"]
+
+    monkeypatch.setattr(bench_ops, "ort_available", lambda: True)
+
+    def no_export(model, x):
+        raise RuntimeError("torch.onnx.export failed (not installed: onnx; pip install onnx)")
+
+    monkeypatch.setattr(bench_ops, "onnx_export", no_export)
+    assert lb.main(argv) == 0
+    rows = json.loads((tmp_path / "results_cpu_quick.json").read_text())["rows"]
+    assert "not installed: onnx" in rows[1]["error"] and rows[0]["error"] is None
+    model = lb.OPS["lightnet"]
+    assert model.supports(lb.CASES_BY_NAME["lightnet_b1"], "onnxruntime", "fwd")
+    assert not model.supports(lb.CASES_BY_NAME["lightnet_b64"], "onnxruntime", "step")
+    assert not lb.OPS["conv"].supports(lb.CASES_BY_NAME["conv1_b1"], "onnxruntime", "fwd")
+
+
+def test_onnxruntime_peer_runs_the_stock_model():
+    pytest.importorskip("onnxruntime")
+    case = lb.CASES_BY_NAME["lightnet_b8"]
+    try:
+        ort = lb.build_runner(case, "onnxruntime", "fwd", "cpu")
+    except RuntimeError as e:  # onnxruntime without the packages torch.onnx.export needs
+        pytest.skip(str(e))
+    assert "onnxruntime" in lb.default_backends("cpu")
+    assert not ort.torch_memory
+    torch.testing.assert_close(ort.fn(), lb.build_runner(case, "stock", "fwd", "cpu").fn(), rtol=1e-4, atol=1e-5)
+
+
+def test_table_has_the_onnxruntime_column_only_when_measured():
+    row = dict(case="lightnet_b1", mode="fwd", backend="cpu", error=None, median_s=1e-4, speedup_vs_stock=2.0)
+    assert "x onnxruntime" not in lb.format_table([row])
+    text = lb.format_table([row | {"speedup_vs_onnxruntime": 0.5}], markdown=True)
+    header, _, line = text.splitlines()
+    assert header.split(" | ")[7] == "x onnxruntime" and line.split(" | ")[7] == "0.50"
+    error = lb.format_table([row | {"speedup_vs_onnxruntime": 0.5}, row | {"error": "boom"}]).splitlines()[-1]
+    assert "error: boom" in error
+
+
+def test_sweep_shapes_are_seeded_and_cover_the_ranges():
+    cases = sweep.sweep_cases()
+    assert [c.name for c in cases] == [c.name for c in sweep.sweep_cases()]  # deterministic
+    assert len(cases) >= 60 and len({c.name for c in cases}) == len(cases)
+    fixed = {lb.cases.case_key(c) for c in lb.CASES}
+    assert not any(lb.cases.case_key(c) in fixed for c in cases)
+    convs = [c for c in cases if c.op == "conv"]
+    linears = [c for c in cases if c.op == "linear"]
+    assert len(convs) + len(linears) == len(cases) and len(linears) >= 20
+    assert {c.shape.kernel for c in convs} == {1, 3, 5, 7}
+    assert {(c.shape.pool_kernel, c.shape.pool_stride) for c in convs} == {(2, 2), (3, 2)}
+    assert {c.shape.stride for c in convs} == {1, 2} and {c.shape.padding > 0 for c in convs} == {True, False}
+    assert min(c.batch for c in convs) == 1 and max(c.batch for c in convs) == 256
+    channels = [n for c in convs for n in (c.shape.in_channels, c.shape.out_channels)]
+    assert min(channels) == 1 and max(channels) == 512
+    assert min(c.shape.height for c in convs) == 4 and max(c.shape.height for c in convs) == 224
+    assert min(c.batch for c in linears) == 1 and max(c.batch for c in linears) == 4096
+    features = [n for c in linears for n in (c.shape.in_features, c.shape.out_features)]
+    assert min(features) == 16 and max(features) == 4096
+    for c in convs:  # shapes the stock ops accept, with the output sizes ConvShape predicts
+        s = c.shape
+        y = torch.nn.functional.conv2d(torch.empty(c.batch, s.in_channels, s.height, s.width, device="meta"),
+                                       torch.empty(s.out_channels, s.in_channels, s.kernel, s.kernel, device="meta"),
+                                       None, s.stride, s.padding)
+        assert tuple(y.shape[2:]) == s.conv_out
+        assert tuple(torch.nn.functional.max_pool2d(y, s.pool_kernel, s.pool_stride).shape[2:]) == s.pool_out
+        assert min(s.pool_out) >= 1
+    assert all(sweep.fwd_flops(c) <= sweep.MAX_FWD_FLOPS for c in cases)
+    quick = sweep.sweep_cases(quick=True)
+    assert {c.name for c in quick} < {c.name for c in cases}
+    assert [c.op for c in quick] == ["conv"] * sweep.QUICK_PER_OP + ["linear"] * sweep.QUICK_PER_OP
+
+
+def test_sweep_shapes_come_from_the_seed(monkeypatch):
+    before = [c.name for c in sweep.sweep_cases()]
+    monkeypatch.setattr(sweep, "SWEEP_SEED", sweep.SWEEP_SEED + 1)
+    after = [c.name for c in sweep.sweep_cases()]
+    assert after[:len(sweep.ANCHOR_CONVS)] == before[:len(sweep.ANCHOR_CONVS)]  # the anchors are not drawn
+    assert after != before
+
+
+def test_sweep_summary_of_known_ratios():
+    def row(case, mode, backend, ratio):
+        return dict(case=case, mode=mode, backend=backend, error=None if ratio else "boom", speedup_vs_stock=ratio)
+
+    rows = [row("a", "fwd", "stock", 1.0), row("a", "fwd", "cpu", 0.5), row("b", "fwd", "cpu", 2.0),
+            row("c", "fwd", "cpu", 8.0), row("a", "fwd+bwd", "cpu", 0.9), row("b", "fwd+bwd", "cpu", 0.94),
+            row("c", "fwd+bwd", "cpu", None)]
+    s = sweep.summarize(rows)["cpu"]
+    assert set(s) == {"fwd", "fwd+bwd", "all"}
+    assert s["fwd"]["geomean"] == pytest.approx(2.0) and s["fwd"]["cases"] == 3
+    assert s["fwd"]["worst"] == dict(case="a", mode="fwd", ratio=0.5)
+    assert s["fwd"]["below"]["count"] == 1
+    assert [b["case"] for b in s["fwd+bwd"]["below"]["cases"]] == ["a", "b"]  # slowest first
+    assert s["fwd+bwd"]["errors"] == 1 and s["fwd+bwd"]["cases"] == 2
+    assert s["all"]["cases"] == 5 and s["all"]["below"]["count"] == 3
+    assert s["all"]["geomean"] == pytest.approx((0.5 * 2 * 8 * 0.9 * 0.94) ** (1 / 5))
+    # The geometric means are rows the target check reads like any ratio.
+    targets = (lb.Target("cpu", sweep.GEOMEAN_CASE, "fwd", ("cpu",), "stock", 2.0),
+               lb.Target("cpu", "*", "fwd+bwd", ("cpu",), "stock", 0.95))
+    got = lb.check_targets(rows + sweep.summary_rows(sweep.summarize(rows)), "cpu", targets)
+    assert [(t["case"], t["mode"], t["holds"]) for t in got] == [
+        (sweep.GEOMEAN_CASE, "fwd", True), ("a", "fwd+bwd", False), ("b", "fwd+bwd", False),
+        (sweep.GEOMEAN_CASE, "fwd+bwd", False)]
+    text = sweep.format_summary(sweep.summarize(rows))
+    assert "worst x0.50 (a fwd)" in text and "1 below x0.95" in text
+
+
+def test_sweep_quick_run_writes_the_summary(tmp_path, capsys, keep_threads):
+    # One thread: on a loaded machine, two OpenMP threads wait for each other at every parallel
+    # region and the timings (not checked here) take many times longer.
+    rc = lb.main(["--sweep", "--quick", "--device", "cpu", "--backends", "stock", FUSED, "--out", str(tmp_path),
+                  "--threads", "1"])
+    assert rc == 0
+    data = json.loads((tmp_path / "sweep_cpu_quick.json").read_text())
+    quick = sweep.sweep_cases(quick=True)
+    assert data["meta"]["sweep_seed"] == sweep.SWEEP_SEED and data["meta"]["shapes"] == len(quick)
+    assert data["meta"]["threads"] == 1 and data["meta"]["quick"] is True
+    rows = data["rows"]
+    assert [(r["case"], r["mode"], r["backend"]) for r in rows] == [
+        (c.name, m, b) for c in quick for m in ("fwd", "fwd+bwd") for b in ("stock", FUSED)]
+    stock = {(r["case"], r["mode"]): r for r in rows if r["backend"] == "stock"}
+    ratios = {}
+    for r in rows:
+        assert r["error"] is None and 0 < r["min_s"] <= r["median_s"]
+        assert r["blocks"] >= sweep.SWEEP_QUICK.min_rounds
+        s = stock[(r["case"], r["mode"])]
+        assert r["speedup_vs_stock"] == pytest.approx(s["median_s"] / r["median_s"])
+        if r["backend"] == FUSED:
+            ratios[(r["case"], r["mode"])] = r["speedup_vs_stock"]
+    summary = data["summary"][FUSED]
+    for mode in ("fwd", "fwd+bwd"):
+        mine = {k: v for k, v in ratios.items() if k[1] == mode}
+        assert summary[mode]["geomean"] == pytest.approx(sweep.geomean(list(mine.values())))
+        worst = min(mine, key=mine.get)
+        assert (summary[mode]["worst"]["case"], summary[mode]["worst"]["ratio"]) == (worst[0], mine[worst])
+        assert summary[mode]["below"]["count"] == sum(v < 0.95 for v in mine.values())
+    assert summary["all"]["geomean"] == pytest.approx(sweep.geomean(list(ratios.values())))
+    # Every default sweep target was checked (the "cpu" targets name the cpu backend).
+    if FUSED == "cpu":
+        geo = {t["mode"]: t["measured"] for t in data["targets"] if t["case"] == sweep.GEOMEAN_CASE}
+        assert geo == pytest.approx({m: summary[m]["geomean"] for m in ("fwd", "fwd+bwd", "all")})
+        assert sum(t["case"].startswith("sweep/") for t in data["targets"]) == len(ratios)
+    printed = capsys.readouterr().out
+    assert f"geomean x{summary['fwd']['geomean']:.2f}" in printed and summary["fwd"]["worst"]["case"] in printed
+    assert quick[0].name in (tmp_path / "sweep_cpu_quick.md").read_text()
+
+
+def test_sweep_command_line_checks():
+    assert lb.main(["--sweep", "--cases", "conv1_b1", "--device", "cpu"]) == 2
+    assert lb.main(["--sweep", "--device", "cpu", "--backends", "stock"]) == 2  # nothing to compare with
+    assert lb.main(["--sweep", "--device", "cpu", "--modes", "step"]) == 2
+    assert sweep.sweep_impls(["cpu", "reference", "stock", "compile"], False, lb.PEERS) == ["cpu"]
+    assert sweep.sweep_impls(["cpu", "reference", "stock"], True, lb.PEERS) == ["cpu", "reference"]

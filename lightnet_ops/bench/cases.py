@@ -55,9 +55,10 @@ class LinearShape:
 class Case:
     """One benchmark problem.
 
-    op: key of ``ops.OPS`` ("conv", "linear", "lightnet"); shape: the op's problem description
-    (ConvShape, LinearShape; None for the whole model, whose input is fixed).
+    op: key of ``ops.OPS`` ("conv", "linear", "lightnet", "call_fn", "call_module"); shape: the op's
+    problem description (ConvShape, LinearShape; None for the whole model, whose input is fixed).
     devices: device kinds the case runs on; quick: device kinds whose --quick run includes it.
+    only_modes: when set, the case runs in these of its op's modes only (inference-only cases).
     """
 
     name: str
@@ -68,19 +69,27 @@ class Case:
     dtype: str = "float32"
     devices: tuple = ("cpu", "cuda")
     quick: tuple = ()
+    only_modes: tuple = ()
 
     @property
     def modes(self) -> tuple:
-        """The modes this case is measured in, given by its op ("fwd", "fwd+bwd" / "step")."""
-        return OPS[self.op].modes
+        """The modes this case is measured in: its op's ("fwd", "fwd+bwd" / "step"), narrowed to
+        `only_modes` when that is set."""
+        return tuple(m for m in OPS[self.op].modes if not self.only_modes or m in self.only_modes)
 
 
 _CONV1 = ConvShape(1, 6, 32, 32, 3)                 # LightNet conv1: 1->6, 32x32, k3, pool2
 _CONV2 = ConvShape(6, 16, 15, 15, 3)                # LightNet conv2: 6->16, 15x15, k3, pool2
 _VGG = ConvShape(64, 64, 56, 56, 3, padding=1)      # VGG-style block: 64->64, 56x56, k3 pad1, pool2
 _FC1 = LinearShape(576, 120)                        # LightNet fc1
+_FC2 = LinearShape(120, 84)                         # LightNet fc2
 _BIG_LINEAR = LinearShape(1024, 4096)
+_SQUARE_4K = LinearShape(4096, 4096)                # a large layer at few rows: weight-bandwidth bound
 _LIGHTNET = "LightNet 1x32x32 -> 10: inference forward / SGD training step"
+_FWD = ("fwd",)
+# Per-call host cost: problems so small that one call is all argument handling and dispatch.
+_TINY_CONV = ConvShape(1, 1, 4, 4, 3)               # 1x1x4x4 input, 3x3 filter -> 2x2 -> pool -> 1x1
+_TINY_LINEAR = LinearShape(4, 4)                    # 1x4 input, 4 -> 4
 
 CASES: tuple[Case, ...] = (
     Case("conv1_b1", "conv", 1, "LightNet conv1 1->6 32x32 k3 pool2, batch 1", _CONV1),
@@ -101,8 +110,41 @@ CASES: tuple[Case, ...] = (
          "bfloat16", ("cuda",), ("cuda",)),
     Case("lightnet_b64", "lightnet", 64, f"{_LIGHTNET}, batch 64", quick=("cpu",)),
     Case("lightnet_b256", "lightnet", 256, f"{_LIGHTNET}, batch 256", quick=("cuda",)),
+    # Small-batch inference: LightNet and its layers at batch 1 and 8, a large layer at few rows.
+    Case("conv1_b8", "conv", 8, "LightNet conv1 1->6 32x32 k3 pool2, batch 8, inference", _CONV1, only_modes=_FWD),
+    Case("conv2_b8", "conv", 8, "LightNet conv2 6->16 15x15 k3 pool2, batch 8, inference", _CONV2, only_modes=_FWD),
+    Case("linear_576x120_b1", "linear", 1, "linear_relu 576->120 (LightNet fc1), batch 1, inference", _FC1,
+         only_modes=_FWD),
+    Case("linear_576x120_b8", "linear", 8, "linear_relu 576->120 (LightNet fc1), batch 8, inference", _FC1,
+         only_modes=_FWD),
+    Case("linear_120x84_b1", "linear", 1, "linear_relu 120->84 (LightNet fc2), batch 1, inference", _FC2,
+         only_modes=_FWD),
+    Case("linear_120x84_b8", "linear", 8, "linear_relu 120->84 (LightNet fc2), batch 8, inference", _FC2,
+         only_modes=_FWD),
+    Case("linear_4096x4096_b1", "linear", 1, "linear_relu 4096->4096, batch 1, inference", _SQUARE_4K,
+         only_modes=_FWD),
+    Case("linear_4096x4096_b8", "linear", 8, "linear_relu 4096->4096, batch 8, inference", _SQUARE_4K,
+         only_modes=_FWD),
+    Case("lightnet_b1", "lightnet", 1, "LightNet 1x32x32 -> 10, batch 1, inference", only_modes=_FWD,
+         quick=("cpu",)),
+    Case("lightnet_b8", "lightnet", 8, "LightNet 1x32x32 -> 10, batch 8, inference", only_modes=_FWD),
+    # Per-call host cost on tiny tensors. "stock" is ONE stock call (F.conv2d / F.linear, or an
+    # nn.Conv2d / nn.Linear module call), not the stock composition: the fused call should cost no
+    # more host time than the first op of the chain it replaces.
+    Case("call_conv_fn", "call_fn", 1, "per-call cost: lo.conv2d_relu_maxpool2d vs F.conv2d, 1x1x4x4 input, 3x3",
+         _TINY_CONV, quick=("cpu",)),
+    Case("call_conv_module", "call_module", 1,
+         "per-call cost: Conv2dReLUMaxPool2d vs nn.Conv2d module call, 1x1x4x4 input, 3x3", _TINY_CONV),
+    Case("call_linear_fn", "call_fn", 1, "per-call cost: lo.linear_relu vs F.linear, 1x4 input, 4->4", _TINY_LINEAR),
+    Case("call_linear_module", "call_module", 1, "per-call cost: LinearReLU vs nn.Linear module call, 1x4 input",
+         _TINY_LINEAR),
 )
 CASES_BY_NAME = {c.name: c for c in CASES}
+
+
+def case_key(case: Case) -> tuple:
+    """What makes two cases the same problem: (op, batch, shape, dtype)."""
+    return case.op, case.batch, case.shape, case.dtype
 
 
 def select_cases(device_kind: str, patterns: Optional[list[str]] = None, quick: bool = False) -> list[Case]:
@@ -123,10 +165,11 @@ def select_cases(device_kind: str, patterns: Optional[list[str]] = None, quick: 
 
 
 def benchmark_matrix(op: str, device_kind: str) -> list[tuple[Case, str, str]]:
-    """(case, mode, impl) for every case of `op` ("conv", "linear", "lightnet") on the device kind,
-    every mode and every default backend and peer: the parametrisation of benchmarks/bench_*.py."""
+    """(case, mode, impl) for every case of `op` (a key of ``OPS``) on the device kind, every mode
+    and every default backend and peer that applies: the parametrisation of benchmarks/bench_*.py."""
     impls = default_backends(device_kind)
-    return [(c, m, i) for c in CASES if c.op == op and device_kind in c.devices for m in c.modes for i in impls]
+    return [(c, m, i) for c in CASES if c.op == op and device_kind in c.devices for m in c.modes for i in impls
+            if OPS[op].supports(c, i, m)]
 
 
 def case_id(value: Any) -> Optional[str]:

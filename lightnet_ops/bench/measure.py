@@ -12,7 +12,7 @@ import torch
 
 from .cases import Case
 from .memory import peak_bytes, saved_activation_bytes
-from .ops import Runner, build_runner
+from .ops import ORT, Runner, build_runner
 from .report import fmt_ratio, fmt_time, short_error
 from .timing import BlockTimer, Settings, summary, warm_up
 
@@ -59,29 +59,33 @@ def measure_group(case: Case, mode: str, impls: list[str], device: torch.device,
             if runner.forward_with_grad is not None:
                 row["saved_bytes"] = saved_activation_bytes(runner.forward_with_grad, runner.exclude)
                 row["saved_bytes_per_sample"] = row["saved_bytes"] / case.batch
-            row["peak_bytes"] = peak_bytes(runner.fn, device)
+            if runner.torch_memory:
+                row["peak_bytes"] = peak_bytes(runner.fn, device)
         except Exception as e:  # noqa: BLE001
             row["memory_error"] = short_error(e)
     add_ratios(rows)
     for impl in impls:
         r = rows[impl]
         if r["error"] is None:
-            log(f"    {impl:<10} {fmt_time(r['median_s'])} (IQR {fmt_time(r['iqr_s'])}, {r['samples']} x "
-                f"{r['block_calls']} calls)  x{fmt_ratio(r['speedup_vs_stock'])} vs stock")
+            vs_ort = f", x{fmt_ratio(r['speedup_vs_onnxruntime'])} vs {ORT}" if r["speedup_vs_onnxruntime"] else ""
+            log(f"    {impl:<11} {fmt_time(r['median_s'])} (IQR {fmt_time(r['iqr_s'])}, {r['samples']} x "
+                f"{r['block_calls']} calls)  x{fmt_ratio(r['speedup_vs_stock'])} vs stock{vs_ort}")
     return [rows[i] for i in impls]
 
 
 def add_ratios(rows: dict[str, dict]) -> None:
-    """Speedups and memory ratio of each row of one group against its "stock" / "compile" rows,
-    plus GFLOP/s and GB/s where the op defines its work."""
+    """Speedups and memory ratio of each row of one group against its "stock" / "compile" /
+    "onnxruntime" rows, plus GFLOP/s and GB/s where the op defines its work."""
     stock = rows.get("stock", {}).get("median_s")
     comp = rows.get("compile", {}).get("median_s")
+    ort = rows.get(ORT, {}).get("median_s")
     stock_saved = rows.get("stock", {}).get("saved_bytes")
     stock_min = rows.get("stock", {}).get("min_s")
     for row in rows.values():
         med = row.get("median_s")
         row["speedup_vs_stock"] = stock / med if med and stock else None
         row["speedup_vs_compile"] = comp / med if med and comp else None
+        row["speedup_vs_onnxruntime"] = ort / med if med and ort else None
         # Ratio of the fastest samples: less sensitive to other processes on a shared machine.
         row["speedup_vs_stock_of_min"] = stock_min / row["min_s"] if row.get("min_s") and stock_min else None
         saved = row.get("saved_bytes")

@@ -1,13 +1,17 @@
 """How each op is benchmarked: one description per op builds the timed callable of every
-implementation (a lightnet_ops backend, the ``stock`` composition, ``torch.compile`` of it) for a
-case and a mode, plus the op's compulsory work (FLOPs, bytes) for the roofline columns.
+implementation (a lightnet_ops backend, the ``stock`` composition, ``torch.compile`` of it, and for
+whole-model inference ONNX Runtime's CPU provider when it is installed) for a case and a mode, plus
+the op's compulsory work (FLOPs, bytes) for the roofline columns.
 
 Adding an op to the benchmark is one entry in :data:`OPS` (and cases naming it in ``cases.py``).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -21,6 +25,9 @@ if TYPE_CHECKING:
 
 #: Implementations that are not lightnet_ops backends: stock eager and torch.compile of stock.
 PEERS = ("stock", "compile")
+#: ONNX Runtime (CPU execution provider) running the stock model exported with torch.onnx.export:
+#: an optional peer of the whole-model inference cases, listed by default when it is importable.
+ORT = "onnxruntime"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -28,18 +35,28 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class Runner:
     """fn: the timed callable. exclude: tensors whose storages do not count as activations.
     forward_with_grad: a forward that builds the autograd graph (for the saved-tensor measurement).
-    flops / min_bytes: work and compulsory memory traffic of one call, when the op defines them."""
+    flops / min_bytes: work and compulsory memory traffic of one call, when the op defines them.
+    torch_memory: whether the call allocates through PyTorch, so that its peak memory can be measured
+    (False for ONNX Runtime, whose allocations PyTorch does not see)."""
 
     fn: Callable[[], Any]
     exclude: list
     forward_with_grad: Optional[Callable[[], Any]] = None
     flops: Optional[float] = None
     min_bytes: Optional[float] = None
+    torch_memory: bool = True
 
 
 def _compile(fn: Callable) -> Callable:
     # dynamic=False: one static graph per shape, as a user with fixed shapes gets.
     return torch.compile(fn, dynamic=False)
+
+
+def _is_conv(shape: Any) -> bool:
+    """Whether a case's shape is a ConvShape (imported here: cases.py imports this module)."""
+    from .cases import ConvShape
+
+    return isinstance(shape, ConvShape)
 
 
 def _uniform(shape: tuple, bound: float, g: torch.Generator) -> torch.Tensor:
@@ -56,6 +73,11 @@ class OpBench:
 
     def runner(self, case: Case, impl: str, mode: str, device: torch.device) -> Runner:
         raise NotImplementedError
+
+    def supports(self, case: Case, impl: str, mode: str) -> bool:
+        """Whether `impl` is measured on (case, mode); the harness leaves the others out of the group.
+        Default: every backend and the stock / compile peers, not ONNX Runtime."""
+        return impl != ORT
 
     def _check_mode(self, case: Case, mode: str) -> None:
         if mode not in self.modes:
@@ -197,6 +219,128 @@ class LinearReLUBench(FunctionalOpBench):
         return 3 * flops, float(fwd + bwd)
 
 
+class CallBench(OpBench):
+    """Per-call host cost on a tiny problem: one fused call of a backend against ONE stock call, the
+    first op of the chain it replaces (``F.conv2d`` / ``F.linear``, or the ``nn.Conv2d`` /
+    ``nn.Linear`` module call when `modules`), inference under ``torch.no_grad()``. The case's shape
+    (ConvShape or LinearShape) picks the op; the problem is small enough that the time is argument
+    handling, dispatch and output allocation. No torch.compile peer: it would time a graph guard.
+
+    Fused functional calls pass only the tensors and ``backend``, as a user calling with the
+    defaults does; modules are built with the stock module's weights."""
+
+    modes = ("fwd",)
+
+    def __init__(self, name: str, modules: bool) -> None:
+        self.name, self.modules = name, modules
+
+    def supports(self, case: Case, impl: str, mode: str) -> bool:
+        return impl not in ("compile", ORT) and mode in self.modes
+
+    def stock_module(self, case: Case) -> torch.nn.Module:
+        """The stock module of the case's first op (nn.Conv2d / nn.Linear), seeded."""
+        s = case.shape
+        torch.manual_seed(0)
+        if _is_conv(s):
+            return torch.nn.Conv2d(s.in_channels, s.out_channels, s.kernel, s.stride, s.padding, s.dilation)
+        return torch.nn.Linear(s.in_features, s.out_features)
+
+    def fused_module(self, case: Case, backend: str) -> torch.nn.Module:
+        """The fused module of the case (Conv2dReLUMaxPool2d / LinearReLU) with stock_module's weights."""
+        s = case.shape
+        if _is_conv(s):
+            m = lo.Conv2dReLUMaxPool2d(s.in_channels, s.out_channels, s.kernel, s.stride, s.padding, s.dilation,
+                                       pool_kernel_size=s.pool_kernel, pool_stride=s.pool_stride, backend=backend)
+        else:
+            m = lo.LinearReLU(s.in_features, s.out_features, backend=backend)
+        m.load_state_dict(self.stock_module(case).state_dict())
+        return m
+
+    def input(self, case: Case, device: torch.device) -> torch.Tensor:
+        """The seeded input: (batch, C, H, W) for a conv, (batch, in_features) for a linear."""
+        s = case.shape
+        g = torch.Generator().manual_seed(0)
+        size = (s.in_channels, s.height, s.width) if _is_conv(s) else (s.in_features,)
+        return torch.randn(case.batch, *size, generator=g).to(device, DTYPES[case.dtype])
+
+    def runner(self, case: Case, impl: str, mode: str, device: torch.device) -> Runner:
+        self._check_mode(case, mode)
+        if not self.supports(case, impl, mode):
+            raise ValueError(f"{impl} is not measured on the per-call case {case.name}")
+        dtype = DTYPES[case.dtype]
+        x = self.input(case, device)
+        stock = self.stock_module(case).to(device, dtype)
+        conv = _is_conv(case.shape)
+        if self.modules:
+            f = stock if impl == "stock" else self.fused_module(case, impl).to(device, dtype)
+
+            def call():
+                with torch.no_grad():
+                    return f(x)
+
+            return Runner(call, [x, *stock.parameters()])
+        w, b = stock.weight.detach(), stock.bias.detach()
+        if impl == "stock":
+            op = F.conv2d if conv else F.linear
+
+            def call():
+                with torch.no_grad():
+                    return op(x, w, b)
+        else:
+            fused = lo.conv2d_relu_maxpool2d if conv else lo.linear_relu
+
+            def call(_backend=impl):
+                with torch.no_grad():
+                    return fused(x, w, b, backend=_backend)
+
+        return Runner(call, [x, w, b])
+
+
+def ort_available() -> bool:
+    """Whether the onnxruntime package is importable (the ONNX Runtime peer is optional)."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def onnx_export(model: torch.nn.Module, x: torch.Tensor) -> bytes:
+    """`model` (eval mode) exported to an ONNX model for input `x`'s shape (static shapes).
+
+    Uses the TorchScript-based exporter (``dynamo=False``: needs the ``onnx`` package), else the
+    torch.export-based one (needs ``onnx`` and ``onnxscript``). Raises RuntimeError naming the
+    missing packages when neither can run."""
+    errors = []
+    for dynamo in (False, True):
+        buf = io.BytesIO()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if dynamo:
+                    torch.onnx.export(model, (x,), buf, dynamo=True, input_names=["input"],
+                                      output_names=["output"], verbose=False)
+                else:
+                    torch.onnx.export(model, (x,), buf, dynamo=False, input_names=["input"],
+                                      output_names=["output"])
+            return buf.getvalue()
+        except Exception as e:  # noqa: BLE001 - try the other exporter, then say what is missing
+            errors.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+    missing = [p for p in ("onnx", "onnxscript") if importlib.util.find_spec(p) is None]
+    hint = f" (not installed: {', '.join(missing)}; pip install {' '.join(missing)})" if missing else ""
+    raise RuntimeError(f"torch.onnx.export failed{hint}: " + "; ".join(errors))
+
+
+def ort_session(onnx_model: bytes, threads: int) -> Any:
+    """An ONNX Runtime CPU-provider session with `threads` intra-op threads (as torch uses),
+    sequential execution, every graph optimisation."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(onnx_model, opts, providers=["CPUExecutionProvider"])
+
+
 @dataclass(frozen=True)
 class ModelBench(OpBench):
     """A whole classifier: the fused model of a backend against the stock model (eager and
@@ -213,7 +357,33 @@ class ModelBench(OpBench):
     classes: int
     modes: tuple = ("fwd", "step")
 
+    def supports(self, case: Case, impl: str, mode: str) -> bool:
+        """Every backend and peer; ONNX Runtime for float32 inference."""
+        return impl != ORT or (mode == "fwd" and case.dtype == "float32")
+
+    def ort_runner(self, case: Case, mode: str, device: torch.device) -> Runner:
+        """ONNX Runtime (CPU provider, torch's intra-op thread count) running the stock model exported
+        for the case's batch; the input is converted to numpy once, outside the timed call."""
+        if mode != "fwd" or device.type != "cpu" or case.dtype != "float32":
+            raise ValueError(f"the ONNX Runtime peer runs float32 CPU inference only, not {case.name} {mode} "
+                             f"on {device.type}")
+        if not ort_available():
+            raise RuntimeError("onnxruntime is not installed (pip install onnxruntime)")
+        torch.manual_seed(0)
+        stock = self.stock_model().eval()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(case.batch, *self.input_shape, generator=g)
+        session = ort_session(onnx_export(stock, x), torch.get_num_threads())
+        feed = {session.get_inputs()[0].name: x.numpy()}
+
+        def fwd():
+            return torch.from_numpy(session.run(None, feed)[0])
+
+        return Runner(fwd, list(stock.parameters()) + [x], torch_memory=False)
+
     def runner(self, case: Case, impl: str, mode: str, device: torch.device) -> Runner:
+        if impl == ORT:
+            return self.ort_runner(case, mode, device)
         dtype = DTYPES[case.dtype]
         torch.manual_seed(0)
         stock = self.stock_model()
@@ -257,20 +427,25 @@ OPS: dict[str, OpBench] = {
         ConvReLUMaxPoolBench(),
         LinearReLUBench(),
         ModelBench("lightnet", lo.StockLightNet, lambda backend: lo.LightNet(backend=backend), (1, 32, 32), 10),
+        CallBench("call_fn", modules=False),
+        CallBench("call_module", modules=True),
     )
 }
 
 
 def build_runner(case: Case, impl: str, mode: str, device: torch.device | str) -> Runner:
-    """The timed callable for `impl` (a lightnet_ops backend, "stock" or "compile") on `case`."""
+    """The timed callable for `impl` (a lightnet_ops backend, "stock", "compile" or "onnxruntime")
+    on `case`."""
     return OPS[case.op].runner(case, impl, mode, torch.device(device))
 
 
 def default_backends(device_kind: str) -> list[str]:
-    """Backends of this install that run on the device, then the peers.
+    """Backends of this install that run on the device, then the peers (ONNX Runtime on CPU when
+    it is installed).
 
     On CPU, ``triton`` is listed only when TRITON_INTERPRET is set (the interpreter is not a
     performance path); ``cuda`` only on CUDA and ``cpu`` only on CPU."""
     names = [b for b in lo.backends() if b != ("cuda" if device_kind == "cpu" else "cpu")]
     order = {"cpu": 0, "cuda": 0, "triton": 1, "reference": 2}
-    return sorted(names, key=order.get) + list(PEERS)
+    peers = list(PEERS) + ([ORT] if device_kind == "cpu" and ort_available() else [])
+    return sorted(names, key=order.get) + peers

@@ -42,20 +42,34 @@ def fmt_bytes(b: Optional[float]) -> str:
 
 TABLE_HEADER = ("case", "mode", "backend", "median", "IQR", "x stock", "x compile", "saved/sample", "mem saved",
                 "peak mem", "%copyBW")
+#: The peer column added after "x compile" when a run measured ONNX Runtime.
+ORT_COLUMN = "x onnxruntime"
+
+
+def _has_ort(rows: list[dict]) -> bool:
+    return any(r.get("speedup_vs_onnxruntime") for r in rows)
+
+
+def table_header(rows: list[dict]) -> tuple:
+    """TABLE_HEADER, with the ONNX Runtime column when some row has that ratio."""
+    return TABLE_HEADER[:7] + (ORT_COLUMN,) + TABLE_HEADER[7:] if _has_ort(rows) else TABLE_HEADER
 
 
 def table_rows(rows: list[dict]) -> list[tuple]:
-    """One tuple of formatted cells (TABLE_HEADER order) per result row."""
+    """One tuple of formatted cells (table_header(rows) order) per result row."""
+    ort = _has_ort(rows)
     out = []
     for r in rows:
         if r.get("error"):
-            out.append((r["case"], r["mode"], r["backend"], "error: " + r["error"][:60], "", "", "", "", "", "", ""))
+            out.append((r["case"], r["mode"], r["backend"], "error: " + r["error"][:60]) + ("",) * (7 + ort))
             continue
         mem = r.get("memory_ratio_vs_stock")
         bw = r.get("fraction_of_copy_bandwidth")
+        peers = (fmt_ratio(r.get("speedup_vs_stock")), fmt_ratio(r.get("speedup_vs_compile")))
+        if ort:
+            peers += (fmt_ratio(r.get("speedup_vs_onnxruntime")),)
         out.append((r["case"], r["mode"], r["backend"], fmt_time(r.get("median_s")), fmt_time(r.get("iqr_s")),
-                    fmt_ratio(r.get("speedup_vs_stock")), fmt_ratio(r.get("speedup_vs_compile")),
-                    fmt_bytes(r.get("saved_bytes_per_sample")), "-" if mem is None else f"{mem:.1f}x",
+                    *peers, fmt_bytes(r.get("saved_bytes_per_sample")), "-" if mem is None else f"{mem:.1f}x",
                     fmt_bytes(r.get("peak_bytes")), "-" if bw is None else f"{100 * bw:.1f}%"))
     return out
 
@@ -63,13 +77,14 @@ def table_rows(rows: list[dict]) -> list[tuple]:
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     """The result rows as an aligned text table, or a markdown table."""
     body = table_rows(rows)
+    header = table_header(rows)
     if markdown:
-        lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
         return "\n".join(lines)
-    widths = [max(len(str(x)) for x in col) for col in zip(TABLE_HEADER, *body)]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*TABLE_HEADER), fmt.format(*("-" * w for w in widths))]
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*row) for row in body]
     return "\n".join(lines)
 
