@@ -1189,3 +1189,9 @@ def summary(model: nn.Module, notes: Union[list[str], tuple] = ()) -> str:
     lines += [f"  skipped {c}" for c in skipped]
     lines += [f"  note    {n}" for n in notes]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m lightnet_ops.fuse --report: the torchvision coverage report
+    from lightnet_ops.fuse_report import main
+
+    raise SystemExit(main())
