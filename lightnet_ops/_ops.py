@@ -115,6 +115,11 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"lightnet_ops::{op_name}", dispatch_key)
 
 
+# Fixed once the extension is loaded: TorchDynamo calls it at trace time and keeps the answer as a
+# constant (the dispatcher query itself cannot be traced), as torch.compiler.assume_constant_result does.
+has_kernel._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 # Fake (meta) kernels of the compiled ops come from the contracts; the Triton ops register the same.
 if EXTENSION_AVAILABLE:
     for _c in CONTRACTS.values():
