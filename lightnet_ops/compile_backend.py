@@ -12,6 +12,12 @@ pruned conv's computed weight simply becomes the fused op's weight argument, and
 changes a value sits between two ops and keeps that chain stock. If the rewrite fails, the graph is
 left as Dynamo captured it and the error propagates.
 
+A BatchNorm2d is captured as ``F.batch_norm(..., training, ...)`` with the mode as a constant (Dynamo
+guards on it and recaptures after ``.train()`` / ``.eval()``): in an eval-mode capture,
+Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d becomes one call of
+``lightnet_ops.fuse.conv2d_bn_relu_maxpool2d``, which folds the BatchNorm into the conv's weight and
+bias on each call (differentiably); a training-mode capture keeps the chain stock.
+
 By default the rewritten graph runs eagerly (op by op, like the "eager" backend). Options::
 
     torch.compile(model, backend="lightnet_ops",

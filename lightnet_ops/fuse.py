@@ -1,7 +1,9 @@
 """Swap the fused ops into existing models.
 
-``fuse(model)`` replaces Conv2d -> ReLU -> MaxPool2d chains with :class:`Conv2dReLUMaxPool2d` and
-Linear -> ReLU chains with :class:`LinearReLU`, without changing results or state_dict keys.
+``fuse(model)`` replaces Conv2d -> ReLU -> MaxPool2d chains with :class:`Conv2dReLUMaxPool2d`,
+Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d chains of an eval-mode model with
+:class:`Conv2dBNReLUMaxPool2d` (the BatchNorm folded into the conv), and Linear -> ReLU chains with
+:class:`LinearReLU`, without changing results or state_dict keys.
 
 What is fused is one table, :data:`PATTERNS`: each :class:`Pattern` names its chain of stock ops
 (:class:`OpSpec`: the module class, the functions / Tensor methods that spell the op in a graph,
@@ -22,16 +24,29 @@ Two passes:
    not a plain Sequential) is traced with ``torch.fx``; matching chains in the graph are rewritten
    and the model comes back as a ``torch.fx.GraphModule``. A chain is fused only when each
    intermediate value has exactly one consumer (the next op of the chain), so skip connections
-   and second consumers are left alone (and reported). A model that ``torch.fx`` cannot trace is
+   and second consumers are left alone (and reported). The trace inlines the model's own small
+   submodules, so a chain that runs through them is found: torchvision's ``BasicConv2d`` (conv and
+   bn in a module whose forward calls ``F.relu``) followed by a pool in the parent is one chain.
+   A model that ``torch.fx`` cannot trace is
    searched submodule by submodule; for such models use ``torch.compile(model, backend="lightnet_ops")``,
    which rewrites the same chains in the graph TorchDynamo captures (see compile_backend.py).
 
 Recognised: ``nn.Conv2d`` / ``F.conv2d`` / ``torch.conv2d``; ``nn.ReLU`` (also inplace) /
 ``F.relu`` / ``F.relu_`` / ``torch.relu`` / ``torch.relu_`` / ``Tensor.relu`` / ``Tensor.relu_``;
 ``nn.MaxPool2d`` / ``F.max_pool2d`` / ``torch.max_pool2d`` with any window and stride;
-``nn.Linear`` / ``F.linear``. Only what the fused op computes exactly is fused: conv groups=1,
-padding_mode='zeros' (padding ints, tuples, 'valid', or 'same' when it is symmetric); pool padding
-0, dilation 1, ceil_mode=False, return_indices=False, window of at most 255 elements.
+``nn.Linear`` / ``F.linear``; ``nn.BatchNorm2d`` / ``F.batch_norm(training=False)``. Only what the
+fused op computes exactly is fused: conv groups=1, padding_mode='zeros' (padding ints, tuples, 'valid',
+or 'same' when it is symmetric); pool dilation 1, return_indices=False, window of at most 255
+elements, padding and ceil_mode as far as :data:`POOL_SUPPORT` says the op supports them.
+
+BatchNorm2d folding (eval mode only): the fused module holds the conv's Parameters under the conv's
+name and folds the BatchNorm (``torch.nn.utils.fusion.fuse_conv_bn_weights``' arithmetic) into
+non-persistent buffers; the BatchNorm's Parameters and buffers stay under the BatchNorm's name in a
+:class:`FoldedBatchNorm2d` stand-in whose forward is a pass-through, so state_dict keys do not change.
+The fold is redone when a source tensor changes, and computed in the autograd graph when gradients
+are needed. After ``.train()`` the fused module runs the stock chain (batch statistics) on those same
+tensors, and ``.eval()`` folds the updated ones. A BatchNorm in training mode, one without running
+statistics, and a BatchNorm module called from more than one place are left alone with the reason.
 
 Left alone, with the reason in ``skipped_chains``: chains through a module that is not plain —
 one with forward/backward hooks or pre-hooks (this includes the old-style
@@ -39,7 +54,8 @@ one with forward/backward hooks or pre-hooks (this includes the old-style
 the weight in a pre-hook), a parametrized one (``torch.nn.utils.parametrizations.weight_norm`` /
 ``spectral_norm`` / ``orthogonal``, any ``register_parametrization``), one whose weight is not an
 ``nn.Parameter``, a lazy module not initialised yet — and chains whose intermediate value has
-another consumer.
+another consumer. With ``guard_input`` each candidate chain is also timed alone (fused vs stock) and
+left alone where the fused form is slower.
 
 ``inplace=True`` is all or nothing: if anything fails, every edit made to the model is undone
 before the exception propagates. The default works on a copy (old-style weight_norm / pruning
@@ -97,7 +113,8 @@ class FusedChain:
 
     def __str__(self) -> str:
         chain = " -> ".join(self.names)
-        timed = "" if self.times is None else f" [fused {self.times[0] * 1e6:.0f} us, stock {self.times[1] * 1e6:.0f} us]"
+        timed = "" if self.times is None else \
+            f" [fused {self.times[0] * 1e6:.0f} us, stock {self.times[1] * 1e6:.0f} us]"
         return f"{self.kind}: {chain} ({self.where}){timed}" + (f" skipped: {self.reason}" if self.reason else "")
 
 
@@ -754,7 +771,8 @@ class _Guard:
         shape, dtype, device = next(iter(shapes))
         if not dtype.is_floating_point:
             return None
-        x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device)  # global RNG untouched
+        # its own generator: fusing leaves the global RNG alone
+        x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device)
 
         def value(link: Link, name: str) -> Any:
             if link.module is not None:
@@ -1001,7 +1019,7 @@ def _fuse_graph(gm: fx.GraphModule, backend: str, use_modules: bool, journal: _J
 
 def fuse_graph(gm: fx.GraphModule, *, backend: str = "auto", use_modules: bool = True
                ) -> tuple[list[FusedChain], list[FusedChain]]:
-    """Rewrite the chains of :data:`PATTERNS` (Conv2d->ReLU->MaxPool2d, Linear->ReLU) in `gm`'s graph,
+    """Rewrite the chains of :data:`PATTERNS` (Conv2d->(BatchNorm2d)->ReLU->MaxPool2d, Linear->ReLU) in `gm`'s graph,
     in place; if anything fails, `gm` is restored before the exception propagates.
 
     Args:
@@ -1121,7 +1139,8 @@ def _copy_model(model: nn.Module) -> nn.Module:
 
 def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", verbose: bool = False,
          guard_input: Union[torch.Tensor, tuple, None] = None, guard_ratio: float = 1.0) -> nn.Module:
-    """Replace Conv2d->ReLU->MaxPool2d and Linear->ReLU chains (:data:`PATTERNS`) in `model` with the fused ops.
+    """Replace Conv2d->(BatchNorm2d)->ReLU->MaxPool2d and Linear->ReLU chains (:data:`PATTERNS`) in `model`
+    with the fused ops (a BatchNorm is folded only in eval mode: call ``model.eval()`` first).
 
     Results and state_dict keys do not change: checkpoints of the original load into the fused
     model and back. The fused modules hold the original ``nn.Parameter`` objects. Chains through
