@@ -490,6 +490,11 @@ def test_sweep_summary_of_known_ratios():
     assert s["fwd+bwd"]["errors"] == 1 and s["fwd+bwd"]["cases"] == 2
     assert s["all"]["cases"] == 5 and s["all"]["below"]["count"] == 3
     assert s["all"]["geomean"] == pytest.approx((0.5 * 2 * 8 * 0.9 * 0.94) ** (1 / 5))
+    assert s["fwd"]["geomean_of_min"] is None  # these rows have no fastest-block ratios
+    rows[1]["speedup_vs_stock_of_min"], rows[2]["speedup_vs_stock_of_min"] = 0.9, 1.6
+    s = sweep.summarize(rows)["cpu"]["fwd"]
+    assert s["geomean_of_min"] == pytest.approx(1.2) and s["below_of_min"] == 1
+    assert s["below"]["cases"] == [dict(case="a", mode="fwd", ratio=0.5, ratio_of_min=0.9)]
     # The geometric means are rows the target check reads like any ratio.
     targets = (lb.Target("cpu", sweep.GEOMEAN_CASE, "fwd", ("cpu",), "stock", 2.0),
                lb.Target("cpu", "*", "fwd+bwd", ("cpu",), "stock", 0.95))
@@ -518,9 +523,10 @@ def test_sweep_quick_run_writes_the_summary(tmp_path, capsys, keep_threads):
     ratios = {}
     for r in rows:
         assert r["error"] is None and 0 < r["min_s"] <= r["median_s"]
-        assert r["blocks"] >= sweep.SWEEP_QUICK.min_rounds
+        assert r["blocks"] >= 3  # min_rounds, or 3 when a loaded machine stretches the group
         s = stock[(r["case"], r["mode"])]
         assert r["speedup_vs_stock"] == pytest.approx(s["median_s"] / r["median_s"])
+        assert r["speedup_vs_stock_of_min"] == pytest.approx(s["min_s"] / r["min_s"])
         if r["backend"] == FUSED:
             ratios[(r["case"], r["mode"])] = r["speedup_vs_stock"]
     summary = data["summary"][FUSED]

@@ -19,10 +19,11 @@ below ~100 ms on a 2-core CPU so the whole sweep takes a few minutes. ``--quick`
 
 Timing: per (shape, mode), stock and each fused backend are warmed up (which also estimates one
 call's time), then sampled in interleaved rounds, one block of back-to-back calls per
-implementation per round (``torch.utils.benchmark.Timer.timeit`` at a fixed thread count; the order
+implementation per round (``timing.time_block``, at the thread count the run sets; the order
 alternates between rounds). Repeat counts adapt to the shape: a block holds about ``block_s`` of
 calls (at least one), and rounds continue until ``budget_s`` is spent (between ``min_rounds`` and
-``max_rounds``). Short blocks interleaved at millisecond scale put a load change or a preemption on
+``max_rounds``; after 3 rounds once 4 x ``budget_s`` is spent, which bounds a group on a loaded
+machine). Short blocks interleaved at millisecond scale put a load change or a preemption on
 a shared machine into a few blocks of every implementation alike, and the median drops them.
 The ratio is stock's median per-call time over the backend's (``speedup_vs_stock``; the ratio of the
 fastest blocks is kept too). Summaries per backend and mode: geometric mean, worst ratio with its
@@ -36,14 +37,14 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from .cases import CASES, Case, ConvShape, LinearShape, case_key
 from .ops import build_runner
 from .report import fmt_ratio, fmt_time, short_error
-from .timing import BlockTimer, warm_up
+from .timing import time_block, warm_up
 
 SWEEP_SEED = 20240617
 #: Case-name prefix of the sweep cases (targets.json matches "sweep/*").
@@ -179,38 +180,42 @@ def sweep_cases(quick: bool = False) -> list[Case]:
     return cases
 
 
-def measure_sweep_group(case: Case, mode: str, impls: list[str], device: torch.device, threads: int,
+def measure_sweep_group(case: Case, mode: str, impls: list[str], device: torch.device,
                         settings: SweepSettings) -> list[dict]:
     """One row per impl ("stock" among them) for (case, mode): warm-up, then interleaved rounds of
     one block per impl (see the module docstring); median and minimum per-call time over the blocks,
     speedup_vs_stock (ratio of medians) and speedup_vs_stock_of_min. A failing impl gets a row with
     "error" set."""
     rows: dict[str, dict] = {}
-    live: dict[str, tuple[BlockTimer, int]] = {}
-    round_s = 0.0
+    live: dict[str, tuple[Callable[[], Any], int]] = {}
     for impl in impls:
         row = dict(case=case.name, op=case.op, mode=mode, backend=impl, dtype=case.dtype, batch=case.batch,
                    shape=vars(case.shape).copy(), flops=fwd_flops(case) * (1 if mode == "fwd" else 3), error=None)
         rows[impl] = row
         try:
             runner = build_runner(case, impl, mode, device)
-            _, per_call = warm_up(runner.fn, device, settings.warmup_s)
+            _, per_call = warm_up(runner.fn, device, settings.warmup_s, min_calls=1)
             number = max(1, int(round(settings.block_s / max(per_call, 1e-9))))
-            live[impl] = (BlockTimer(runner.fn, device, threads), number)
-            round_s += number * per_call
+            live[impl] = (runner.fn, number)
             row["block_calls"] = number
         except Exception as e:  # noqa: BLE001 - a failing backend is a result, not a crash
             row["error"] = short_error(e)
-    rounds = int(min(settings.max_rounds, max(settings.min_rounds, settings.budget_s // max(round_s, 1e-9))))
     times: dict[str, list[float]] = {impl: [] for impl in live}
-    for r in range(rounds):
+    t0, r = time.perf_counter(), 0
+    while live and r < settings.max_rounds:
         for impl in list(live) if r % 2 == 0 else list(reversed(live)):
-            timer, number = live[impl]
+            fn, number = live[impl]
             try:
-                times[impl].append(timer(number))
+                times[impl].append(time_block(fn, device, number))
             except Exception as e:  # noqa: BLE001
                 rows[impl]["error"] = short_error(e)
                 del live[impl]
+        r += 1
+        spent = time.perf_counter() - t0
+        # Enough rounds and the budget spent; or, on a machine so loaded that calls take many times
+        # their estimate, a few rounds and several budgets spent.
+        if (r >= settings.min_rounds and spent >= settings.budget_s) or (r >= 3 and spent >= 4 * settings.budget_s):
+            break
     for impl in live:
         ts = times[impl]
         rows[impl].update(median_s=statistics.median(ts), min_s=min(ts), blocks=len(ts))
@@ -230,7 +235,9 @@ def geomean(values: list[float]) -> float:
 def summarize(rows: list[dict]) -> dict:
     """{backend: {mode: summary}} over the rows of every non-stock backend, mode "all" pooling
     the modes. A summary: cases, geomean, worst {case, mode, ratio}, below {threshold, count,
-    cases: [{case, mode, ratio}] slowest first}, errors (rows without a ratio)."""
+    cases: [{case, mode, ratio, ratio_of_min}] slowest first}, errors (rows without a ratio), and
+    from the ratios of the fastest blocks (less sensitive to other processes on a shared machine)
+    geomean_of_min and below_of_min (a count)."""
     out: dict[str, dict] = {}
     backends = [b for b in dict.fromkeys(r["backend"] for r in rows) if b != "stock"]
     for backend in backends:
@@ -245,12 +252,16 @@ def summarize(rows: list[dict]) -> dict:
                                  errors=len(sel))
                 continue
             ranked = sorted(ok, key=lambda r: r["speedup_vs_stock"])
-            slow = [dict(case=r["case"], mode=r["mode"], ratio=r["speedup_vs_stock"]) for r in ranked
+            slow = [dict(case=r["case"], mode=r["mode"], ratio=r["speedup_vs_stock"],
+                         ratio_of_min=r.get("speedup_vs_stock_of_min")) for r in ranked
                     if r["speedup_vs_stock"] < SLOW_RATIO]
             w = ranked[0]
+            of_min = [r["speedup_vs_stock_of_min"] for r in ok if r.get("speedup_vs_stock_of_min")]
             per[mode] = dict(cases=len(ok), geomean=geomean([r["speedup_vs_stock"] for r in ok]),
                              worst=dict(case=w["case"], mode=w["mode"], ratio=w["speedup_vs_stock"]),
-                             below=dict(threshold=SLOW_RATIO, count=len(slow), cases=slow), errors=len(sel) - len(ok))
+                             below=dict(threshold=SLOW_RATIO, count=len(slow), cases=slow), errors=len(sel) - len(ok),
+                             geomean_of_min=geomean(of_min) if of_min else None,
+                             below_of_min=sum(v < SLOW_RATIO for v in of_min))
         out[backend] = per
     return out
 
@@ -271,11 +282,14 @@ def format_summary(summary: dict) -> str:
                 lines.append(f"  {backend} {mode}: no ratio measured ({s['errors']} errors)")
                 continue
             w = s["worst"]
+            of_min = (f" (fastest blocks: geomean x{s['geomean_of_min']:.2f}, {s['below_of_min']} below)"
+                      if s.get("geomean_of_min") else "")
             lines.append(f"  {backend} {mode:<7} {s['cases']} cases: geomean x{s['geomean']:.2f}; worst "
                          f"x{w['ratio']:.2f} ({w['case']} {w['mode']}); {s['below']['count']} below "
-                         f"x{SLOW_RATIO}" + (f"; {s['errors']} errors" if s["errors"] else ""))
+                         f"x{SLOW_RATIO}" + (f"; {s['errors']} errors" if s["errors"] else "") + of_min)
             if mode != "all":
-                lines += [f"      x{b['ratio']:.2f}  {b['case']}" for b in s["below"]["cases"]]
+                lines += [f"      x{b['ratio']:.2f}" + (f" (fastest x{b['ratio_of_min']:.2f})" if b.get("ratio_of_min")
+                                                         else "") + f"  {b['case']}" for b in s["below"]["cases"]]
     return "\n".join(lines)
 
 
@@ -306,13 +320,16 @@ def format_sweep_table(rows: list[dict], markdown: bool = False) -> str:
 
 def run_sweep(cases: list[Case], modes: list[str], fused: list[str], device: torch.device, threads: int,
               settings: SweepSettings, log: Callable[[str], None]) -> tuple[list[dict], float]:
-    """Measures every (case, mode) with stock and the `fused` backends; returns (rows, seconds)."""
+    """Measures every (case, mode) with stock and the `fused` backends with `threads` CPU threads
+    (torch.set_num_threads); returns (rows, seconds)."""
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     groups = [(c, m) for c in cases for m in c.modes if m in modes]
     impls = ["stock", *fused]
     rows: list[dict] = []
     for i, (case, mode) in enumerate(groups, 1):
-        got = measure_sweep_group(case, mode, impls, device, threads, settings)
+        got = measure_sweep_group(case, mode, impls, device, settings)
         rows += got
         parts = []
         for r in got[1:]:

@@ -5,6 +5,7 @@ timed with CUDA events after a synchronise."""
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import dataclass
@@ -57,21 +58,40 @@ FULL = Settings(block_s=0.05, budget_s=4.0, min_samples=7, max_samples=41, warmu
 QUICK = Settings(block_s=0.02, budget_s=0.6, min_samples=5, max_samples=11, warmup_s=0.05)
 
 
-def warm_up(fn: Callable[[], Any], device: torch.device, seconds: float) -> tuple[float, float]:
-    """Runs fn until `seconds` have passed after the first call (at least 3 calls). Returns (first-call
-    seconds, per-call seconds estimate)."""
+def warm_up(fn: Callable[[], Any], device: torch.device, seconds: float, min_calls: int = 3) -> tuple[float, float]:
+    """Runs fn until `seconds` have passed after the first call (at least `min_calls` calls after it).
+    Returns (first-call seconds, per-call seconds estimate)."""
     t0 = time.perf_counter()
     fn()
     sync(device)
     first = time.perf_counter() - t0
     calls, t1 = 0, time.perf_counter()
-    while calls < 3 or time.perf_counter() - t1 < seconds:
+    while calls < min_calls or time.perf_counter() - t1 < seconds:
         fn()
         calls += 1
-        if calls >= 3 and time.perf_counter() - t1 > 10 * max(seconds, 0.1):
+        if calls >= min_calls and time.perf_counter() - t1 > 10 * max(seconds, 0.1):
             break
     sync(device)
     return first, (time.perf_counter() - t1) / calls
+
+
+def time_block(fn: Callable[[], Any], device: torch.device, number: int) -> float:
+    """Per-call seconds of `number` back-to-back calls of fn, timed with perf_counter (garbage
+    collection paused, as timeit does; the device synchronised before and after). Unlike
+    BlockTimer (torch.utils.benchmark's timeit), no untimed warm-up calls precede the block: for a
+    slow call they would triple the time a block takes."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        sync(device)
+        return (time.perf_counter() - t0) / number
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def summary(times: list[float]) -> dict:
