@@ -20,13 +20,14 @@ TORCH_LIBRARY(lightnet_ops, m) {
   // It is an empty uint8 tensor when need_argmax is false (inference).
   m.def(
       "conv2d_relu_maxpool2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-      "int[2] dilation, int[2] pool_kernel_size, int[2] pool_stride, bool need_argmax) -> (Tensor, Tensor)");
+      "int[2] dilation, int[2] pool_kernel_size, int[2] pool_stride, bool need_argmax, int[2] pool_padding=[0, 0], "
+      "bool ceil_mode=False) -> (Tensor, Tensor)");
   // Returns (grad_input, grad_weight, grad_bias); an entry whose output_mask is false (or
   // grad_bias without a bias) is an empty tensor of shape [0].
   m.def(
       "conv2d_relu_maxpool2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor argmax, "
       "int[2] stride, int[2] padding, int[2] dilation, int[2] pool_kernel_size, int[2] pool_stride, "
-      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "bool[3] output_mask, int[2] pool_padding=[0, 0], bool ceil_mode=False) -> (Tensor, Tensor, Tensor)");
   // input (M, in_features) -> output (M, out_features).
   m.def("linear_relu(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   // `output` is the forward's output: it carries the ReLU gate. Same return convention as above.

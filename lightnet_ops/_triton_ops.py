@@ -120,22 +120,26 @@ def triton_conv2d_relu_maxpool2d(
     pool_kernel_size: Sequence[int],
     pool_stride: Sequence[int],
     need_argmax: bool,
+    pool_padding: Sequence[int] = (0, 0),
+    ceil_mode: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out (N, K, PH, PW), argmax uint8 (N, K, PH, PW), or an empty uint8 [0] without need_argmax)."""
-    s = conv_op.conv_pool_shape(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride)
+    s = conv_op.conv_pool_shape(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride,
+                                pool_padding, ceil_mode)
     _check_runnable("conv2d_relu_maxpool2d", input)
     with _on_device(input):
         return _conv.conv2d_relu_maxpool2d_forward(
             input, weight, bias, s.stride, s.padding, s.dilation, s.pool_kernel_size, s.pool_stride,
-            s.P, s.Q, s.PH, s.PW, need_argmax,
+            s.P, s.Q, s.PH, s.PW, need_argmax, s.pool_padding,
         )
 
 
 @triton_conv2d_relu_maxpool2d.register_fake
-def _(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, need_argmax):
+def _(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, need_argmax,
+      pool_padding=(0, 0), ceil_mode=False):
     _check_dtype_only("conv2d_relu_maxpool2d", input)
-    return conv_op.fake(input, weight, bias, stride, padding, dilation, pool_kernel_size,
-                                           pool_stride, need_argmax)
+    return conv_op.fake(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, need_argmax,
+                        pool_padding, ceil_mode)
 
 
 @torch.library.custom_op("lightnet_ops::triton_conv2d_relu_maxpool2d_backward", mutates_args=(),
@@ -151,26 +155,31 @@ def triton_conv2d_relu_maxpool2d_backward(
     pool_kernel_size: Sequence[int],
     pool_stride: Sequence[int],
     output_mask: Sequence[bool],
+    pool_padding: Sequence[int] = (0, 0),
+    ceil_mode: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_input (N, C, H, W), grad_weight (K, C, R, S), grad_bias (K)); masked-off entries are
     empty tensors of shape [0]."""
-    s = conv_op.conv_pool_shape(input, weight, None, stride, padding, dilation, pool_kernel_size, pool_stride)
+    s = conv_op.conv_pool_shape(input, weight, None, stride, padding, dilation, pool_kernel_size, pool_stride,
+                                pool_padding, ceil_mode)
     conv_op.check_backward(s, grad_output, input, argmax)
     _check_runnable("conv2d_relu_maxpool2d_backward", input)
     with _on_device(input):
         return _conv.conv2d_relu_maxpool2d_backward(
             grad_output, input, weight, argmax, s.stride, s.padding, s.dilation, s.pool_kernel_size,
-            s.pool_stride, s.P, s.Q, output_mask,
+            s.pool_stride, s.P, s.Q, output_mask, pool_padding=s.pool_padding,
         )
 
 
 @triton_conv2d_relu_maxpool2d_backward.register_fake
-def _(grad_output, input, weight, argmax, stride, padding, dilation, pool_kernel_size, pool_stride, output_mask):
-    s = conv_op.conv_pool_shape(input, weight, None, stride, padding, dilation, pool_kernel_size, pool_stride)
+def _(grad_output, input, weight, argmax, stride, padding, dilation, pool_kernel_size, pool_stride, output_mask,
+      pool_padding=(0, 0), ceil_mode=False):
+    s = conv_op.conv_pool_shape(input, weight, None, stride, padding, dilation, pool_kernel_size, pool_stride,
+                                pool_padding, ceil_mode)
     conv_op.check_backward(s, grad_output, input, argmax)
     _check_dtype_only("conv2d_relu_maxpool2d_backward", input)
-    return conv_op.backward_fake(grad_output, input, weight, argmax, stride, padding, dilation,
-                                                    pool_kernel_size, pool_stride, output_mask)
+    return conv_op.backward_fake(grad_output, input, weight, argmax, stride, padding, dilation, pool_kernel_size,
+                                 pool_stride, output_mask, pool_padding, ceil_mode)
 
 
 # ---------------------------------------------------------------------------------------------

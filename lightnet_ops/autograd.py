@@ -40,7 +40,8 @@ def _masked(grads, mask) -> tuple:
 class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
     """max_pool2d(relu(conv2d(input, weight, bias))) keeping only a uint8 argmax for backward.
 
-    ``apply(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, backend)``
+    ``apply(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, backend[, pool_padding,
+    ceil_mode])``
     returns ``(output, argmax)``, both (N, K, PH, PW), like the raw op; every int argument is a pair.
     (The argmax is an output, not hidden state, because torch.func transforms need every tensor that
     backward uses to pass through ``setup_context``.)"""
@@ -49,20 +50,22 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, backend):
+    def forward(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, backend,
+                pool_padding=(0, 0), ceil_mode=False):
         # input (N, C, H, W), weight (K, C, R, S), bias (K) or None -> (output, argmax uint8), (N, K, PH, PW)
-        return registry.get(backend).kernels(conv_op.NAME).forward(input, weight, bias, stride, padding, dilation,
-                                                  pool_kernel_size, pool_stride, True)
+        return registry.get(backend).kernels(conv_op.NAME).forward(
+            input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, True, pool_padding, ceil_mode)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, backend = inputs
+        input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, backend, *pool = inputs
         _, argmax = output
         ctx.mark_non_differentiable(argmax)
         ctx.save_for_backward(input, weight, argmax)
         if forward_ad_active():
             ctx.save_for_forward(input, weight, argmax)
         ctx.params = (stride, padding, dilation, pool_kernel_size, pool_stride)
+        ctx.pool = tuple(pool) or ((0, 0), False)  # (pool_padding, ceil_mode)
         ctx.has_bias = bias is not None
         ctx.backend = backend
         # An output that receives no gradient arrives as None (as in stock PyTorch's nodes) instead
@@ -72,23 +75,24 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Optional[torch.Tensor], _grad_argmax: Any = None):
         if grad_output is None:
-            return (None,) * 9
+            return (None,) * 11
         input, weight, argmax = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias]
         if _creates_graph(grad_output, input, weight):
             # create_graph=True: the reference backward is made of differentiable stock ops routed by
             # the same argmax, so autograd records it and second derivatives are exact.
-            grads = conv_op.reference_backward(grad_output, input, weight, argmax, *ctx.params, mask)
+            grads = conv_op.reference_backward(grad_output, input, weight, argmax, *ctx.params, mask, *ctx.pool)
         else:
             with torch.no_grad():
-                grads = registry.get(ctx.backend).kernels(conv_op.NAME).backward(grad_output, input, weight, argmax, *ctx.params, mask)
-        return _masked(grads, mask) + (None,) * 6
+                grads = registry.get(ctx.backend).kernels(conv_op.NAME).backward(
+                    grad_output, input, weight, argmax, *ctx.params, mask, *ctx.pool)
+        return _masked(grads, mask) + (None,) * 8
 
     @staticmethod
     def jvp(ctx, t_input, t_weight, t_bias, *_):
         """Forward-mode AD: the conv's tangent routed through the forward's argmax."""
         input, weight, argmax = ctx.saved_tensors
-        t_out = conv_op.reference_jvp(input, weight, argmax, t_input, t_weight, t_bias, *ctx.params)
+        t_out = conv_op.reference_jvp(input, weight, argmax, t_input, t_weight, t_bias, *ctx.params, *ctx.pool)
         return t_out, None
 
 

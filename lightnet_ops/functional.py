@@ -69,11 +69,13 @@ def conv2d_relu_maxpool2d(
     dilation: IntPair = 1,
     pool_kernel_size: IntPair = 2,
     pool_stride: Optional[IntPair] = None,
+    pool_padding: IntPair = 0,
+    ceil_mode: bool = False,
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``F.max_pool2d(F.relu(F.conv2d(input, weight, bias, stride, padding, dilation)), pool_kernel_size, pool_stride)``
-    in one op.
+    """``F.max_pool2d(F.relu(F.conv2d(input, weight, bias, stride, padding, dilation)), pool_kernel_size, pool_stride,
+    pool_padding, ceil_mode=ceil_mode)`` in one op.
 
     Args:
         input: (N, C, H, W) or unbatched (C, H, W).
@@ -82,7 +84,9 @@ def conv2d_relu_maxpool2d(
         stride, padding, dilation: conv parameters, int or pair (numpy / 0-d tensor ints too); padding may
             also be "valid" or "same" (stride 1), as in F.conv2d.
         pool_kernel_size: max-pool window, int or pair (at most 255 elements).
-        pool_stride: max-pool stride; None means pool_kernel_size. Pool padding is 0, floor mode.
+        pool_stride: max-pool stride; None means pool_kernel_size.
+        pool_padding: max-pool padding (as -inf), int or pair, at most half the pool window.
+        ceil_mode: max-pool ceil mode (windows that start inside the padded input count).
         backend: "auto", "cpu", "cuda", "triton" or "reference" (see lightnet_ops.backend_registry).
 
     Returns:
@@ -92,6 +96,9 @@ def conv2d_relu_maxpool2d(
     padding_ = padding if isinstance(padding, str) else pair(padding, "padding")
     pool_k = pair(pool_kernel_size, "pool_kernel_size")
     pool_s = pool_k if pool_stride is None else pair(pool_stride, "pool_stride")
+    pool_p = pair(pool_padding, "pool_padding")
+    if not isinstance(ceil_mode, bool):
+        raise TypeError(f"conv2d_relu_maxpool2d: ceil_mode must be a bool, got {ceil_mode!r}")
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"conv2d_relu_maxpool2d: input must be a Tensor, got {type(input).__name__}")
     if input.dim() not in (3, 4):
@@ -111,17 +118,18 @@ def conv2d_relu_maxpool2d(
         elif padding_ != "same":
             raise ValueError(f"conv2d_relu_maxpool2d: invalid padding string {padding_!r}, should be one of "
                              "{'valid', 'same'}")
-    conv_op.check_conv_pool(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s)
+    conv_op.check_conv_pool(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, pool_p, ceil_mode)
     impl = registry.resolve(backend, input)
     if _needs_function(impl, input, weight, bias):
         out, _ = conv_function(_tangents_possible()).apply(
-            input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, impl.name
+            input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, impl.name, pool_p, ceil_mode
         )
     else:
         # need_argmax: whether backward may follow. A torch.jit.trace graph must not depend on the
         # grad mode it was traced in (its check re-traces under no_grad), so tracing always asks for it.
         need_argmax = _needs_grad(input, weight, bias) or torch.jit.is_tracing()
-        out, _ = impl.kernels(conv_op.NAME).forward(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, need_argmax)
+        out, _ = impl.kernels(conv_op.NAME).forward(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s,
+                                                    need_argmax, pool_p, ceil_mode)
     return out.squeeze(0) if unbatched else out
 
 

@@ -45,6 +45,8 @@ class Conv2dReLUMaxPool2d(nn.Module):
         bias: bool = True,
         pool_kernel_size: IntPair = 2,
         pool_stride: Optional[IntPair] = None,
+        pool_padding: IntPair = 0,
+        ceil_mode: bool = False,
         *,
         backend: str = "auto",
         device=None,
@@ -62,6 +64,8 @@ class Conv2dReLUMaxPool2d(nn.Module):
         self.dilation = tuple(pair(dilation, "dilation"))
         self.pool_kernel_size = tuple(pair(pool_kernel_size, "pool_kernel_size"))
         self.pool_stride = self.pool_kernel_size if pool_stride is None else tuple(pair(pool_stride, "pool_stride"))
+        self.pool_padding = tuple(pair(pool_padding, "pool_padding"))
+        self.ceil_mode = bool(ceil_mode)
         self.backend = backend
         self.weight = nn.Parameter(torch.empty((out_channels, in_channels, *self.kernel_size), **factory))
         if bias:
@@ -76,7 +80,7 @@ class Conv2dReLUMaxPool2d(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return LF.conv2d_relu_maxpool2d(
             input, self.weight, self.bias, self.stride, self.padding, self.dilation,
-            self.pool_kernel_size, self.pool_stride, backend=self.backend,
+            self.pool_kernel_size, self.pool_stride, self.pool_padding, self.ceil_mode, backend=self.backend,
         )
 
     # torch.jit.script calls this on every submodule before compiling: fail with a clear message.
@@ -91,6 +95,10 @@ class Conv2dReLUMaxPool2d(nn.Module):
         if self.bias is None:
             s += ", bias=False"
         s += f", pool_kernel_size={self.pool_kernel_size}, pool_stride={self.pool_stride}"
+        if self.pool_padding != (0, 0):
+            s += f", pool_padding={self.pool_padding}"
+        if self.ceil_mode:
+            s += ", ceil_mode=True"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s

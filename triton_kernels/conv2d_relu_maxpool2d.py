@@ -63,7 +63,7 @@ def _conv_fwd_kernel(
     am_ptr,      # (N, K, PH, PW) uint8 argmax, written only when NEED_ARGMAX
     M, C, H, W, K, R, S, P, Q, PH, PW, CRS,  # M = N * PH * PW, CRS = C * R * S
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    pool_kh, pool_kw, pool_sh, pool_sw,
+    pool_kh, pool_kw, pool_sh, pool_sw, pool_ph, pool_pw,   # pool window, stride, padding (as -inf)
     HAS_BIAS: tl.constexpr,
     NEED_ARGMAX: tl.constexpr,
     FP32_IEEE: tl.constexpr,
@@ -92,9 +92,11 @@ def _conv_fwd_kernel(
     arg = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     n_k_iters = tl.cdiv(CRS, BLOCK_K)
     for win in range(0, pool_kh * pool_kw):
-        # conv output position of this window offset, then its input origin
-        oh = ph * pool_sh + win // pool_kw
-        ow = pw * pool_sw + win % pool_kw
+        # conv output position of this window offset (outside the conv output: pool padding), then
+        # its input origin
+        oh = ph * pool_sh - pool_ph + win // pool_kw
+        ow = pw * pool_sw - pool_pw + win % pool_kw
+        inside = (oh >= 0) & (oh < P) & (ow >= 0) & (ow < Q)
         ih0 = oh * stride_h - pad_h
         iw0 = ow * stride_w - pad_w
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -117,7 +119,8 @@ def _conv_fwd_kernel(
             acc += bias[None, :]
         # Compare values as stock would see them: the conv output rounded to the tensor dtype.
         v = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-        take = (v > best) | (v != v)       # first maximum wins ties; any NaN is taken (last NaN wins)
+        # first maximum wins ties; any NaN is taken (last NaN wins); pool padding is never taken
+        take = inside[:, None] & ((v > best) | (v != v))
         best = tl.where(take, v, best)
         arg = tl.where(take, win, arg)
     out_off = (n_img.to(tl.int64) * K * L + rem)[:, None] + (offs_n * L)[None, :]
@@ -135,6 +138,7 @@ def conv2d_relu_maxpool2d_forward(
     stride, padding, dilation, pool_kernel_size, pool_stride,   # pairs of ints
     P: int, Q: int, PH: int, PW: int,    # conv output and pooled output sizes (validated by the caller)
     need_argmax: bool,
+    pool_padding=(0, 0),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out (N, K, PH, PW), argmax uint8 (N, K, PH, PW), or an empty uint8 tensor [0])."""
     x = input.contiguous()
@@ -152,7 +156,7 @@ def conv2d_relu_maxpool2d_forward(
         x, w, b if b is not None else w, out, argmax if need_argmax else out,
         M, C, H, W, K, R, S, P, Q, PH, PW, C * R * S,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        pool_kernel_size[0], pool_kernel_size[1], pool_stride[0], pool_stride[1],
+        pool_kernel_size[0], pool_kernel_size[1], pool_stride[0], pool_stride[1], pool_padding[0], pool_padding[1],
         HAS_BIAS=b is not None, NEED_ARGMAX=need_argmax, **dot_flags(x.dtype),
     )
     return out, argmax
@@ -164,13 +168,13 @@ def conv2d_relu_maxpool2d_forward(
 
 
 @triton.jit(do_not_specialize=["total", "P", "Q", "PH", "PW", "pool_kh", "pool_kw", "pool_sh", "pool_sw",
-                               "WIN_H", "WIN_W"])
+                               "pool_ph", "pool_pw", "WIN_H", "WIN_W"])
 def _route_kernel(
     go_ptr,      # (N, K, PH, PW) pooled gradient, contiguous
     am_ptr,      # (N, K, PH, PW) uint8 argmax, contiguous
     gc_ptr,      # (N, K, P, Q) conv-output gradient, written (every element)
     total, P, Q, PH, PW,
-    pool_kh, pool_kw, pool_sh, pool_sw,
+    pool_kh, pool_kw, pool_sh, pool_sw, pool_ph, pool_pw,
     WIN_H, WIN_W,   # most windows covering one position per dim: ceil(pool_kh / pool_sh), ceil(pool_kw / pool_sw)
     BLOCK: tl.constexpr,
 ):
@@ -182,13 +186,15 @@ def _route_kernel(
     p = t % P
     plane = (t // P) * (PH * PW)          # (n, k) plane start in the pooled tensors, int64
     acc = tl.zeros([BLOCK], dtype=tl.float32)
+    pp = p + pool_ph                       # position in the pool-padded plane
+    qq = q + pool_pw
     for dh in range(0, WIN_H):
-        ph = p // pool_sh - dh             # windows starting at or before p, nearest first
-        i = p - ph * pool_sh               # row of p inside window ph
+        ph = pp // pool_sh - dh            # windows starting at or before p, nearest first
+        i = pp - ph * pool_sh              # row of p inside window ph
         ok_h = (ph >= 0) & (ph < PH) & (i < pool_kh)
         for dw in range(0, WIN_W):
-            pw = q // pool_sw - dw
-            j = q - pw * pool_sw
+            pw = qq // pool_sw - dw
+            j = qq - pw * pool_sw
             ok = mask & ok_h & (pw >= 0) & (pw < PW) & (j < pool_kw)
             idx = plane + ph * PW + pw
             a = tl.load(am_ptr + idx, mask=ok, other=ARGMAX_RELU_ZERO).to(tl.int32)
@@ -198,7 +204,7 @@ def _route_kernel(
 
 
 def route_pooled_grad(grad_output: torch.Tensor, argmax: torch.Tensor, P: int, Q: int,
-                      pool_kernel_size, pool_stride) -> torch.Tensor:
+                      pool_kernel_size, pool_stride, pool_padding=(0, 0)) -> torch.Tensor:
     """grad_output (N, K, PH, PW), argmax uint8 (N, K, PH, PW) -> grad_conv (N, K, P, Q), same dtype."""
     go = grad_output.contiguous()
     am = argmax.contiguous()
@@ -210,7 +216,7 @@ def route_pooled_grad(grad_output: torch.Tensor, argmax: torch.Tensor, P: int, Q
     block = 256 if INTERPRET else 1024
     _route_kernel[(triton.cdiv(total, block),)](
         go, am, gc, total, P, Q, PH, PW,
-        pool_kernel_size[0], pool_kernel_size[1], pool_stride[0], pool_stride[1],
+        pool_kernel_size[0], pool_kernel_size[1], pool_stride[0], pool_stride[1], pool_padding[0], pool_padding[1],
         triton.cdiv(pool_kernel_size[0], pool_stride[0]), triton.cdiv(pool_kernel_size[1], pool_stride[1]),
         BLOCK=block,
     )
@@ -395,6 +401,7 @@ def conv2d_relu_maxpool2d_backward(
     P: int, Q: int,
     output_mask,                         # [grad_input, grad_weight, grad_bias]
     split: int | None = None,            # weight-gradient reduction splits (None: heuristic); for tests
+    pool_padding=(0, 0),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_input (N, C, H, W), grad_weight (K, C, R, S), grad_bias (K)); masked-off
     entries are empty tensors of shape [0]."""
@@ -404,7 +411,7 @@ def conv2d_relu_maxpool2d_backward(
     K, _, R, S = w.shape
     dtype, dev = x.dtype, x.device
     need_in, need_w, need_b = (bool(m) for m in output_mask)
-    gc = route_pooled_grad(grad_output.to(dtype), argmax, P, Q, pool_kernel_size, pool_stride)
+    gc = route_pooled_grad(grad_output.to(dtype), argmax, P, Q, pool_kernel_size, pool_stride, pool_padding)
     flags = dot_flags(dtype)
     conv_args = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
 

@@ -39,6 +39,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "lightnet_ops/composite.h"
 #include "lightnet_ops/conv_params.h"
 #include "lightnet_ops/cpu_conv_direct.h"
 #include "lightnet_ops/cpu_simd.h"
@@ -855,8 +856,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cp
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lightnet_ops, CPU, m) {
-  m.impl("conv2d_relu_maxpool2d", &conv2d_relu_maxpool2d_cpu);
-  m.impl("conv2d_relu_maxpool2d_backward", &conv2d_relu_maxpool2d_backward_cpu);
+  m.impl("conv2d_relu_maxpool2d", &composite::conv_forward_op<&conv2d_relu_maxpool2d_cpu>);
+  m.impl("conv2d_relu_maxpool2d_backward", &composite::conv_backward_op<&conv2d_relu_maxpool2d_backward_cpu>);
 }
 
 }  // namespace lightnet_ops

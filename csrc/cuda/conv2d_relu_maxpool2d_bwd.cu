@@ -19,6 +19,7 @@
 //    LIGHTNET_OPS_CUDA_INDEX64=1 forces the direct kernels' 64-bit index variants (for tests).
 #include <torch/library.h>
 
+#include "lightnet_ops/composite.h"
 #include "lightnet_ops/conv_params.h"
 #include "lightnet_ops/cuda_conv_direct.cuh"
 #include "lightnet_ops/cuda_utils.cuh"
@@ -384,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cu
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lightnet_ops, CUDA, m) {
-  m.impl("conv2d_relu_maxpool2d_backward", &conv2d_relu_maxpool2d_backward_cuda);
+  m.impl("conv2d_relu_maxpool2d_backward", &composite::conv_backward_op<&conv2d_relu_maxpool2d_backward_cuda>);
 }
 
 }  // namespace cuda

@@ -17,6 +17,7 @@
 // cuda_conv_direct.cuh).
 #include <torch/library.h>
 
+#include "lightnet_ops/composite.h"
 #include "lightnet_ops/conv_params.h"
 #include "lightnet_ops/cuda_conv_direct.cuh"
 #include "lightnet_ops/cuda_utils.cuh"
@@ -230,7 +231,9 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_cuda(const at::Tensor& 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lightnet_ops, CUDA, m) { m.impl("conv2d_relu_maxpool2d", &conv2d_relu_maxpool2d_cuda); }
+TORCH_LIBRARY_IMPL(lightnet_ops, CUDA, m) {
+  m.impl("conv2d_relu_maxpool2d", &composite::conv_forward_op<&conv2d_relu_maxpool2d_cuda>);
+}
 
 }  // namespace cuda
 }  // namespace lightnet_ops

@@ -17,12 +17,14 @@ from ._contract import OpContract, check_same, empty_placeholder, fail, grads_fa
 
 NAME = "conv2d_relu_maxpool2d"
 # Returns (output (N, K, PH, PW), argmax uint8 (N, K, PH, PW), or an empty uint8 [0] when need_argmax is false).
+# pool_padding / ceil_mode are max_pool2d's (padding as -inf; ceil-mode windows start inside the padded input).
 SCHEMA = ("(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
-          "int[2] pool_kernel_size, int[2] pool_stride, bool need_argmax) -> (Tensor, Tensor)")
+          "int[2] pool_kernel_size, int[2] pool_stride, bool need_argmax, int[2] pool_padding=[0, 0], "
+          "bool ceil_mode=False) -> (Tensor, Tensor)")
 # Returns (grad_input, grad_weight, grad_bias); an entry whose output_mask is false is an empty [0] tensor.
 BACKWARD_SCHEMA = ("(Tensor grad_output, Tensor input, Tensor weight, Tensor argmax, int[2] stride, int[2] padding, "
-                   "int[2] dilation, int[2] pool_kernel_size, int[2] pool_stride, bool[3] output_mask) "
-                   "-> (Tensor, Tensor, Tensor)")
+                   "int[2] dilation, int[2] pool_kernel_size, int[2] pool_stride, bool[3] output_mask, "
+                   "int[2] pool_padding=[0, 0], bool ceil_mode=False) -> (Tensor, Tensor, Tensor)")
 
 #: Argmax byte meaning "ReLU zeroed this pooled element": no gradient reaches the conv output.
 ARGMAX_RELU_ZERO = 255
@@ -34,8 +36,16 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: i
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def pool_out_size(size: int, kernel: int, stride: int) -> int:
-    return (size - kernel) // stride + 1
+def pool_out_size(size: int, kernel: int, stride: int, padding: int = 0, ceil_mode: bool = False) -> int:
+    """max_pool2d's output size (dilation 1): in ceil mode the last window must start inside the
+    input or its left padding."""
+    span = size + 2 * padding - kernel
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    if (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,8 @@ class ConvPoolShape:
     dilation: tuple[int, int]
     pool_kernel_size: tuple[int, int]
     pool_stride: tuple[int, int]
+    pool_padding: tuple[int, int]
+    ceil_mode: bool
     P: int
     Q: int
     PH: int
@@ -74,14 +86,17 @@ def conv_pool_shape(
     dilation: Sequence[int],
     pool_kernel_size: Sequence[int],
     pool_stride: Sequence[int],
+    pool_padding: Sequence[int] = (0, 0),
+    ceil_mode: bool = False,
 ) -> ConvPoolShape:
     """Validates a 4-D problem and returns its sizes. Raises ValueError/TypeError naming the problem."""
-    P, Q, PH, PW = check_conv_pool(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride)
+    P, Q, PH, PW = check_conv_pool(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride,
+                                   pool_padding, ceil_mode)
     N, C, H, W = input.shape
     K, _, R, S = weight.shape
     return ConvPoolShape(
         N, C, H, W, K, R, S, tuple(stride), tuple(padding), tuple(dilation),
-        tuple(pool_kernel_size), tuple(pool_stride), P, Q, PH, PW,
+        tuple(pool_kernel_size), tuple(pool_stride), tuple(pool_padding), bool(ceil_mode), P, Q, PH, PW,
     )
 
 
@@ -94,6 +109,8 @@ def check_conv_pool(
     dilation: Sequence[int],
     pool_kernel_size: Sequence[int],
     pool_stride: Sequence[int],
+    pool_padding: Sequence[int] = (0, 0),
+    ceil_mode: bool = False,
 ) -> tuple[int, int, int, int]:
     """Validates a 4-D problem; returns (P, Q, PH, PW). Raises ValueError/TypeError naming the problem.
     (conv_pool_shape without building the dataclass: the functional API runs this on every call.)"""
@@ -120,6 +137,7 @@ def check_conv_pool(
         ("dilation", dilation, 1),
         ("pool_kernel_size", pool_kernel_size, 1),
         ("pool_stride", pool_stride, 1),
+        ("pool_padding", pool_padding, 0),
     ):
         if len(v) != 2:
             fail(op, f"{name} must have 2 elements, got {list(v)}")
@@ -139,10 +157,14 @@ def check_conv_pool(
             f"input of spatial size ({H}, {W}) is too small for kernel ({R}, {S}) with padding "
             f"{list(padding)} and dilation {list(dilation)}",
         )
-    if pool_kernel_size[0] > P or pool_kernel_size[1] > Q:
-        fail(op, f"pool window {tuple(pool_kernel_size)} is larger than the conv output ({P}, {Q})")
-    PH = pool_out_size(P, pool_kernel_size[0], pool_stride[0])
-    PW = pool_out_size(Q, pool_kernel_size[1], pool_stride[1])
+    if 2 * pool_padding[0] > pool_kernel_size[0] or 2 * pool_padding[1] > pool_kernel_size[1]:
+        fail(op, f"pool_padding {list(pool_padding)} must be at most half of pool_kernel_size "
+                 f"{list(pool_kernel_size)} (as max_pool2d)")
+    PH = pool_out_size(P, pool_kernel_size[0], pool_stride[0], pool_padding[0], ceil_mode)
+    PW = pool_out_size(Q, pool_kernel_size[1], pool_stride[1], pool_padding[1], ceil_mode)
+    if PH <= 0 or PW <= 0:
+        fail(op, f"pool window {tuple(pool_kernel_size)} is larger than the conv output ({P}, {Q})"
+                 + (f" with pool_padding {list(pool_padding)}" if any(pool_padding) else ""))
     return P, Q, PH, PW
 
 
@@ -163,21 +185,42 @@ def check_backward(s: ConvPoolShape, grad_output: torch.Tensor, input: torch.Ten
 
 # --- Fakes ------------------------------------------------------------------------------------
 
-def fake(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, need_argmax):
-    s = conv_pool_shape(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride)
+def fake(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, need_argmax,
+         pool_padding=(0, 0), ceil_mode=False):
+    s = conv_pool_shape(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, pool_padding,
+                        ceil_mode)
     out = input.new_empty(s.out_shape)
     argmax = input.new_empty(s.out_shape, dtype=torch.uint8) if need_argmax else empty_placeholder(input, torch.uint8)
     return out, argmax
 
 
 def backward_fake(grad_output, input, weight, argmax, stride, padding, dilation, pool_kernel_size, pool_stride,
-                  output_mask):
+                  output_mask, pool_padding=(0, 0), ceil_mode=False):
     return grads_fake(input, weight, output_mask)
 
 
 # --- Reference (pure PyTorch) -------------------------------------------------------------------
 # Written with differentiable stock ops: the backward (routing through the one-byte argmax, then
 # aten.convolution_backward) is what autograd differentiates again for double backward.
+
+def _window_origins(s: ConvPoolShape, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv-output row (PH, 1) and column (1, PW) where each pool window starts (negative inside the
+    pool padding): argmax offsets count from there."""
+    oh = torch.arange(s.PH, device=device).view(-1, 1) * s.pool_stride[0] - s.pool_padding[0]
+    ow = torch.arange(s.PW, device=device).view(1, -1) * s.pool_stride[1] - s.pool_padding[1]
+    return oh, ow
+
+
+def argmax_positions(argmax: torch.Tensor, s: ConvPoolShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat index into the conv-output plane (N, K, PH*PW), int64; live (N, K, PH*PW)): where each
+    pooled element's argmax points, and whether ReLU kept it (flat is 0 where it did not)."""
+    a = argmax.long()
+    live = a != ARGMAX_RELU_ZERO
+    oh, ow = _window_origins(s, a.device)
+    flat = (oh + a // s.pool_kernel_size[1]) * s.Q + ow + a % s.pool_kernel_size[1]
+    flat = torch.where(live, flat, torch.zeros_like(flat))
+    return flat.reshape(s.N, s.K, -1), live.reshape(s.N, s.K, -1)
+
 
 def reference(
     input: torch.Tensor,                 # (N, C, H, W)
@@ -189,41 +232,36 @@ def reference(
     pool_kernel_size: Sequence[int],
     pool_stride: Sequence[int],
     need_argmax: bool,
+    pool_padding: Sequence[int] = (0, 0),
+    ceil_mode: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (output (N, K, PH, PW), argmax uint8 (N, K, PH, PW) or empty)."""
-    s = conv_pool_shape(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride)
+    s = conv_pool_shape(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, pool_padding,
+                        ceil_mode)
     conv = F.conv2d(input, weight, bias, stride, padding, dilation)  # (N, K, P, Q)
-    pre, flat_idx = F.max_pool2d(conv, pool_kernel_size, pool_stride, return_indices=True)
+    pre, flat_idx = F.max_pool2d(conv, pool_kernel_size, pool_stride, pool_padding, ceil_mode=ceil_mode,
+                                 return_indices=True)
     out = F.relu(pre)
     if not need_argmax:
         return out, empty_placeholder(input, torch.uint8)
     # flat_idx indexes the (P, Q) plane; turn it into an offset inside the pool window.
-    ph = torch.arange(s.PH, device=input.device).view(-1, 1) * pool_stride[0]
-    pw = torch.arange(s.PW, device=input.device).view(1, -1) * pool_stride[1]
-    dh = flat_idx // s.Q - ph
-    dw = flat_idx % s.Q - pw
-    offset = dh * pool_kernel_size[1] + dw
+    oh, ow = _window_origins(s, input.device)
+    offset = (flat_idx // s.Q - oh) * pool_kernel_size[1] + flat_idx % s.Q - ow
     argmax = torch.where(relu_passes_grad(pre), offset, torch.full_like(offset, ARGMAX_RELU_ZERO))
     return out, argmax.to(torch.uint8)
 
 
 def route_pooled_grad(
-    grad_output: torch.Tensor, argmax: torch.Tensor, s, dtype: torch.dtype
+    grad_output: torch.Tensor, argmax: torch.Tensor, s: ConvPoolShape, dtype: torch.dtype
 ) -> torch.Tensor:
     """Scatters the pooled gradient (N, K, PH, PW) through the argmax into a dense conv-output
     gradient (N, K, P, Q). Overlapping windows accumulate."""
-    N, K = s.N, s.K
-    a = argmax.long()
-    live = a != ARGMAX_RELU_ZERO
-    ph = torch.arange(s.PH, device=a.device).view(-1, 1) * s.pool_stride[0]
-    pw = torch.arange(s.PW, device=a.device).view(1, -1) * s.pool_stride[1]
-    h = ph + a // s.pool_kernel_size[1]
-    w = pw + a % s.pool_kernel_size[1]
-    flat = torch.where(live, h * s.Q + w, torch.zeros_like(a)).reshape(N, K, s.PH * s.PW)
-    src = torch.where(live, grad_output, torch.zeros_like(grad_output)).to(dtype).reshape(N, K, s.PH * s.PW)
+    flat, live = argmax_positions(argmax, s)
+    src = grad_output.reshape(s.N, s.K, -1)
+    src = torch.where(live, src, torch.zeros_like(src)).to(dtype)
     # Out of place, so that vmap (per-sample gradients) can batch it.
-    grad_conv = torch.zeros(N, K, s.P * s.Q, dtype=dtype, device=grad_output.device).scatter_add(2, flat, src)
-    return grad_conv.view(N, K, s.P, s.Q)
+    grad_conv = torch.zeros(s.N, s.K, s.P * s.Q, dtype=dtype, device=grad_output.device).scatter_add(2, flat, src)
+    return grad_conv.view(s.N, s.K, s.P, s.Q)
 
 
 def reference_backward(
@@ -237,9 +275,12 @@ def reference_backward(
     pool_kernel_size: Sequence[int],
     pool_stride: Sequence[int],
     output_mask: Sequence[bool],
+    pool_padding: Sequence[int] = (0, 0),
+    ceil_mode: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_input, grad_weight, grad_bias); masked-off entries are empty tensors."""
-    s = conv_pool_shape(input, weight, None, stride, padding, dilation, pool_kernel_size, pool_stride)
+    s = conv_pool_shape(input, weight, None, stride, padding, dilation, pool_kernel_size, pool_stride, pool_padding,
+                        ceil_mode)
     check_backward(s, grad_output, input, argmax)
     grad_conv = route_pooled_grad(grad_output, argmax, s, input.dtype)
     grad_input, grad_weight, grad_bias = (empty_placeholder(input) for _ in range(3))
@@ -267,9 +308,12 @@ def reference_jvp(
     dilation: Sequence[int],
     pool_kernel_size: Sequence[int],
     pool_stride: Sequence[int],
+    pool_padding: Sequence[int] = (0, 0),
+    ceil_mode: bool = False,
 ) -> torch.Tensor:
     """Tangent of the output (N, K, PH, PW): route(conv(t_input, w) + conv(x, t_weight) + t_bias)."""
-    s = conv_pool_shape(input, weight, None, stride, padding, dilation, pool_kernel_size, pool_stride)
+    s = conv_pool_shape(input, weight, None, stride, padding, dilation, pool_kernel_size, pool_stride, pool_padding,
+                        ceil_mode)
     t_conv = sum_defined(
         None if t_input is None else F.conv2d(t_input, weight, None, stride, padding, dilation),
         None if t_weight is None else F.conv2d(input, t_weight, None, stride, padding, dilation),
@@ -277,13 +321,9 @@ def reference_jvp(
     )
     if t_conv is None:
         return input.new_zeros(s.out_shape)
-    a = argmax.long()
-    live = a != ARGMAX_RELU_ZERO
-    ph = torch.arange(s.PH, device=a.device).view(-1, 1) * s.pool_stride[0]
-    pw = torch.arange(s.PW, device=a.device).view(1, -1) * s.pool_stride[1]
-    flat = torch.where(live, (ph + a // s.pool_kernel_size[1]) * s.Q + pw + a % s.pool_kernel_size[1], 0)
-    picked = t_conv.reshape(s.N, s.K, s.P * s.Q).gather(2, flat.reshape(s.N, s.K, -1)).view(s.out_shape)
-    return torch.where(live, picked, torch.zeros_like(picked))
+    flat, live = argmax_positions(argmax, s)
+    picked = t_conv.reshape(s.N, s.K, s.P * s.Q).gather(2, flat)
+    return torch.where(live, picked, torch.zeros_like(picked)).view(s.out_shape)
 
 
 CONTRACT = OpContract(NAME, SCHEMA, BACKWARD_SCHEMA, fake, backward_fake, reference, reference_backward, reference_jvp)
