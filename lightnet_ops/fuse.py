@@ -200,7 +200,7 @@ class PoolSupport:
     """Which max_pool2d arguments beyond a floor-mode, unpadded window the fused op computes exactly.
 
     A chain whose pool needs an unsupported one is skipped with the reason; a supported one is passed to
-    the fused module / functional call as ``pool_padding=`` / ``pool_ceil_mode=`` (only when it is not the
+    the fused module / functional call as ``pool_padding=`` / ``ceil_mode=`` (only when it is not the
     default, so calls of a fused op without those arguments stay valid).
     """
 
@@ -209,7 +209,7 @@ class PoolSupport:
 
 
 #: What the pool of the fused conv op supports (one line to change when the op gains an argument).
-POOL_SUPPORT = PoolSupport()
+POOL_SUPPORT = PoolSupport(padding=True, ceil_mode=True)
 
 
 def _pool_params(kernel_size: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: Any,
@@ -240,7 +240,7 @@ def _pool_kwargs(pool: dict[str, Any]) -> dict[str, Any]:
     if pool["padding"] != (0, 0):
         kwargs["pool_padding"] = pool["padding"]
     if pool["ceil_mode"]:
-        kwargs["pool_ceil_mode"] = True
+        kwargs["ceil_mode"] = True
     return kwargs
 
 

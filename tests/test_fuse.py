@@ -335,8 +335,6 @@ def _seq(*mods):
 
 NOT_FUSABLE = {
     "groups2": lambda: _seq(nn.Conv2d(4, 4, 3, groups=2), nn.ReLU(), nn.MaxPool2d(2)),
-    "pool_padding": lambda: _seq(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1)),
-    "pool_ceil": lambda: _seq(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)),
     "pool_dilation": lambda: _seq(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.MaxPool2d(2, dilation=2)),
     "padding_mode": lambda: _seq(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.MaxPool2d(2)),
     "dropout_between": lambda: _seq(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Dropout(0.0), nn.MaxPool2d(2)),
@@ -360,8 +358,24 @@ def test_sequential_not_fused(name):
 def test_unsupported_chains_report_reason():
     fused = lo.fuse(NOT_FUSABLE["groups2"]())
     assert len(fused.skipped_chains) == 1 and "groups=2" in fused.skipped_chains[0].reason
-    fused = lo.fuse(NOT_FUSABLE["pool_padding"]())
-    assert "padding" in fused.skipped_chains[0].reason
+    fused = lo.fuse(NOT_FUSABLE["pool_dilation"]())
+    assert "dilation" in fused.skipped_chains[0].reason
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(3, 2, padding=1), nn.MaxPool2d(2, ceil_mode=True),
+                                  nn.MaxPool2d(3, 2, padding=1, ceil_mode=True)], ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_padded_and_ceil_mode_pools_are_fused_with_stock_results(pool, dtype):
+    torch.manual_seed(6)
+    model = _seq(nn.Conv2d(4, 4, 3), nn.ReLU(), pool).to(dtype)
+    fused = lo.fuse(model)
+    assert len(fused.fused_chains) == 1 and isinstance(fused[0], lo.Conv2dReLUMaxPool2d)
+    assert (fused[0].pool_padding, fused[0].ceil_mode) == (tuple(nn.modules.utils._pair(pool.padding)), pool.ceil_mode)
+    x = torch.randn(2, 4, 10, 11, dtype=dtype, requires_grad=True)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused(x), model(x), **tol)
+    traced = lo.fuse(torch.fx.symbolic_trace(model))  # the graph pass takes them too
+    torch.testing.assert_close(traced(x), model(x), **tol)
 
 
 def test_module_with_hook_not_fused():
@@ -396,17 +410,23 @@ def test_functional_intermediate_used_elsewhere_not_fused(cls, n_fused):
         assert_close_rel(g1[n], g0[n], 1e-10, n)
 
 
-def test_functional_unsupported_pool_skipped():
+def test_functional_pools_with_padding_fused_dilated_skipped():
     class M(nn.Module):
-        def __init__(self):
+        def __init__(self, **pool):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3)
+            self.pool = pool
 
         def forward(self, x):
-            return F.max_pool2d(F.relu(self.conv(x)), 2, padding=1)
+            return F.max_pool2d(F.relu(self.conv(x)), 2, **self.pool)
 
-    fused = lo.fuse(M())
-    assert fused.fused_chains == [] and "padding" in fused.skipped_chains[0].reason
+    x = torch.randn(2, 3, 9, 9)
+    padded = M(padding=1)
+    fused = lo.fuse(padded)
+    assert len(fused.fused_chains) == 1
+    torch.testing.assert_close(fused(x), padded(x))
+    fused = lo.fuse(M(dilation=2))
+    assert fused.fused_chains == [] and "dilation" in fused.skipped_chains[0].reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1257,6 +1277,7 @@ def test_speed_guard_run_leaves_state_and_rng_alone():
 
 def test_pool_support_flags_drive_the_skip(monkeypatch):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1, ceil_mode=True))
+    monkeypatch.setattr(fuse_mod, "POOL_SUPPORT", fuse_mod.PoolSupport())
     assert "padding" in lo.fuse(model).skipped_chains[0].reason
     monkeypatch.setattr(fuse_mod, "POOL_SUPPORT", fuse_mod.PoolSupport(padding=True))
     assert "ceil_mode=True" in lo.fuse(model).skipped_chains[0].reason
@@ -1264,4 +1285,4 @@ def test_pool_support_flags_drive_the_skip(monkeypatch):
     monkeypatch.setattr(fuse_mod, "POOL_SUPPORT", fuse_mod.PoolSupport(padding=True, ceil_mode=True))
     link = fuse_mod.Link(fuse_mod.MAX_POOL2D, "2", module=model[2])
     fuse_mod._resolve([link])
-    assert fuse_mod._pool_kwargs(link.params) == {"pool_padding": (1, 1), "pool_ceil_mode": True}
+    assert fuse_mod._pool_kwargs(link.params) == {"pool_padding": (1, 1), "ceil_mode": True}
