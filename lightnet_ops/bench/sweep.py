@@ -7,8 +7,8 @@ from the value lists below, so every run and every machine measures the same pro
 - conv2d_relu_maxpool2d: ``ANCHOR_CONVS`` (layers of ResNet/VGG-style networks after their first
   stage, where many channels meet small images, plus a ResNet stem), then ``CONV_DRAWS`` drawn
   shapes. Draw i takes filter ``CONV_KERNELS[i % 4]`` and pool ``POOLS[(i // 4) % 2]`` (so every
-  filter size meets both pools), padding ``k // 2`` on odd draws within that (i // 8 odd: none),
-  stride 2 on every third draw; batch, channels and image size come from the value lists.
+  filter size meets both pools), padding ``k // 2`` where i // 8 is odd (none where it is even),
+  stride 2 on every third draw (i % 3 == 2); batch, channels and image size come from the value lists.
 - linear_relu: ``LINEAR_DRAWS`` drawn shapes; draw i takes its row count M from bucket
   ``LINEAR_M_BUCKETS[i % 4]`` (few rows, tens, hundreds, thousands), K and N from ``LINEAR_FEATURES``.
 
