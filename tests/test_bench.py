@@ -383,10 +383,15 @@ def _no_targets(tmp_path):
     return path
 
 
-def test_onnxruntime_peer_is_optional(tmp_path, monkeypatch, keep_threads):
-    # Without onnxruntime the peer is not a default, and naming it gives an error row that says
-    # what is missing while the rest of the run is measured. A failing export is reported the same way.
-    monkeypatch.setattr(bench_ops, "ort_available", lambda: False)
+def test_onnxruntime_peer_is_optional(tmp_path, monkeypatch, keep_threads, capsys):
+    # Without onnxruntime (or onnx, which the exporter needs) the peer is not a default, and naming it
+    # gives an error row that says what is missing while the rest of the run is measured. A failing
+    # export is reported the same way.
+    monkeypatch.setattr(bench_ops, "ort_missing", lambda: ["onnx"])
+    assert "onnxruntime" not in lb.default_backends("cpu")
+    assert lb.main(["--list", "--device", "cpu"]) == 0
+    assert "needs the onnx package" in capsys.readouterr().err
+    monkeypatch.setattr(bench_ops, "ort_missing", lambda: ["onnxruntime", "onnx"])
     assert "onnxruntime" not in lb.default_backends("cpu")
     argv = ["--quick", "--device", "cpu", "--cases", "lightnet_b1", "--backends", "stock", "onnxruntime",
             "--out", str(tmp_path), "--no-plot", "--targets", str(_no_targets(tmp_path)), "--threads", "1"]
@@ -396,7 +401,8 @@ def test_onnxruntime_peer_is_optional(tmp_path, monkeypatch, keep_threads):
     assert rows[0]["error"] is None and rows[0]["median_s"] > 0 and rows[0]["speedup_vs_onnxruntime"] is None
     assert "onnxruntime is not installed" in rows[1]["error"]
 
-    monkeypatch.setattr(bench_ops, "ort_available", lambda: True)
+    monkeypatch.setattr(bench_ops, "ort_missing", lambda: [])
+    assert "onnxruntime" in lb.default_backends("cpu") and "onnxruntime" not in lb.default_backends("cuda")
 
     def no_export(model, x):
         raise RuntimeError("torch.onnx.export failed (not installed: onnx; pip install onnx)")

@@ -27,6 +27,7 @@ import lightnet_ops as lo
 from .cases import CASES, MODES, select_cases
 from .environment import REPO_ROOT, device_info, device_slug, git, in_source_checkout, load_average, version
 from .measure import measure_group
+from . import ops
 from .ops import OPS, ORT, PEERS, default_backends
 from .report import format_table, format_targets, short_error, write_results
 from .sweep import (SWEEP_FULL, SWEEP_QUICK, SWEEP_SEED, format_summary, format_sweep_table, run_sweep, summarize,
@@ -161,6 +162,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     kind = device.type
     backends = list(args.backends) if args.backends else default_backends(kind)
+    if kind == "cpu" and not args.backends and not args.no_onnxruntime and ops.ort_missing() == ["onnx"]:
+        print("note: onnxruntime is installed but torch.onnx.export needs the onnx package; the ONNX Runtime "
+              "peer is left out (pip install onnx)", file=sys.stderr)
     if args.no_compile:
         backends = [b for b in backends if b != "compile"]
     if args.no_onnxruntime:

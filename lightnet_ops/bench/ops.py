@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 #: Implementations that are not lightnet_ops backends: stock eager and torch.compile of stock.
 PEERS = ("stock", "compile")
 #: ONNX Runtime (CPU execution provider) running the stock model exported with torch.onnx.export:
-#: an optional peer of the whole-model inference cases, listed by default when it is importable.
+#: an optional peer of the whole-model inference cases, listed by default when onnxruntime and onnx
+#: are importable.
 ORT = "onnxruntime"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -296,9 +297,15 @@ class CallBench(OpBench):
         return Runner(call, [x, w, b])
 
 
+def ort_missing() -> list[str]:
+    """The packages the ONNX Runtime peer needs that are not importable: onnxruntime, and onnx for
+    torch.onnx.export (the peer is optional; the harness runs without both)."""
+    return [p for p in ("onnxruntime", "onnx") if importlib.util.find_spec(p) is None]
+
+
 def ort_available() -> bool:
-    """Whether the onnxruntime package is importable (the ONNX Runtime peer is optional)."""
-    return importlib.util.find_spec("onnxruntime") is not None
+    """Whether the ONNX Runtime peer can run here (see ort_missing)."""
+    return not ort_missing()
 
 
 def onnx_export(model: torch.nn.Module, x: torch.Tensor) -> bytes:
@@ -367,7 +374,7 @@ class ModelBench(OpBench):
         if mode != "fwd" or device.type != "cpu" or case.dtype != "float32":
             raise ValueError(f"the ONNX Runtime peer runs float32 CPU inference only, not {case.name} {mode} "
                              f"on {device.type}")
-        if not ort_available():
+        if "onnxruntime" in ort_missing():
             raise RuntimeError("onnxruntime is not installed (pip install onnxruntime)")
         torch.manual_seed(0)
         stock = self.stock_model().eval()
@@ -441,7 +448,7 @@ def build_runner(case: Case, impl: str, mode: str, device: torch.device | str) -
 
 def default_backends(device_kind: str) -> list[str]:
     """Backends of this install that run on the device, then the peers (ONNX Runtime on CPU when
-    it is installed).
+    onnxruntime and onnx are installed).
 
     On CPU, ``triton`` is listed only when TRITON_INTERPRET is set (the interpreter is not a
     performance path); ``cuda`` only on CUDA and ``cpu`` only on CPU."""
