@@ -1,12 +1,13 @@
-// Geometry and arguments of the direct (no conv-output buffer) CPU path of conv2d_relu_maxpool2d;
-// the kernels themselves are in cpu_conv_kernels.h. See csrc/cpu/conv2d_relu_maxpool2d.cpp.
+// Geometry and kernel arguments of the CPU conv2d_relu_maxpool2d paths (host side, one copy for
+// every instruction set); the kernels are in cpu_conv_*_kernels.h, the paths in csrc/cpu/conv_*.cpp.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
-#include "lightnet_ops/conv_params.h"
+#include "lightnet_ops/checks.h"
 #include "lightnet_ops/window_math.h"
 
 namespace lightnet_ops {
@@ -103,6 +104,8 @@ struct DirectFwdArgs {
   // U[k][c][xi] = (G g G^T)[xi] for the filter g of (k, c), and the bias per output channel.
   const T* wino_u = nullptr;
   const T* bias = nullptr;  // (K) or null
+  // Counts the samples the Winograd variant hands to the direct kernel (non-finite values), or null.
+  std::atomic<int64_t>* fallback_samples = nullptr;
 };
 
 template <typename T>
@@ -116,6 +119,9 @@ struct DirectBwdArgs {
   bool need_weight, need_bias;
   // grad_input by the Winograd adjoint when set (shapes as for DirectFwdArgs::wino_u; same layout).
   const T* wino_u = nullptr;
+  // Counts the samples whose grad_input the direct kernel computes instead (no Winograd weights, or
+  // non-finite values), or null.
+  std::atomic<int64_t>* fallback_samples = nullptr;
 };
 
 // Lanes kept per entry of the direct backward's partial weight / bias gradients (the widest
