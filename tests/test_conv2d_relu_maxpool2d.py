@@ -870,6 +870,67 @@ def test_fuzz_cpu_paths_against_reference(path, case):
         check_against_reference("cpu", case)
 
 
+# ---------------------------------------------------------------- huge strides, pool strides, paddings
+# Valid arguments far beyond the image: stock returns a small output. The cpu backend must too,
+# without allocating in proportion to the stride (the direct path packs stride * pool stride phase
+# planes per channel; the planner sends such shapes elsewhere even when a path is forced).
+
+HUGE_CASES = [
+    Case("stride_2pow32", 1, 1, 8, 8, 1, (1, 1), stride=2**32, pool=1),
+    Case("pool_stride_10000", 1, 3, 8, 8, 2, (3, 3), pool_stride=10000),
+    Case("pool_stride_2pow31", 2, 2, 9, 11, 3, (2, 2), pool=(1, 2), pool_stride=(2**31 - 1, 3)),
+    Case("stride_2pow40_rows", 2, 3, 9, 9, 2, (3, 1), stride=(2**40, 1), pool=(1, 2)),
+    Case("padding_1000_stride_1000", 1, 2, 8, 8, 3, (3, 3), stride=1000, padding=1000),
+    Case("padding_300_one_dim", 1, 1, 5, 5, 2, (3, 3), stride=(2, 300), padding=300, pool_stride=(7, 1)),
+]
+
+
+def check_against_stock_float64(case: Case, label: str) -> None:
+    (x, w, b), _ = make_inputs(case, torch.float64, "cpu")
+    got = outputs_and_grads(lambda *t: fused(*t, case, "cpu"), (x, w, b))
+    want = outputs_and_grads(lambda *t: stock(*t, case), (x, w, b))
+    for what, g, s_ in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want):
+        torch.testing.assert_close(g, s_, rtol=1e-9, atol=1e-9, msg=lambda m, what=what: f"{label} {what}: {m}")
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("path", [None, *CPU_PATHS])
+@pytest.mark.parametrize("case", HUGE_CASES, ids=str)
+def test_cpu_huge_strides_and_paddings_match_stock(monkeypatch, path, case):
+    if path is not None:
+        force_cpu_path(monkeypatch, path)
+    check_against_stock_float64(case, f"{path}")
+    forward, _ = cpu_conv_last_run()
+    if case.name != "padding_300_one_dim":  # (the others' phase planes alone would take gigabytes)
+        assert forward["path"] == "aten-conv", forward
+
+
+@st.composite
+def huge_problems(draw):
+    """Strides up to 2**40, pool strides up to 2**31 - 1 (stock's max_pool2d limit), paddings up to
+    600 with a stride that keeps the conv output small."""
+    dims = []
+    for _ in range(2):
+        stride = draw(st.sampled_from([1, 2, 3, 1000, 2**32, 2**40]))
+        pad = draw(st.sampled_from([0, 1, 600] if stride == 1000 else [0, 1])) if stride > 3 else draw(st.integers(0, 2))
+        R, dil = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+        pool = draw(st.integers(1, 2)) if stride <= 3 or pad == 600 else 1
+        pool_stride = draw(st.sampled_from([1, 2, 3, 1000, 2**20, 2**31 - 1]))
+        size = max(1, (pool - 1) * stride + dil * (R - 1) + 1 - 2 * pad) + draw(st.integers(0, 4))
+        dims.append((stride, pad, R, dil, pool, pool_stride, size))
+    (sh, ph, R, dh, kh, qh, H), (sw, pw, S, dw, kw, qw, W) = dims
+    return Case("huge", draw(st.integers(0, 2)), draw(st.integers(1, 3)), H, W, draw(st.integers(1, 3)), (R, S),
+                (sh, sw), (ph, pw), (dh, dw), (kh, kw), (qh, qw), draw(st.booleans()))
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=huge_problems(), path=st.sampled_from([None, *CPU_PATHS]))
+def test_fuzz_cpu_huge_strides_against_stock(case, path):
+    with env_vars(**(CPU_PATHS[path] if path else {})):
+        check_against_stock_float64(case, f"{path} {case}")
+
+
 # ---------------------------------------------------------------- plans of the benchmark's shapes
 
 CPU_OVERRIDES = ("LIGHTNET_OPS_CPU_CONV_PATH", "LIGHTNET_OPS_CPU_DIRECT_FORWARD", "LIGHTNET_OPS_CPU_DIRECT_INPUT_GRAD",

@@ -12,7 +12,8 @@
 //   LIGHTNET_OPS_CPU_ATEN_CHUNK=n                    samples per ATen-path convolution chunk
 //   LIGHTNET_OPS_CPU_ISA=default|avx2|avx512         cap on the instruction set (cpu_simd.h)
 // A forced path still needs a shape it can take: Winograd only for 3x3 filters, stride 1,
-// dilation 1 and 2x2 / stride-2 pools. The debug ops say what was chosen.
+// dilation 1 and 2x2 / stride-2 pools; the direct path only where its packed input stays about
+// the size of the padded input (direct_packing_fits). The debug ops say what was chosen.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -42,6 +43,7 @@ bool winograd_geometry(const ConvPoolShape& s) {
 // load but has no cache blocking over its packed input (about the padded input per sample) and
 // recomputes overlapping pool windows (area / stride area times); oneDNN wins at large C*R*S.
 bool use_direct(const ConvPoolShape& s, int64_t elem_size) {
+  if (!direct_packing_fits(s)) return false;  // even when forced: see direct_packing_fits
   if (const int forced = env_choice("LIGHTNET_OPS_CPU_CONV_PATH", "direct", "aten"); forced >= 0) return forced == 1;
   const int64_t pack_bytes = s.C * (s.H + 2 * s.pad_h + 16) * (s.W + 2 * s.pad_w) * elem_size;
   const double recompute =
