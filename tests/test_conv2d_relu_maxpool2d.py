@@ -650,6 +650,11 @@ def test_cpu_paths_batch_size_zero(monkeypatch, path):
         gx, gw, gb = torch.autograd.grad(fused(x, w, b, case, "cpu").sum(), (x, w, b))
         assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape
         assert gw.abs().sum() == 0 and gb.abs().sum() == 0
+        forward, backward = cpu_conv_last_run()
+        assert forward["path"] == "none", forward  # nothing to compute
+        want_backward = {"direct": "direct", "direct-winograd-span": "direct", "aten-scatter": "scatter",
+                         "aten-dense": "dense", "aten-winograd": "scatter"}[path]
+        assert backward["path"] == want_backward, backward
 
 
 @pytest.mark.parametrize("backend, device", backend_cases())
@@ -844,7 +849,8 @@ def test_fuzz_against_reference(backend, case):
     check_against_reference(backend, case)
 
 
-def check_against_reference(backend: str, case: Case) -> None:
+def check_against_reference(backend: str, case: Case) -> bool:
+    """Whether the geometry was valid (and matched the reference); else the error was checked."""
     dtype = torch.float64 if backend != "triton" else torch.float32
     _, (x, w, b) = make_inputs(case, dtype, "cpu")
     P = (case.H + 2 * case.padding[0] - case.dilation[0] * (case.kernel[0] - 1) - 1) // case.stride[0] + 1
@@ -852,12 +858,13 @@ def check_against_reference(backend: str, case: Case) -> None:
     if P < case.pool[0] or Q < case.pool[1]:
         with pytest.raises(ValueError, match="larger than the conv output|too small"):
             fused(x, w, b, case, backend)
-        return
+        return False
     got = outputs_and_grads(lambda *t: fused(*t, case, backend), (x, w, b))
     want = outputs_and_grads(lambda *t: fused(*t, case, "reference"), (x, w, b))
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     for g, s in zip(got, want):
         torch.testing.assert_close(g, s, rtol=tol, atol=tol)
+    return True
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
@@ -867,7 +874,8 @@ def check_against_reference(backend: str, case: Case) -> None:
 def test_fuzz_cpu_paths_against_reference(path, case):
     # Every CPU path forced on random geometry (padding, dilation, strides, overlapping pools).
     with cpu_path_env(path):
-        check_against_reference("cpu", case)
+        if check_against_reference("cpu", case) and case.N > 0:
+            assert_forced_path_ran(path, case, expected_isa("avx512"))
 
 
 # ---------------------------------------------------------------- huge strides, pool strides, paddings
