@@ -1,6 +1,8 @@
 // ATen compositions of the fused ops: see lightnet_ops/composite.h.
 #include "lightnet_ops/composite.h"
 
+#include <ATen/ATen.h>
+
 namespace lightnet_ops::composite {
 namespace {
 

@@ -4,7 +4,7 @@ backend this machine has, gradcheck, opcheck, torch.compile, ties/NaN, layouts, 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from parity import DTYPES, assert_matches
 
 import lightnet_ops as lo
-from lightnet_ops._shapes import ARGMAX_RELU_ZERO
+from lightnet_ops import _shapes
+from lightnet_ops._shapes import ARGMAX_RELU_ZERO, pair
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +136,10 @@ CPU_PATHS = {
 }
 
 
-def check_cpu_parity_float64_and_float32(case: Case, label: str) -> None:
-    """The cpu backend (as the environment forces it) against stock: output and every gradient."""
+def check_cpu_parity_float64_and_float32(case: Case, label: str,
+                                         then: Optional[Callable[[torch.dtype], None]] = None) -> None:
+    """The cpu backend (as the environment forces it) against stock: output and every gradient.
+    `then(dtype)` runs after each dtype's forward and backward (to inspect what ran)."""
     for dtype in (torch.float64, torch.float32):
         (x64, w64, b64), (x, w, b) = make_inputs(case, dtype, "cpu")
         ref = outputs_and_grads(lambda *t: stock(*t, case), (x64, w64, b64))
@@ -144,6 +147,94 @@ def check_cpu_parity_float64_and_float32(case: Case, label: str) -> None:
         got = outputs_and_grads(lambda *t: fused(*t, case, "cpu"), (x, w, b))
         for what, g, st_, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want, ref):
             assert_matches(g, st_, r, f"{label}/{dtype} {case} {what}")
+        if then is not None:
+            then(dtype)
+
+
+# ---------------------------------------------------------------- what the cpu backend ran
+# The extension's debug ops report the plan of a call (_cpu_conv_plan) and what the last call on
+# this thread ran (_cpu_conv_last_run), as "key=value" words: path, isa, kb (register block of
+# output channels), chunk, input_grad / weight_grad (direct backward), planned, fallback_samples.
+
+ISA_ORDER = ("default", "avx2", "avx512")
+
+
+def cpu_best_isa() -> str:
+    """The widest instruction set the cpu backend compiles that this CPU runs (cpu_simd.h's probe)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return "default"
+    if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "default"
+
+
+def expected_isa(requested: str) -> str:
+    """LIGHTNET_OPS_CPU_ISA caps the instruction set at what this CPU runs."""
+    return min(requested, cpu_best_isa(), key=ISA_ORDER.index)
+
+
+def parse_run(words: str) -> dict:
+    return dict(w.split("=", 1) for w in words.split())
+
+
+def cpu_conv_last_run() -> tuple[dict, dict]:
+    """(forward, backward) as the last calls on this thread ran them."""
+    forward, backward = torch.ops.lightnet_ops._cpu_conv_last_run()
+    return parse_run(forward), parse_run(backward)
+
+
+def cpu_conv_plan(x, w, params, mask=(True, True, True)) -> tuple[dict, dict]:
+    """(forward, backward) plans for these operands, under the current overrides."""
+    forward, backward = torch.ops.lightnet_ops._cpu_conv_plan(x, w, *params, list(mask))
+    return parse_run(forward), parse_run(backward)
+
+
+def case_params(case: Case) -> list:
+    """stride, padding, dilation, pool_kernel_size, pool_stride as the op takes them."""
+    pool_stride = case.pool_stride if case.pool_stride is not None else case.pool
+    return [pair(v, "p") for v in (case.stride, case.padding, case.dilation, case.pool, pool_stride)]
+
+
+def winograd_geometry(case: Case) -> bool:
+    """Whether the Winograd F(2x2, 3x3) paths take the shape (otherwise a forced Winograd path
+    keeps its plain kernel)."""
+    stride, _, dilation, pool, pool_stride = case_params(case)
+    return tuple(case.kernel) == (3, 3) and stride == dilation == [1, 1] and pool == pool_stride == [2, 2]
+
+
+def channel_blocks(isa: str, K: int) -> tuple[str, str]:
+    """The direct forward's and backward's output channels per register block."""
+    if isa != "avx512":
+        return "4", "4"
+    return "8", "6" if -(-K // 6) * 6 < -(-K // 8) * 8 else "8"
+
+
+def assert_forced_path_ran(path: str, case: Case, isa: str) -> None:
+    """The last forward and backward ran the kernels CPU_PATHS[path] forces, on `isa`, without a
+    silent fallback (finite operands: no data-dependent fallback applies)."""
+    forward, backward = cpu_conv_last_run()
+    wino = winograd_geometry(case)
+    fwd_kb, bwd_kb = channel_blocks(isa, case.K)
+    want_fwd = {"direct": {"path": "direct", "kb": fwd_kb},
+                "direct-winograd-span": {"path": "direct-winograd" if wino else "direct", "kb": fwd_kb},
+                "aten-scatter": {"path": "aten-conv"},
+                "aten-dense": {"path": "aten-conv"},
+                "aten-winograd": {"path": "aten-winograd" if wino else "aten-conv"}}[path]
+    want_bwd = {"direct": {"path": "direct", "kb": bwd_kb, "input_grad": "direct", "weight_grad": "direct"},
+                "direct-winograd-span": {"path": "direct", "kb": bwd_kb,
+                                         "input_grad": "winograd" if wino else "direct", "weight_grad": "span"},
+                "aten-scatter": {"path": "scatter"},
+                "aten-dense": {"path": "dense"},
+                "aten-winograd": {"path": "scatter"}}[path]
+    want_fwd.update(isa=isa, fallback_samples="0", planned=want_fwd["path"])
+    want_bwd["isa"] = isa
+    assert {k: forward.get(k) for k in want_fwd} == want_fwd, f"forward ran {forward}"
+    assert {k: backward.get(k) for k in want_bwd} == want_bwd, f"backward ran {backward}"
+    if backward["path"] == "direct":
+        assert backward["fallback_samples"] == "0", f"backward ran {backward}"
 
 
 def cpu_path_env(path: str):
@@ -161,12 +252,18 @@ def force_cpu_path(monkeypatch, path: str) -> None:
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 @pytest.mark.parametrize("name", CPU_PATH_CASES)
 def test_cpu_paths_and_instruction_sets(monkeypatch, path, isa, name):
-    # The CPU backend picks a path per call (use_direct, use_scatter_backward) and an instruction
-    # set per CPU; force each combination (an instruction set this CPU lacks falls back to the best
-    # it has) so that every compiled variant is checked here, not only the one the heuristic picks.
+    # The CPU backend plans a path per call (csrc/cpu/conv_plan.cpp) and an instruction set per
+    # CPU; force each combination so that every compiled variant is checked here, not only the one
+    # the rules pick.
+    # Each call must report the forced path and instruction set: a shape the path cannot take or a
+    # CPU without the instruction set must not pass silently on another kernel.
     force_cpu_path(monkeypatch, path)
     monkeypatch.setenv("LIGHTNET_OPS_CPU_ISA", isa)
-    check_cpu_parity_float64_and_float32(CASES_BY_NAME[name], f"{path}/{isa}")
+    case = CASES_BY_NAME[name]
+    check_cpu_parity_float64_and_float32(
+        case, f"{path}/{isa}", then=lambda dtype: assert_forced_path_ran(path, case, expected_isa(isa)))
+    if expected_isa(isa) != isa:
+        pytest.skip(f"this CPU lacks {isa}: checked its fallback to {expected_isa(isa)} only")
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
@@ -176,9 +273,18 @@ def test_cpu_aten_path_batch_chunks(monkeypatch, per_chunk, name):
     # The ATen-path forward convolves and pools the batch in chunks (several only for large conv
     # outputs); force small chunks, including an uneven last one (5 = 3 + 2), so that the chunk
     # offsets of the output and argmax are checked against stock.
+    # (ATen's convolution forced too: by the rules vgg_like_channels takes the Winograd forward in
+    # float64, which has no chunks.)
     monkeypatch.setenv("LIGHTNET_OPS_CPU_CONV_PATH", "aten")
+    monkeypatch.setenv("LIGHTNET_OPS_CPU_ATEN_FORWARD", "conv")
     monkeypatch.setenv("LIGHTNET_OPS_CPU_ATEN_CHUNK", str(per_chunk))
-    check_cpu_parity_float64_and_float32(dataclasses.replace(CASES_BY_NAME[name], N=5), f"chunk {per_chunk}")
+
+    def ran_chunks(dtype):
+        forward, _ = cpu_conv_last_run()
+        assert (forward["path"], forward["chunk"]) == ("aten-conv", str(per_chunk)), forward
+
+    check_cpu_parity_float64_and_float32(dataclasses.replace(CASES_BY_NAME[name], N=5), f"chunk {per_chunk}",
+                                         then=ran_chunks)
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
@@ -189,10 +295,11 @@ def test_cpu_winograd_forward_shapes(N, C, K, H, W, padding, bias):
     # Both Winograd F(2x2, 3x3) forwards (ATen path, direct path) for every geometry they accept
     # (3x3, stride 1, 2x2 pool): channel counts that are not whole vectors, odd conv outputs (the
     # last row / column no window reads), padding, one sample (fewer than threads) and several.
+    case = Case("winograd", N, C, H, W, K, (3, 3), padding=padding, bias=bias)
+    isa = expected_isa("avx512")
     for path in ("aten-winograd", "direct-winograd-span"):
         with cpu_path_env(path):
-            check_cpu_parity_float64_and_float32(
-                Case("winograd", N, C, H, W, K, (3, 3), padding=padding, bias=bias), path)
+            check_cpu_parity_float64_and_float32(case, path, then=lambda dtype: assert_forced_path_ran(path, case, isa))
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
@@ -201,7 +308,9 @@ def test_cpu_winograd_forward_row_blocks(monkeypatch, N):
     # Wide images: the Winograd forward works in blocks of about 256 tiles (here 2 pooled rows of
     # 102), so 5 pooled rows are blocks of 2, 2 and a partial 1.
     force_cpu_path(monkeypatch, "aten-winograd")
-    check_cpu_parity_float64_and_float32(Case("winograd_wide", N, 17, 11, 205, 20, (3, 3), padding=1), "winograd")
+    case = Case("winograd_wide", N, 17, 11, 205, 20, (3, 3), padding=1)
+    check_cpu_parity_float64_and_float32(
+        case, "winograd", then=lambda dtype: assert_forced_path_ran("aten-winograd", case, expected_isa("avx512")))
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
@@ -218,6 +327,11 @@ def test_cpu_winograd_overflow_falls_back_to_stock_result(monkeypatch, path):
     assert torch.isfinite(want).all(), "test setup: stock's result should be finite"
     got = lo.conv2d_relu_maxpool2d(x, w, b, backend="cpu")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    forward, _ = cpu_conv_last_run()
+    if path == "aten-winograd":  # the whole call recomputed by ATen's convolution
+        assert (forward["planned"], forward["path"]) == ("aten-winograd", "aten-conv"), forward
+    else:  # each sample recomputed by the direct kernel
+        assert (forward["path"], forward["fallback_samples"]) == ("direct-winograd", "2"), forward
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
@@ -251,6 +365,7 @@ def test_cpu_backward_is_deterministic_across_thread_counts(monkeypatch, path):
     grad = torch.randn_like(out)
     results = results_per_thread_count(lambda: torch.ops.lightnet_ops.conv2d_relu_maxpool2d_backward(
         grad, x, w, argmax, *params, [True, True, True]))
+    assert_forced_path_ran(path, case, expected_isa("avx512"))
     for got in results[1:]:
         # grad_weight through ATen's convolution_backward may block differently per thread count.
         exact = (0, 2) if path == "aten-dense" else (0, 1, 2)
@@ -393,8 +508,18 @@ def test_cpu_paths_non_finite_like_stock(monkeypatch, path, where, value):
     with torch.no_grad():
         (x if where == "input" else w).view(-1)[7] = value
     got = outputs_and_grads(lambda *t: fused(*t, case, "cpu"), (x, w, b))
+    forward, backward = cpu_conv_last_run()
     want = outputs_and_grads(lambda *t: stock(*t, case), (x, w, b))
     assert_same_nans_and_close(got, want)
+    # Both gradients were asked for, so a non-finite operand sends the backward to the dense path;
+    # a non-finite weight keeps the forward off the direct kernel, and off Winograd.
+    assert backward["path"] == "dense", backward
+    if where == "weight":
+        assert forward["path"] == "aten-conv", forward
+    elif path == "aten-winograd":
+        assert (forward["planned"], forward["path"]) == ("aten-winograd", "aten-conv"), forward
+    elif path == "direct-winograd-span":
+        assert forward["path"] == "direct-winograd" and int(forward["fallback_samples"]) >= 1, forward
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
@@ -416,7 +541,18 @@ def test_cpu_paths_non_finite_grad_output_like_stock(path, value):
             g = torch.ones_like(out)
             g.view(-1)[[3, 50, 77]] = value  # a few elements, live or ReLU-zeroed
             results.append([out.detach(), *torch.autograd.grad(out, leaves, g)])
+        if len(results) == 1:
+            _, backward = cpu_conv_last_run()
+            live = bool((out.detach().view(-1)[[3, 50, 77]] > 0).any())  # all three in sample 0
     assert_same_nans_and_close(results[0], results[1])
+    # The scatter backward hands a non-finite grad_output to the dense path; the direct one takes it,
+    # its Winograd grad_input recomputing the sample directly where a non-finite gradient is live.
+    if path.startswith("direct"):
+        wino = path == "direct-winograd-span"
+        assert (backward["path"], backward["input_grad"]) == ("direct", "winograd" if wino else "direct"), backward
+        assert backward["fallback_samples"] == ("1" if wino and live else "0"), backward
+    else:
+        assert backward["path"] == "dense", backward
 
 
 @pytest.mark.parametrize("backend, device", backend_cases())
@@ -427,14 +563,14 @@ def test_argmax_encoding_matches_reference(backend, device):
     b[0] = -100.0  # channel 0 is all negative: ReLU zeroes it and the argmax holds the sentinel
     impl = lo.backend_registry.resolve(backend, x)
     args = (x, w, b, [1, 1], [1, 1], [1, 1], [3, 3], [2, 2])
-    out, argmax = impl.conv_forward(*args, True)
+    out, argmax = impl.kernels("conv2d_relu_maxpool2d").forward(*args, True)
     ref_out, ref_argmax = lo.reference.conv2d_relu_maxpool2d(*args, True)
     assert argmax.dtype == torch.uint8 and argmax.shape == out.shape
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     assert torch.equal(argmax, ref_argmax)
     assert (argmax == ARGMAX_RELU_ZERO).any() and (argmax < 9).any()
     assert bool(((argmax == ARGMAX_RELU_ZERO) == (out <= 0)).all())
-    out2, no_argmax = impl.conv_forward(*args, False)
+    out2, no_argmax = impl.kernels("conv2d_relu_maxpool2d").forward(*args, False)
     assert no_argmax.numel() == 0
     torch.testing.assert_close(out2, out)
 
@@ -514,6 +650,11 @@ def test_cpu_paths_batch_size_zero(monkeypatch, path):
         gx, gw, gb = torch.autograd.grad(fused(x, w, b, case, "cpu").sum(), (x, w, b))
         assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape
         assert gw.abs().sum() == 0 and gb.abs().sum() == 0
+        forward, backward = cpu_conv_last_run()
+        assert forward["path"] == "none", forward  # nothing to compute
+        want_backward = {"direct": "direct", "direct-winograd-span": "direct", "aten-scatter": "scatter",
+                         "aten-dense": "dense", "aten-winograd": "scatter"}[path]
+        assert backward["path"] == want_backward, backward
 
 
 @pytest.mark.parametrize("backend, device", backend_cases())
@@ -589,21 +730,85 @@ def test_dtype_and_device_mismatch():
 
 
 def test_compiled_op_rejects_bad_input_directly():
-    """The C++ op checks its arguments too (for callers of torch.ops.lightnet_ops.* directly)."""
+    """The C++ op checks its arguments too (for callers of torch.ops.lightnet_ops.* directly), raising
+    ValueError / TypeError like the Python checker."""
     if "cpu" not in lo.backends():
         pytest.fail("the extension is not built")
     op = torch.ops.lightnet_ops.conv2d_relu_maxpool2d
     x, w = torch.randn(1, 2, 6, 6), torch.randn(3, 4, 3, 3)
-    with pytest.raises(RuntimeError, match="input has 2 channels but weight expects 4"):
+    with pytest.raises(ValueError, match="input has 2 channels but weight expects 4"):
         op(x, w, None, [1, 1], [0, 0], [1, 1], [2, 2], [2, 2], False)
-    with pytest.raises(RuntimeError, match="stride must be positive"):
+    with pytest.raises(ValueError, match=r"stride must be positive, got \[0, 1\]"):
         op(x, w[:, :2], None, [0, 1], [0, 0], [1, 1], [2, 2], [2, 2], False)
-    with pytest.raises(RuntimeError, match="cpu backend supports float32 and float64"):
+    with pytest.raises(TypeError, match="cpu backend supports float32 and float64, got torch.float16"):
         op(x.half(), w[:, :2].half(), None, [1, 1], [0, 0], [1, 1], [2, 2], [2, 2], False)
     out, argmax = op(x, w[:, :2], None, [1, 1], [0, 0], [1, 1], [2, 2], [2, 2], True)
-    with pytest.raises(RuntimeError, match="argmax must be uint8"):
-        torch.ops.lightnet_ops.conv2d_relu_maxpool2d_backward(
-            out, x, w[:, :2], argmax.long(), [1, 1], [0, 0], [1, 1], [2, 2], [2, 2], [True, True, False])
+    bwd = torch.ops.lightnet_ops.conv2d_relu_maxpool2d_backward
+    params = ([1, 1], [0, 0], [1, 1], [2, 2], [2, 2], [True, True, False])
+    with pytest.raises(TypeError, match=r"argmax must be uint8 \(torch.uint8\), got torch.int64"):
+        bwd(out, x, w[:, :2], argmax.long(), *params)
+    with pytest.raises(ValueError, match=r"argmax has shape \[0\], expected \[1, 3, 2, 2\] \(was the forward"):
+        bwd(out, x, w[:, :2], argmax[:0].flatten(), *params)
+    with pytest.raises(ValueError, match=r"grad_output has shape \[1, 3, 2\], expected \[1, 3, 2, 2\]"):
+        bwd(out[..., 0], x, w[:, :2], argmax, *params)
+    with pytest.raises(ValueError, match="input dtype torch.float32 does not match grad_output dtype torch.float64"):
+        bwd(out.double(), x, w[:, :2], argmax, *params)
+    with pytest.raises(ValueError, match="^conv2d_relu_maxpool2d_backward: input has 2 channels"):
+        bwd(out, x, w, argmax, *params)
+
+
+# Arguments (already normalised, as the functional API passes them) that the Python checker
+# (lightnet_ops/_shapes.py) rejects: the C++ op must raise the same exception type with the same
+# message, so that the Python copy of the checks can go for the compiled backends.
+OP_BAD_ARGS = [
+    ("rank3", dict(x=(3, 8, 8))),
+    ("rank5", dict(x=(1, 2, 3, 8, 8))),
+    ("weight_rank", dict(w=(4, 3, 3))),
+    ("integer_dtype", dict(dtype=torch.int64)),
+    ("weight_dtype", dict(w_dtype=torch.float64)),
+    ("bias_dtype", dict(b_dtype=torch.float64)),
+    ("channels", dict(x=(2, 5, 8, 8))),
+    ("bias_size", dict(b=(5,))),
+    ("bias_rank", dict(b=(4, 1))),
+    ("stride0", dict(stride=[0, 1])),
+    ("stride_negative", dict(stride=[1, -2])),
+    ("negative_padding", dict(padding=[0, -1])),
+    ("dilation0", dict(dilation=[0, 0])),
+    ("pool0", dict(pool=[0, 2])),
+    ("pool_stride0", dict(pool_stride=[2, 0])),
+    ("stride_triple", dict(stride=[1, 1, 1])),
+    ("padding_single", dict(padding=[1])),
+    ("pool_too_large", dict(pool=[7, 7])),
+    ("input_too_small", dict(x=(2, 3, 2, 2))),
+    ("input_too_small_dilated", dict(x=(2, 3, 8, 8), dilation=[4, 1])),
+    ("pool_window_over_255", dict(x=(1, 3, 40, 40), pool=[16, 16])),
+    ("pool_window_huge", dict(pool=[2**40, 2**40])),
+    ("kernel_empty", dict(w=(4, 3, 0, 3))),
+]
+
+
+@pytest.mark.parametrize("device", [d for d in ("cpu", "cuda") if d in lo.backends()]
+                         or [pytest.param("cpu", marks=pytest.mark.xfail(reason="extension not built", strict=True))])
+@pytest.mark.parametrize("name, change", OP_BAD_ARGS, ids=[b[0] for b in OP_BAD_ARGS])
+def test_compiled_op_errors_match_python_checker(device, name, change):
+    dtype = change.get("dtype", torch.float32)
+    x = torch.ones(*change.get("x", (2, 3, 8, 8)), dtype=dtype, device=device)
+    w = torch.ones(*change.get("w", (4, 3, 3, 3)), dtype=change.get("w_dtype", dtype), device=device)
+    b = torch.ones(*change.get("b", (4,)), dtype=change.get("b_dtype", dtype), device=device)
+    params = [change.get(k, [1, 1] if k != "padding" else [0, 0]) for k in ("stride", "padding", "dilation")]
+    params += [change.get("pool", [2, 2]), change.get("pool_stride", [2, 2])]
+    with pytest.raises((ValueError, TypeError)) as want:
+        _shapes.check_conv_pool(x, w, b, *params)
+    with pytest.raises((ValueError, TypeError)) as got:
+        torch.ops.lightnet_ops.conv2d_relu_maxpool2d(x, w, b, *params, True)
+    assert (type(got.value), str(got.value)) == (type(want.value), str(want.value))
+    if x.dim() == 4 and w.dim() == 4 and "b" not in change and "b_dtype" not in change:
+        # The backward checks the same arguments (its own name first).
+        g = torch.ones(1, dtype=dtype, device=device)
+        with pytest.raises(type(want.value)) as bwd:
+            torch.ops.lightnet_ops.conv2d_relu_maxpool2d_backward(g, x, w, g.to(torch.uint8), *params,
+                                                                  [True, True, True])
+        assert str(bwd.value) == str(want.value).replace("conv2d_relu_maxpool2d:", "conv2d_relu_maxpool2d_backward:", 1)
 
 
 def test_unknown_and_unavailable_backends():
@@ -644,7 +849,8 @@ def test_fuzz_against_reference(backend, case):
     check_against_reference(backend, case)
 
 
-def check_against_reference(backend: str, case: Case) -> None:
+def check_against_reference(backend: str, case: Case) -> bool:
+    """Whether the geometry was valid (and matched the reference); else the error was checked."""
     dtype = torch.float64 if backend != "triton" else torch.float32
     _, (x, w, b) = make_inputs(case, dtype, "cpu")
     P = (case.H + 2 * case.padding[0] - case.dilation[0] * (case.kernel[0] - 1) - 1) // case.stride[0] + 1
@@ -652,12 +858,13 @@ def check_against_reference(backend: str, case: Case) -> None:
     if P < case.pool[0] or Q < case.pool[1]:
         with pytest.raises(ValueError, match="larger than the conv output|too small"):
             fused(x, w, b, case, backend)
-        return
+        return False
     got = outputs_and_grads(lambda *t: fused(*t, case, backend), (x, w, b))
     want = outputs_and_grads(lambda *t: fused(*t, case, "reference"), (x, w, b))
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     for g, s in zip(got, want):
         torch.testing.assert_close(g, s, rtol=tol, atol=tol)
+    return True
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
@@ -667,7 +874,107 @@ def check_against_reference(backend: str, case: Case) -> None:
 def test_fuzz_cpu_paths_against_reference(path, case):
     # Every CPU path forced on random geometry (padding, dilation, strides, overlapping pools).
     with cpu_path_env(path):
-        check_against_reference("cpu", case)
+        if check_against_reference("cpu", case) and case.N > 0:
+            assert_forced_path_ran(path, case, expected_isa("avx512"))
+
+
+# ---------------------------------------------------------------- huge strides, pool strides, paddings
+# Valid arguments far beyond the image: stock returns a small output. The cpu backend must too,
+# without allocating in proportion to the stride (the direct path packs stride * pool stride phase
+# planes per channel; the planner sends such shapes elsewhere even when a path is forced).
+
+HUGE_CASES = [
+    Case("stride_2pow32", 1, 1, 8, 8, 1, (1, 1), stride=2**32, pool=1),
+    Case("pool_stride_10000", 1, 3, 8, 8, 2, (3, 3), pool_stride=10000),
+    Case("pool_stride_2pow31", 2, 2, 9, 11, 3, (2, 2), pool=(1, 2), pool_stride=(2**31 - 1, 3)),
+    Case("stride_2pow40_rows", 2, 3, 9, 9, 2, (3, 1), stride=(2**40, 1), pool=(1, 2)),
+    Case("padding_1000_stride_1000", 1, 2, 8, 8, 3, (3, 3), stride=1000, padding=1000),
+    Case("padding_300_one_dim", 1, 1, 5, 5, 2, (3, 3), stride=(2, 300), padding=300, pool_stride=(7, 1)),
+]
+
+
+def check_against_stock_float64(case: Case, label: str) -> None:
+    (x, w, b), _ = make_inputs(case, torch.float64, "cpu")
+    got = outputs_and_grads(lambda *t: fused(*t, case, "cpu"), (x, w, b))
+    want = outputs_and_grads(lambda *t: stock(*t, case), (x, w, b))
+    for what, g, s_ in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want):
+        torch.testing.assert_close(g, s_, rtol=1e-9, atol=1e-9, msg=lambda m, what=what: f"{label} {what}: {m}")
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("path", [None, *CPU_PATHS])
+@pytest.mark.parametrize("case", HUGE_CASES, ids=str)
+def test_cpu_huge_strides_and_paddings_match_stock(monkeypatch, path, case):
+    if path is not None:
+        force_cpu_path(monkeypatch, path)
+    check_against_stock_float64(case, f"{path}")
+    forward, _ = cpu_conv_last_run()
+    if case.name != "padding_300_one_dim":  # (the others' phase planes alone would take gigabytes)
+        assert forward["path"] == "aten-conv", forward
+
+
+@st.composite
+def huge_problems(draw):
+    """Strides up to 2**40, pool strides up to 2**31 - 1 (stock's max_pool2d limit), paddings up to
+    600 with a stride that keeps the conv output small."""
+    dims = []
+    for _ in range(2):
+        stride = draw(st.sampled_from([1, 2, 3, 1000, 2**32, 2**40]))
+        pad = draw(st.sampled_from([0, 1, 600] if stride == 1000 else [0, 1])) if stride > 3 else draw(st.integers(0, 2))
+        R, dil = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+        pool = draw(st.integers(1, 2)) if stride <= 3 or pad == 600 else 1
+        pool_stride = draw(st.sampled_from([1, 2, 3, 1000, 2**20, 2**31 - 1]))
+        size = max(1, (pool - 1) * stride + dil * (R - 1) + 1 - 2 * pad) + draw(st.integers(0, 4))
+        dims.append((stride, pad, R, dil, pool, pool_stride, size))
+    (sh, ph, R, dh, kh, qh, H), (sw, pw, S, dw, kw, qw, W) = dims
+    return Case("huge", draw(st.integers(0, 2)), draw(st.integers(1, 3)), H, W, draw(st.integers(1, 3)), (R, S),
+                (sh, sw), (ph, pw), (dh, dw), (kh, kw), (qh, qw), draw(st.booleans()))
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=huge_problems(), path=st.sampled_from([None, *CPU_PATHS]))
+def test_fuzz_cpu_huge_strides_against_stock(case, path):
+    with env_vars(**(CPU_PATHS[path] if path else {})):
+        check_against_stock_float64(case, f"{path} {case}")
+
+
+# ---------------------------------------------------------------- plans of the benchmark's shapes
+
+CPU_OVERRIDES = ("LIGHTNET_OPS_CPU_CONV_PATH", "LIGHTNET_OPS_CPU_DIRECT_FORWARD", "LIGHTNET_OPS_CPU_DIRECT_INPUT_GRAD",
+                 "LIGHTNET_OPS_CPU_DIRECT_WEIGHT_GRAD", "LIGHTNET_OPS_CPU_ATEN_FORWARD",
+                 "LIGHTNET_OPS_CPU_ATEN_BACKWARD", "LIGHTNET_OPS_CPU_ATEN_CHUNK", "LIGHTNET_OPS_CPU_ISA")
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_plans_for_benchmark_shapes(monkeypatch, dtype):
+    # The kernels the speed targets were measured with (lightnet_ops.bench: LightNet conv1 / conv2
+    # at batch 64, the VGG block at batch 8), chosen by the rules alone.
+    for name in CPU_OVERRIDES:
+        monkeypatch.delenv(name, raising=False)
+    isa = cpu_best_isa()
+    shapes = {
+        "conv1_b64": ((64, 1, 32, 32), (6, 1, 3, 3), 0),
+        "conv2_b64": ((64, 6, 15, 15), (16, 6, 3, 3), 0),
+        "vgg_b8": ((8, 64, 56, 56), (64, 64, 3, 3), 1),
+    }
+    plans = {}
+    for name, (xs, ws, pad) in shapes.items():
+        x, w = torch.randn(xs, dtype=dtype), torch.randn(ws, dtype=dtype)
+        plans[name] = cpu_conv_plan(x, w, [[1, 1], [pad, pad], [1, 1], [2, 2], [2, 2]])
+    fwd_kb, _ = channel_blocks(isa, 6)
+    want = {
+        "conv1_b64": ({"path": "direct", "isa": isa, "kb": fwd_kb},
+                      {"path": "direct", "isa": isa, "kb": channel_blocks(isa, 6)[1], "input_grad": "direct",
+                       "weight_grad": "direct"}),
+        "conv2_b64": ({"path": "direct-winograd", "isa": isa, "kb": fwd_kb},
+                      {"path": "direct", "isa": isa, "kb": channel_blocks(isa, 16)[1], "input_grad": "winograd",
+                       "weight_grad": "span"}),
+        "vgg_b8": ({"path": "aten-winograd", "isa": isa, "chunk": plans["vgg_b8"][0].get("chunk")},
+                   {"path": "scatter", "isa": isa}),
+    }
+    assert plans == want
 
 
 # ---------------------------------------------------------------- module

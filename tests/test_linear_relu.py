@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from parity import DTYPES, assert_matches
 
 import lightnet_ops as lo
+from lightnet_ops import _shapes
 
 # (name, input shape, out_features, bias)
 CASES = [
@@ -192,10 +193,49 @@ def test_dtype_device_mismatch_and_direct_op_checks():
         lo.linear_relu(x, w.to("meta"))
     if "cpu" not in lo.backends():
         pytest.fail("the extension is not built")
-    with pytest.raises(RuntimeError, match="input has 4 features but weight expects 5"):
+    with pytest.raises(ValueError, match="input has 4 features but weight expects 5"):
         torch.ops.lightnet_ops.linear_relu(x, torch.randn(2, 5), None)
-    with pytest.raises(RuntimeError, match="expects 2-D input"):
+    with pytest.raises(ValueError, match=r"expects 2-D input \(M, in_features\), got \(4,\)"):
         torch.ops.lightnet_ops.linear_relu(x[0], w, None)
+    with pytest.raises(TypeError, match="cpu backend supports float32 and float64, got torch.float16"):
+        torch.ops.lightnet_ops.linear_relu(x.half(), w.half(), None)
+    out = torch.ops.lightnet_ops.linear_relu(x, w, None)
+    bwd = torch.ops.lightnet_ops.linear_relu_backward
+    with pytest.raises(ValueError, match=r"^linear_relu_backward: grad_output has shape \[3\], expected \[3, 2\]"):
+        bwd(out[:, 0], x, w, out, [True, True, True])
+    with pytest.raises(ValueError, match=r"output has shape \[2, 2\], expected \[3, 2\]"):
+        bwd(out, x, w, out[:2], [True, True, True])
+    with pytest.raises(ValueError, match="input dtype torch.float32 does not match output dtype torch.float64"):
+        bwd(out, x, w, out.double(), [True, True, True])
+
+
+# Arguments the Python checker (lightnet_ops/_shapes.py) rejects: the C++ op raises the same
+# exception type with the same message.
+OP_BAD_ARGS = [
+    ("feature_mismatch", dict(x=(4, 7))),
+    ("weight_rank", dict(w=(5, 8, 1))),
+    ("weight_rank1", dict(w=(8,))),
+    ("bias_size", dict(b=(4,))),
+    ("bias_rank", dict(b=(5, 1))),
+    ("integer_dtype", dict(dtype=torch.int32)),
+    ("weight_dtype", dict(w_dtype=torch.float64)),
+    ("bias_dtype", dict(b_dtype=torch.float16)),
+]
+
+
+@pytest.mark.parametrize("device", [d for d in ("cpu", "cuda") if d in lo.backends()]
+                         or [pytest.param("cpu", marks=pytest.mark.xfail(reason="extension not built", strict=True))])
+@pytest.mark.parametrize("name, change", OP_BAD_ARGS, ids=[b[0] for b in OP_BAD_ARGS])
+def test_compiled_op_errors_match_python_checker(device, name, change):
+    dtype = change.get("dtype", torch.float32)
+    x = torch.ones(*change.get("x", (4, 8)), dtype=dtype, device=device)
+    w = torch.ones(*change.get("w", (5, 8)), dtype=change.get("w_dtype", dtype), device=device)
+    b = torch.ones(*change.get("b", (5,)), dtype=change.get("b_dtype", dtype), device=device)
+    with pytest.raises((ValueError, TypeError)) as want:
+        _shapes.check_linear(x, w, b)
+    with pytest.raises((ValueError, TypeError)) as got:
+        torch.ops.lightnet_ops.linear_relu(x, w, b)
+    assert (type(got.value), str(got.value)) == (type(want.value), str(want.value))
 
 
 @pytest.mark.parametrize("backend", [b for b, d in backend_cases() if d == "cpu" and b != "reference"])
@@ -210,6 +250,37 @@ def test_fuzz_against_reference(backend, m, k, n, bias):
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     for g, s in zip(got, want):
         torch.testing.assert_close(g, s, rtol=tol, atol=tol)
+
+
+ISA_ORDER = ("default", "avx2", "avx512")
+
+
+def cpu_best_isa() -> str:
+    """The widest instruction set the cpu backend compiles that this CPU runs (cpu_simd.h's probe)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return "default"
+    if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "default"
+
+
+def expected_isa(requested: str) -> str:
+    """LIGHTNET_OPS_CPU_ISA caps the instruction set at what this CPU runs."""
+    return min(requested, cpu_best_isa(), key=ISA_ORDER.index)
+
+
+def parse_run(words: str) -> dict:
+    return dict(w.split("=", 1) for w in words.split())
+
+
+def assert_gemm_ran(gemm: str, isa: str) -> None:
+    """The last forward and backward (_cpu_linear_last_run) ran this GEMM on this instruction set."""
+    forward, backward = (parse_run(r) for r in torch.ops.lightnet_ops._cpu_linear_last_run())
+    assert (forward["gemm"], forward["isa"]) == (gemm, isa), forward
+    assert (backward["gemm"], backward["isa"]) == (gemm, isa), backward
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
@@ -229,6 +300,9 @@ def test_cpu_gemm_paths_and_instruction_sets(monkeypatch, gemm, isa, case):
             got = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend="cpu"), (x, w, b))
         for name, g, s_, r in zip(["output", "grad_input", "grad_weight", "grad_bias"], got, want, ref):
             assert_matches(g, s_, r, f"{gemm}/{isa}/{dtype} {case[0]} {name}")
+        assert_gemm_ran(gemm, expected_isa(isa))
+    if expected_isa(isa) != isa:
+        pytest.skip(f"this CPU lacks {isa}: checked its fallback to {expected_isa(isa)} only")
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
@@ -243,6 +317,7 @@ def test_fuzz_native_gemm_against_float64_reference(m, k, n, bias, isa):
     want = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend="reference"), (x, w, b))
     with env_vars(LIGHTNET_OPS_CPU_GEMM="native", LIGHTNET_OPS_CPU_ISA=isa):
         got = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend="cpu"), (x, w, b))
+    assert_gemm_ran("native", expected_isa(isa))
     for g, s_ in zip(got, want):
         torch.testing.assert_close(g, s_, rtol=1e-10, atol=1e-10)
 

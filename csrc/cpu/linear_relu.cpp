@@ -14,17 +14,15 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
-#include "lightnet_ops/conv_params.h"
+#include "lightnet_ops/checks.h"
 #include "lightnet_ops/cpu_simd.h"
 #include "lightnet_ops/window_math.h"
-
-#if defined(__GNUC__) && !defined(__clang__)
-// 64-byte vector arguments only ever appear inside inlined helpers; GCC's ABI note is irrelevant.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
 
 #if LIGHTNET_OPS_X86_DISPATCH
 #include <immintrin.h>  // broadcasts, used only inside the AVX2 / AVX-512 target regions
@@ -60,9 +58,28 @@ namespace lightnet_ops {
 namespace {
 
 void check_cpu_dtype(const at::Tensor& t, const char* op) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
-              ": the cpu backend supports float32 and float64, got ", t.scalar_type(),
-              " (use backend=\"reference\" for other dtypes)");
+  check_backend_dtype(op, t, "cpu", {at::kFloat, at::kDouble}, "float32 and float64");
+}
+
+// What the last linear_relu forward / backward on this thread ran (the `_cpu_linear_last_run`
+// debug op): the GEMM (native or BLAS), the instruction set, and for the backward whether the two
+// GEMMs ran side by side.
+struct LinearRun {
+  bool native = false;
+  cpu::Isa isa = cpu::Isa::kDefault;
+  bool side_by_side = false;
+};
+thread_local std::optional<LinearRun> last_forward, last_backward;
+
+std::string describe(const LinearRun& run, bool backward) {
+  std::string out = std::string("gemm=") + (run.native ? "native" : "blas") + " isa=" + cpu::isa_name(run.isa);
+  if (backward) out += std::string(" side_by_side=") + (run.side_by_side ? "1" : "0");
+  return out;
+}
+
+std::tuple<std::string, std::string> cpu_linear_last_run() {
+  return {last_forward ? describe(*last_forward, false) : std::string(),
+          last_backward ? describe(*last_backward, true) : std::string()};
 }
 
 // Rows per block of the backward gate pass, the unit of its bias-gradient partial sums. Fixed (not
@@ -88,11 +105,10 @@ GemmKernel<T> gemm_kernel(cpu::Isa isa) {
 }
 
 // The GEMM on the calling thread (parallel = false) or split by column blocks across the threads,
-// at least about 2^18 multiply-adds per task (LightNet fc2's forward at batch 64, 64 x 120 x 84 in
-// three column blocks: 19 us on one thread, 16 us on two, whole op call).
+// at least about 2^18 multiply-adds per task (below that, waking a thread costs what it saves).
 template <typename T>
-void native_gemm(const cpu::GemmArgs<T>& g, bool parallel) {
-  const GemmKernel<T> kernel = gemm_kernel<T>(cpu::cpu_isa());
+void native_gemm(const cpu::GemmArgs<T>& g, cpu::Isa isa, bool parallel) {
+  const GemmKernel<T> kernel = gemm_kernel<T>(isa);
   const int64_t blocks = (g.N + kernel.block_columns - 1) / kernel.block_columns;
   if (!parallel) {
     kernel.run(g, 0, blocks);
@@ -103,18 +119,13 @@ void native_gemm(const cpu::GemmArgs<T>& g, bool parallel) {
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { kernel.run(g, b0, b1); });
 }
 
-// Whether linear_relu's GEMMs use native_gemm instead of BLAS. MKL, which PyTorch's x86 wheels
-// use, ran these shapes at about 93 GFLOP/s per core on the 2-core AVX-512 EPYC where the native
-// kernel runs at about 115 (LightNet fc1 at batch 64, 64 x 576 x 120, one thread, per backward
-// GEMM: 77 us for the kernel timed in C++, 92-98 us for MKL through torch.mm; interleaved A/B in one process, medians: linear 576->120 at
-// batch 256, forward+backward, 579-697 vs 663-804 us; the LightNet training step at batch 64,
-// 1235-1629 vs 1337-1883 us). Larger problems (above 2^27 multiply-adds, e.g. 4096 x 1024 x 4096) stay
-// on BLAS, whose cache blocking this kernel lacks; so do CPUs without AVX-512 (not measured).
-// Only float32 by default. LIGHTNET_OPS_CPU_GEMM=native|blas overrides the choice (tests cover
-// both, and float64).
-bool use_native_gemm(const at::Tensor& input, int64_t M, int64_t N, int64_t K) {
+// Whether linear_relu's GEMMs use native_gemm instead of BLAS: on AVX-512, for float32 problems
+// up to 2^27 multiply-adds, where it outruns MKL (no call overhead, bias and ReLU in registers,
+// W^T read in place); larger problems need BLAS's cache blocking, and other CPUs / dtypes were not
+// measured. LIGHTNET_OPS_CPU_GEMM=native|blas overrides the choice (tests cover both, and float64).
+bool use_native_gemm(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, int64_t K) {
   if (const int forced = cpu::env_choice("LIGHTNET_OPS_CPU_GEMM", "native", "blas"); forced >= 0) return forced == 1;
-  return input.scalar_type() == at::kFloat && cpu::cpu_isa() == cpu::Isa::kAvx512 && M * N * K <= (int64_t(1) << 27);
+  return input.scalar_type() == at::kFloat && isa == cpu::Isa::kAvx512 && M * N * K <= (int64_t(1) << 27);
 }
 
 // out[i, :] = relu(out[i, :] + bias) in place; bias may be null.
@@ -177,12 +188,15 @@ void gate_and_sum(const scalar_t* grad, const scalar_t* output, scalar_t* gated,
 }
 
 at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  check_linear(input, weight, bias);
+  check_linear_relu("linear_relu", input, weight, bias);
   check_cpu_dtype(input, "linear_relu");
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
-  if (use_native_gemm(input, M, N, K)) {
+  const cpu::Isa isa = cpu::cpu_isa();
+  const bool native = use_native_gemm(input, isa, M, N, K);
+  last_forward = LinearRun{native, isa, false};
+  if (native) {
     // out = relu(X @ W^T + bias), the bias and ReLU applied in registers.
     const at::Tensor x = input.contiguous(), w = weight.contiguous();
     at::Tensor out = at::empty({M, N}, input.options());
@@ -190,7 +204,7 @@ at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight, co
       native_gemm<scalar_t>({x.const_data_ptr<scalar_t>(), K, 1, w.const_data_ptr<scalar_t>(), K, true,
                              out.mutable_data_ptr<scalar_t>(), N, M, N, K,
                              has_bias ? b.const_data_ptr<scalar_t>() : nullptr, true},
-                            true);
+                            isa, true);
     });
     return out;
   }
@@ -207,14 +221,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at
                                                                         const at::Tensor& weight,
                                                                         const at::Tensor& output,
                                                                         std::array<bool, 3> output_mask) {
-  check_linear(input, weight, c10::nullopt);
+  check_linear_relu_backward("linear_relu_backward", grad_output, input, weight, output);
   check_cpu_dtype(input, "linear_relu_backward");
-  TORCH_CHECK(grad_output.sizes() == output.sizes() && output.dim() == 2 && output.size(0) == input.size(0) &&
-                  output.size(1) == weight.size(0),
-              "linear_relu_backward: grad_output ", grad_output.sizes(), " and output ", output.sizes(),
-              " must both be [", input.size(0), ", ", weight.size(0), "]");
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && output.scalar_type() == input.scalar_type(),
-              "linear_relu_backward: grad_output/output dtypes must match input dtype ", input.scalar_type());
   const auto g = grad_output.contiguous();
   const auto o = output.contiguous();
   auto gated = at::empty_like(g, at::MemoryFormat::Contiguous);
@@ -229,13 +237,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at
   at::Tensor grad_input = empty(), grad_weight = empty();
   // The two GEMMs have the same size (M * out * in multiply-adds) and are independent. Between
   // kMinSideBySideMacs and kMaxSideBySideMacs, run them side by side, one thread each, instead of
-  // splitting each across the threads. Measured on a 2-core machine (whole backward, medians):
-  //   LightNet fc1 at batch 64 (4.4M each):   145 us side by side vs 186 us one after the other
-  //   LightNet fc1 at batch 256 (17.7M each): 390 us vs 430 us
-  //   LightNet fc2 at batch 64 / 256 (0.6M / 2.6M each): 44 / 115 us vs 42 / 111 us (no gain:
-  //     waking the second thread costs about what it saves)
-  //   4096 x 1024 x 4096 (17G each): 434 ms vs 386 ms (large GEMMs compete for the shared cache
-  //     and memory bandwidth, and each already splits well across threads)
+  // splitting each across the threads: below, waking the second thread costs what it saves; above,
+  // the two compete for the shared cache and memory bandwidth, and each splits well on its own.
   // Nested ATen/BLAS calls inside parallel_for run single-threaded.
   constexpr int64_t kMinSideBySideMacs = int64_t(1) << 22;
   constexpr int64_t kMaxSideBySideMacs = int64_t(1) << 27;
@@ -243,7 +246,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at
   const bool side_by_side = output_mask[0] && output_mask[1] && macs >= kMinSideBySideMacs &&
                             macs <= kMaxSideBySideMacs && at::get_num_threads() >= 2 && !at::in_parallel_region();
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
-  if (use_native_gemm(input, M, N, K)) {
+  const cpu::Isa isa = cpu::cpu_isa();
+  const bool native = use_native_gemm(input, isa, M, N, K);
+  last_backward = LinearRun{native, isa, side_by_side};
+  if (native) {
     const at::Tensor x = input.contiguous(), w = weight.contiguous();
     if (output_mask[0]) grad_input = at::empty({M, K}, input.options());
     if (output_mask[1]) grad_weight = at::empty({N, K}, input.options());
@@ -258,11 +264,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at
                                        K, N, K, M, nullptr, false};
       if (side_by_side) {
         at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t task = begin; task < end; ++task) native_gemm<scalar_t>(task == 0 ? gi : gw, false);
+          for (int64_t task = begin; task < end; ++task) native_gemm<scalar_t>(task == 0 ? gi : gw, isa, false);
         });
       } else {
-        if (output_mask[0]) native_gemm<scalar_t>(gi, true);
-        if (output_mask[1]) native_gemm<scalar_t>(gw, true);
+        if (output_mask[0]) native_gemm<scalar_t>(gi, isa, true);
+        if (output_mask[1]) native_gemm<scalar_t>(gw, isa, true);
       }
     });
   } else if (side_by_side) {
@@ -292,5 +298,8 @@ TORCH_LIBRARY_IMPL(lightnet_ops, CPU, m) {
   m.impl("linear_relu", &linear_relu_cpu);
   m.impl("linear_relu_backward", &linear_relu_backward_cpu);
 }
+
+// Debug op of the CPU backend (not part of the public API): what the last calls ran.
+TORCH_LIBRARY_FRAGMENT(lightnet_ops, m) { m.def("_cpu_linear_last_run() -> (str, str)", &cpu_linear_last_run); }
 
 }  // namespace lightnet_ops

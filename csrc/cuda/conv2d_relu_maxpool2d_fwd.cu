@@ -17,8 +17,8 @@
 // cuda_conv_direct.cuh).
 #include <torch/library.h>
 
+#include "lightnet_ops/checks.h"
 #include "lightnet_ops/composite.h"
-#include "lightnet_ops/conv_params.h"
 #include "lightnet_ops/cuda_conv_direct.cuh"
 #include "lightnet_ops/cuda_utils.cuh"
 
@@ -211,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_cuda(const at::Tensor& 
                                                               at::IntArrayRef pool_stride, bool need_argmax) {
   constexpr const char* op = "conv2d_relu_maxpool2d";
   const ConvPoolShape s =
-      conv_pool_shape(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride);
+      check_conv2d_relu_maxpool2d(op, input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride);
   check_cuda_tensor(input, op, "input");
   check_cuda_dtype(input, op);
   const c10::cuda::CUDAGuard guard(input.device());

@@ -12,7 +12,7 @@
 // atomics). grad_input = gated @ weight and grad_weight = gated^T @ input are cuBLAS GEMMs.
 #include <torch/library.h>
 
-#include "lightnet_ops/conv_params.h"
+#include "lightnet_ops/checks.h"
 #include "lightnet_ops/cuda_utils.cuh"
 
 namespace lightnet_ops {
@@ -85,7 +85,7 @@ __global__ void colsum_finish_kernel(const acc_type<scalar_t>* __restrict__ part
 
 at::Tensor linear_relu_cuda(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "linear_relu";
-  check_linear(input, weight, bias);
+  check_linear_relu(op, input, weight, bias);
   check_cuda_tensor(input, op, "input");
   check_cuda_dtype(input, op);
   const c10::cuda::CUDAGuard guard(input.device());
@@ -113,18 +113,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cuda(const a
                                                                          const at::Tensor& output,
                                                                          std::array<bool, 3> output_mask) {
   constexpr const char* op = "linear_relu_backward";
-  check_linear(input, weight, std::nullopt);
+  check_linear_relu_backward(op, grad_output, input, weight, output);
   check_cuda_tensor(input, op, "input");
   check_cuda_dtype(input, op);
-  TORCH_CHECK(grad_output.sizes() == output.sizes() && output.dim() == 2 && output.size(0) == input.size(0) &&
-                  output.size(1) == weight.size(0),
-              op, ": grad_output ", grad_output.sizes(), " and output ", output.sizes(), " must both be [",
-              input.size(0), ", ", weight.size(0), "]");
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && output.scalar_type() == input.scalar_type(), op,
-              ": grad_output/output dtypes must match input dtype ", input.scalar_type(), ", got ",
-              grad_output.scalar_type(), " and ", output.scalar_type());
-  check_same_device(grad_output, input, op, "grad_output");
-  check_same_device(output, input, op, "output");
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 

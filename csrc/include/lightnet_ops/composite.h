@@ -6,7 +6,8 @@
 // ReLU gate) fixed the ops are piecewise linear, so autograd through these ATen ops is exact.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <array>
 #include <optional>

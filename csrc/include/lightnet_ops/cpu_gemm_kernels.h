@@ -1,7 +1,6 @@
 // Register-blocked GEMM for the CPU linear_relu, compiled once per instruction set.
 // NO include guard on purpose: csrc/cpu/linear_relu.cpp includes it once per instruction set
-// through cpu_isa_variants.h, which defines `constexpr int kVecBytes` (the register width in
-// bytes) in each copy's namespace.
+// through cpu_isa_variants.h, after the shared SIMD layer (cpu_vec.h: Vec<T>, one full register).
 //
 // C[i][j] = epilogue(sum over k of A(i, k) * B[k][j]) for i < M, j < N, where
 // A(i, k) = a[i * a_row + k * a_col] (any strides: the kernel broadcasts one A element at a time,
@@ -12,67 +11,6 @@
 //
 // The problem (GemmArgs) is defined in linear_relu.cpp, outside the per-instruction-set copies.
 
-template <typename T>
-struct GemmVec {
-  static constexpr int V = kVecBytes / static_cast<int>(sizeof(T));
-  typedef T vec __attribute__((vector_size(kVecBytes)));
-  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> lane_int;
-  typedef lane_int ivec __attribute__((vector_size(kVecBytes)));
-  static LIGHTNET_OPS_INLINE vec load(const T* p) {
-    vec v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  }
-  static LIGHTNET_OPS_INLINE void store(T* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
-  // Every lane = s, as one broadcast instruction. (GCC 12 lowers the portable `vec{} + s` to an
-  // add of 0 before the broadcast, which it must keep in case s is -0, and a lane-0 shuffle to a
-  // masked load plus a register broadcast: in the GEMM's inner loop either costs about 20%.)
-  static LIGHTNET_OPS_INLINE vec splat(T s) {
-#if LIGHTNET_OPS_X86_DISPATCH
-    const auto as_vec = [](auto r) {  // same bits, our vector type
-      vec v;
-      std::memcpy(&v, &r, sizeof(v));
-      return v;
-    };
-    if constexpr (kVecBytes == 64 && sizeof(T) == 4) return as_vec(_mm512_set1_ps(s));
-    if constexpr (kVecBytes == 64 && sizeof(T) == 8) return as_vec(_mm512_set1_pd(s));
-    if constexpr (kVecBytes == 32 && sizeof(T) == 4) return as_vec(_mm256_set1_ps(s));
-    if constexpr (kVecBytes == 32 && sizeof(T) == 8) return as_vec(_mm256_set1_pd(s));
-#endif
-    return vec{} + s;
-  }
-
-  // Transposes the V x V block held in rows[0..V), in log2(V) stages of two-vector shuffles: the
-  // stage for distance d exchanges the off-diagonal d x d sub-blocks of every 2d x 2d block.
-  static LIGHTNET_OPS_INLINE void transpose(vec* rows) {
-#if defined(__GNUC__) && !defined(__clang__)
-    LIGHTNET_OPS_UNROLL
-    for (int d = V / 2; d >= 1; d /= 2) {
-      ivec lo, hi;  // lane indices into the concatenation (a, b)
-      LIGHTNET_OPS_UNROLL
-      for (int l = 0; l < V; ++l) {
-        lo[l] = (l & d) == 0 ? l : V + l - d;
-        hi[l] = (l & d) == 0 ? l + d : V + l;
-      }
-      LIGHTNET_OPS_UNROLL
-      for (int r = 0; r < V; ++r) {
-        if ((r & d) != 0) continue;
-        const vec a = rows[r], b = rows[r + d];
-        rows[r] = __builtin_shuffle(a, b, lo);
-        rows[r + d] = __builtin_shuffle(a, b, hi);
-      }
-    }
-#else
-    for (int r = 0; r < V; ++r)
-      for (int c = r + 1; c < V; ++c) {
-        const T t = rows[r][c];
-        rows[r][c] = rows[c][r];
-        rows[c][r] = t;
-      }
-#endif
-  }
-};
-
 // Tile rows per register block: MR x NV accumulators + NV B vectors + 1 broadcast must fit the
 // register file (32 vector registers with AVX-512, 16 below).
 constexpr int kGemmMR = kVecBytes == 64 ? 8 : 4;
@@ -81,15 +19,15 @@ constexpr int kGemmNV = 2;
 // Columns of C per column block (the unit gemm_column_blocks takes and threads split).
 template <typename T>
 constexpr int64_t gemm_block_columns() {
-  return int64_t(kGemmNV) * GemmVec<T>::V;
+  return int64_t(kGemmNV) * Vec<T>::kWidth;
 }
 
 template <typename T, int MR, int NV>
 LIGHTNET_OPS_INLINE void gemm_tile(const T* a, int64_t a_row, int64_t a_col, const T* b, int64_t ldb, int64_t K,
                                    T* c, int64_t ldc, int64_t lanes, const T* bias, bool relu) {
-  using G = GemmVec<T>;
+  using G = Vec<T>;
   using vec = typename G::vec;
-  constexpr int V = G::V;
+  constexpr int V = G::kWidth;
   vec acc[MR][NV];
   LIGHTNET_OPS_UNROLL
   for (int i = 0; i < MR; ++i)
@@ -148,7 +86,7 @@ void gemm_rows(int rows, const T* a, int64_t a_row, int64_t a_col, const T* b, i
 // allocation); both panels are zero-padded to whole vectors, and only N columns are stored.
 template <typename T>
 void gemm_column_blocks(const GemmArgs<T>& g, int64_t jb0, int64_t jb1) {
-  constexpr int V = GemmVec<T>::V;
+  constexpr int V = Vec<T>::kWidth;
   constexpr int64_t block = gemm_block_columns<T>();
   // Uninitialised: every panel element is written below (the padding columns with zeros).
   std::unique_ptr<T[]> panel_store(g.b_transposed || g.N % V != 0 ? new T[g.K * block] : nullptr);
@@ -165,7 +103,7 @@ void gemm_column_blocks(const GemmArgs<T>& g, int64_t jb0, int64_t jb1) {
       if (g.b_transposed) {
         // V x V blocks transposed in registers; the edges (k past the last whole vector, columns
         // past the last whole vector) element by element.
-        using G = GemmVec<T>;
+        using G = Vec<T>;
         const T* src = g.b + j0 * g.ldb;
         const int64_t k_full = g.K / V * V, j_full = lanes / V * V;
         for (int64_t k0 = 0; k0 < k_full; k0 += V) {

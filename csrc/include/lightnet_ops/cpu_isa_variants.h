@@ -1,9 +1,10 @@
-// Compiles a kernel-body header once per instruction set (see cpu_simd.h). NO include guard on
-// purpose: a .cpp defines LIGHTNET_OPS_KERNELS_HEADER (the header's name, in quotes), includes this
-// file, and gets the header's functions in lightnet_ops::cpu::isa_default, isa_avx2 and
-// isa_avx512, each namespace with its own `constexpr int kVecBytes` (the register width in bytes)
-// and, on x86, inside the matching target region. Standard headers, cpu_simd.h and whatever the
-// kernel header uses must already be included.
+// Compiles kernel-family headers once per instruction set (see cpu_simd.h). NO include guard on
+// purpose: a .cpp defines LIGHTNET_OPS_KERNELS_HEADER (a header's name, in quotes) and, if it needs
+// more families, LIGHTNET_OPS_KERNELS_HEADER2 / _HEADER3, includes this file, and gets the shared
+// SIMD layer (cpu_vec.h) and those headers' functions in lightnet_ops::cpu::isa_default, isa_avx2
+// and isa_avx512, each namespace with its own `constexpr int kVecBytes` (the register width in
+// bytes) and, on x86, inside the matching target region. Standard headers, cpu_simd.h and whatever
+// the kernel headers use must already be included.
 #ifndef LIGHTNET_OPS_KERNELS_HEADER
 #error "define LIGHTNET_OPS_KERNELS_HEADER before including lightnet_ops/cpu_isa_variants.h"
 #endif
@@ -13,7 +14,14 @@ namespace cpu {
 namespace isa_default {
 using namespace ::lightnet_ops::cpu;
 constexpr int kVecBytes = 16;
+#include "lightnet_ops/cpu_vec.h"
 #include LIGHTNET_OPS_KERNELS_HEADER
+#ifdef LIGHTNET_OPS_KERNELS_HEADER2
+#include LIGHTNET_OPS_KERNELS_HEADER2
+#endif
+#ifdef LIGHTNET_OPS_KERNELS_HEADER3
+#include LIGHTNET_OPS_KERNELS_HEADER3
+#endif
 }  // namespace isa_default
 }  // namespace cpu
 }  // namespace lightnet_ops
@@ -25,7 +33,14 @@ namespace cpu {
 namespace isa_avx2 {
 using namespace ::lightnet_ops::cpu;
 constexpr int kVecBytes = 32;
+#include "lightnet_ops/cpu_vec.h"
 #include LIGHTNET_OPS_KERNELS_HEADER
+#ifdef LIGHTNET_OPS_KERNELS_HEADER2
+#include LIGHTNET_OPS_KERNELS_HEADER2
+#endif
+#ifdef LIGHTNET_OPS_KERNELS_HEADER3
+#include LIGHTNET_OPS_KERNELS_HEADER3
+#endif
 }  // namespace isa_avx2
 }  // namespace cpu
 }  // namespace lightnet_ops
@@ -37,7 +52,14 @@ namespace cpu {
 namespace isa_avx512 {
 using namespace ::lightnet_ops::cpu;
 constexpr int kVecBytes = 64;
+#include "lightnet_ops/cpu_vec.h"
 #include LIGHTNET_OPS_KERNELS_HEADER
+#ifdef LIGHTNET_OPS_KERNELS_HEADER2
+#include LIGHTNET_OPS_KERNELS_HEADER2
+#endif
+#ifdef LIGHTNET_OPS_KERNELS_HEADER3
+#include LIGHTNET_OPS_KERNELS_HEADER3
+#endif
 }  // namespace isa_avx512
 }  // namespace cpu
 }  // namespace lightnet_ops
@@ -45,3 +67,5 @@ LIGHTNET_OPS_TARGET_END
 #endif
 
 #undef LIGHTNET_OPS_KERNELS_HEADER
+#undef LIGHTNET_OPS_KERNELS_HEADER2
+#undef LIGHTNET_OPS_KERNELS_HEADER3

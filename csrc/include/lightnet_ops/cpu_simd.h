@@ -1,13 +1,13 @@
 // Runtime instruction-set selection for the CPU kernels.
 //
-// Kernel bodies are written once with GCC/Clang vector extensions (any width) in headers that
-// carry no include guard (cpu_*_kernels.h). A .cpp includes such a header several times, each
-// time inside its own namespace and inside a "target region" that compiles every function in it
-// for one instruction set (AVX-512, AVX2+FMA, or the build's baseline), and picks the namespace
-// at run time with cpu_isa() (cpu_isa_variants.h does the repeated inclusion). The default
-// build stays portable (no -march flags): wider code only runs where the CPU says it may. Everything a kernel calls must be defined inside the
-// region (helpers defined outside would be compiled, and their vector code lowered, for the
-// baseline target).
+// Kernel bodies are written once with GCC/Clang vector extensions, over the one SIMD layer
+// cpu_vec.h, in per-family headers that carry no include guard (cpu_*_kernels.h). A .cpp includes
+// them several times, each time inside its own namespace and inside a "target region" that
+// compiles every function in it for one instruction set (AVX-512, AVX2+FMA, or the build's
+// baseline), and picks the namespace at run time with cpu_isa() (cpu_isa_variants.h does the
+// repeated inclusion). The default build stays portable (no -march flags): wider code only runs
+// where the CPU says it may. Everything a kernel calls must be defined inside the region (helpers
+// defined outside would be compiled, and their vector code lowered, for the baseline target).
 #pragma once
 
 #include <cstdint>

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "lightnet_ops/conv_params.h"
+#include "lightnet_ops/checks.h"
 #include "lightnet_ops/cuda_utils.cuh"
 
 namespace lightnet_ops {

@@ -15,6 +15,8 @@
 #include <cstring>
 #include <limits>
 
+#include "lightnet_ops/checks.h"
+
 namespace lightnet_ops {
 namespace cuda {
 
@@ -38,20 +40,15 @@ inline unsigned int blocks_for(int64_t n, int64_t threads = kThreads) {
 
 inline bool fits_int32(int64_t v) { return v >= 0 && v <= std::numeric_limits<int32_t>::max() / 2; }
 
+// The cuda backend's dtypes and device, after the shared argument checks (checks.h).
 inline void check_cuda_dtype(const at::Tensor& t, const char* op) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op,
-              ": the cuda backend supports float32, float16, bfloat16 and float64, got ", st,
-              " (use backend=\"reference\" for other dtypes)");
+  check_backend_dtype(op, t, "cuda", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble},
+                      "float32, float16, bfloat16 and float64");
 }
 
 inline void check_cuda_tensor(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the cuda backend, got a tensor on ",
-              t.device());
-}
-
-inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but input is on ", ref.device());
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the cuda backend, got a tensor on ",
+                    t.device());
 }
 
 // Value of an environment variable used as a tuning override, or "" when unset.

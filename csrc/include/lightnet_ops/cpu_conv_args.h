@@ -1,12 +1,13 @@
-// Geometry and arguments of the direct (no conv-output buffer) CPU path of conv2d_relu_maxpool2d;
-// the kernels themselves are in cpu_conv_kernels.h. See csrc/cpu/conv2d_relu_maxpool2d.cpp.
+// Geometry and kernel arguments of the CPU conv2d_relu_maxpool2d paths (host side, one copy for
+// every instruction set); the kernels are in cpu_conv_*_kernels.h, the paths in csrc/cpu/conv_*.cpp.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
-#include "lightnet_ops/conv_params.h"
+#include "lightnet_ops/checks.h"
 #include "lightnet_ops/window_math.h"
 
 namespace lightnet_ops {
@@ -91,6 +92,30 @@ inline Direct make_direct(const ConvPoolShape& s, int64_t KB) {
   return d;
 }
 
+// Whether the direct path's packed input stays about the size of the padded input, which it is
+// for any stride and pool stride within the image. It holds C * Mh * Mw phase planes of at least
+// 16 lanes each (Mh x Mw = stride * pool stride), so a valid stride or pool stride far beyond the
+// image (2^32, say) asks for astronomically many: such shapes take a path that allocates nothing per
+// stride. Computed in 128 bits with every product saturating at 2^62. Mirrors make_direct's sizes.
+inline bool direct_packing_fits(const ConvPoolShape& s) {
+  using i128 = __int128;
+  constexpr i128 kCap = i128(1) << 62;
+  const auto cap = [&](i128 v) { return v < kCap ? v : kCap; };
+  const auto mul = [&](i128 a, i128 b) { return cap(cap(a) * cap(b)); };
+  const auto add = [&](i128 a, i128 b) { return cap(cap(a) + cap(b)); };
+  const auto up16 = [&](i128 v) { return cap((v + 15) / 16 * 16); };
+  const i128 Mh = mul(s.pool_sh, s.stride_h), Mw = mul(s.pool_sw, s.stride_w);
+  const i128 Dy = add(add(mul(s.pool_kh - 1, s.stride_h), mul(s.R - 1, s.dil_h)), 1);
+  const i128 Dx = add(add(mul(s.pool_kw - 1, s.stride_w), mul(s.S - 1, s.dil_w)), 1);
+  const i128 PWs = add(s.PW, (Dx - 1) / Mw), PHe = add(s.PH, (Dy - 1) / Mh);
+  const i128 Fpad = up16(mul(s.PH, PWs));
+  const i128 reach = add(add(mul((Dy - 1) / Mh, PWs), (Dx - 1) / Mw), Fpad);
+  const i128 Zlen = up16(std::max(mul(PHe, PWs), reach));
+  const i128 pack = mul(mul(s.C, mul(Mh, Mw)), Zlen);
+  const i128 padded_input = mul(mul(add(s.H, mul(2, s.pad_h)), add(s.W, mul(2, s.pad_w))), s.C);
+  return pack <= add(mul(4, padded_input), i128(1) << 16);
+}
+
 template <typename T>
 struct DirectFwdArgs {
   const Direct* d;
@@ -103,6 +128,8 @@ struct DirectFwdArgs {
   // U[k][c][xi] = (G g G^T)[xi] for the filter g of (k, c), and the bias per output channel.
   const T* wino_u = nullptr;
   const T* bias = nullptr;  // (K) or null
+  // Counts the samples the Winograd variant hands to the direct kernel (non-finite values), or null.
+  std::atomic<int64_t>* fallback_samples = nullptr;
 };
 
 template <typename T>
@@ -116,6 +143,9 @@ struct DirectBwdArgs {
   bool need_weight, need_bias;
   // grad_input by the Winograd adjoint when set (shapes as for DirectFwdArgs::wino_u; same layout).
   const T* wino_u = nullptr;
+  // Counts the samples whose grad_input the direct kernel computes instead (no Winograd weights, or
+  // non-finite values), or null.
+  std::atomic<int64_t>* fallback_samples = nullptr;
 };
 
 // Lanes kept per entry of the direct backward's partial weight / bias gradients (the widest
