@@ -219,7 +219,7 @@ def argmax_positions(argmax: torch.Tensor, s: ConvPoolShape) -> tuple[torch.Tens
     oh, ow = _window_origins(s, a.device)
     flat = (oh + a // s.pool_kernel_size[1]) * s.Q + ow + a % s.pool_kernel_size[1]
     flat = torch.where(live, flat, torch.zeros_like(flat))
-    return flat.reshape(s.N, s.K, -1), live.reshape(s.N, s.K, -1)
+    return flat.reshape(s.N, s.K, s.PH * s.PW), live.reshape(s.N, s.K, s.PH * s.PW)
 
 
 def reference(
@@ -257,7 +257,7 @@ def route_pooled_grad(
     """Scatters the pooled gradient (N, K, PH, PW) through the argmax into a dense conv-output
     gradient (N, K, P, Q). Overlapping windows accumulate."""
     flat, live = argmax_positions(argmax, s)
-    src = grad_output.reshape(s.N, s.K, -1)
+    src = grad_output.reshape(s.N, s.K, s.PH * s.PW)
     src = torch.where(live, src, torch.zeros_like(src)).to(dtype)
     # Out of place, so that vmap (per-sample gradients) can batch it.
     grad_conv = torch.zeros(s.N, s.K, s.P * s.Q, dtype=dtype, device=grad_output.device).scatter_add(2, flat, src)
