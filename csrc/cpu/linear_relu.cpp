@@ -120,12 +120,17 @@ void native_gemm(const cpu::GemmArgs<T>& g, cpu::Isa isa, bool parallel) {
 }
 
 // Whether linear_relu's GEMMs use native_gemm instead of BLAS: on AVX-512, for float32 problems
-// up to 2^27 multiply-adds, where it outruns MKL (no call overhead, bias and ReLU in registers,
-// W^T read in place); larger problems need BLAS's cache blocking, and other CPUs / dtypes were not
-// measured. LIGHTNET_OPS_CPU_GEMM=native|blas overrides the choice (tests cover both, and float64).
+// of at least kNativeMinRows rows and up to 2^27 multiply-adds, where it outruns MKL (no call
+// overhead, bias and ReLU in registers); larger problems need BLAS's cache blocking; below 4 rows
+// packing W^T costs more than the product itself (BLAS's GEMV is 2-4x faster at one row); other
+// CPUs / dtypes were not measured. LIGHTNET_OPS_CPU_GEMM=native|blas overrides the choice (tests
+// cover both, and float64).
+constexpr int64_t kNativeMinRows = 4;
+
 bool use_native_gemm(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, int64_t K) {
   if (const int forced = cpu::env_choice("LIGHTNET_OPS_CPU_GEMM", "native", "blas"); forced >= 0) return forced == 1;
-  return input.scalar_type() == at::kFloat && isa == cpu::Isa::kAvx512 && M * N * K <= (int64_t(1) << 27);
+  return input.scalar_type() == at::kFloat && isa == cpu::Isa::kAvx512 && M >= kNativeMinRows &&
+         M * N * K <= (int64_t(1) << 27);
 }
 
 // out[i, :] = relu(out[i, :] + bias) in place; bias may be null.
