@@ -758,7 +758,7 @@ def test_compiled_op_rejects_bad_input_directly():
 
 
 # Arguments (already normalised, as the functional API passes them) that the Python checker
-# (lightnet_ops/_shapes.py) rejects: the C++ op must raise the same exception type with the same
+# (lightnet_ops/ops/conv2d_relu_maxpool2d.py) rejects: the C++ op must raise the same exception type with the same
 # message, so that the Python copy of the checks can go for the compiled backends.
 OP_BAD_ARGS = [
     ("rank3", dict(x=(3, 8, 8))),

@@ -209,7 +209,7 @@ def test_dtype_device_mismatch_and_direct_op_checks():
         bwd(out, x, w, out.double(), [True, True, True])
 
 
-# Arguments the Python checker (lightnet_ops/_shapes.py) rejects: the C++ op raises the same
+# Arguments the Python checker (lightnet_ops/ops/linear_relu.py) rejects: the C++ op raises the same
 # exception type with the same message.
 OP_BAD_ARGS = [
     ("feature_mismatch", dict(x=(4, 7))),
