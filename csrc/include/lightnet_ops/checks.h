@@ -1,5 +1,5 @@
 // Argument checks of the compiled ops (CPU and CUDA, forward and backward): the one C++ copy.
-// Messages and exception types are those of the Python checker (lightnet_ops/_shapes.py), so a
+// Messages and exception types are those of the Python checker (lightnet_ops/ops/<op>.py), so a
 // caller sees the same ValueError / TypeError whichever layer rejects its arguments: each names
 // the op, the argument, the expected and the actual value, with Python's spelling of shapes
 // ((2, 3) / [2, 3]) and dtypes (torch.float32).
