@@ -3,14 +3,10 @@
 
 #include <ATen/ATen.h>
 
+#include "lightnet_ops/window_math.h"
+
 namespace lightnet_ops::composite {
 namespace {
-
-constexpr int64_t kArgmaxReluZero = 255;  // argmax byte: ReLU zeroed this element (ops/conv2d_relu_maxpool2d.py)
-
-int64_t conv_out_size(int64_t size, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
-  return (size + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;
-}
 
 // Conv2d's (P, Q) output size.
 std::array<int64_t, 2> conv_plane(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,

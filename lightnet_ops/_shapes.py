@@ -18,8 +18,9 @@ def pair(value: IntPair, name: str) -> list[int]:
     # Fast path (every call from the modules passes a pair of ints): this runs on every forward.
     if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
         return list(value)
-    if _as_int(value) is not None:
-        return [_as_int(value)] * 2
+    scalar = _as_int(value)
+    if scalar is not None:
+        return [scalar, scalar]
     if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dim() == 0):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     try:

@@ -155,3 +155,30 @@ class NoGradThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return None
+
+
+# --- What the cpu backend ran (the extension's debug ops report "key=value" words) ------------------
+
+ISA_ORDER = ("default", "avx2", "avx512")
+
+
+def cpu_best_isa() -> str:
+    """The widest instruction set the cpu backend compiles that this CPU runs (cpu_simd.h's probe)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return "default"
+    if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "default"
+
+
+def expected_isa(requested: str) -> str:
+    """LIGHTNET_OPS_CPU_ISA caps the instruction set at what this CPU runs."""
+    return min(requested, cpu_best_isa(), key=ISA_ORDER.index)
+
+
+def parse_run(words: str) -> dict:
+    """"path=direct isa=avx512" -> {"path": "direct", "isa": "avx512"}."""
+    return dict(w.split("=", 1) for w in words.split())

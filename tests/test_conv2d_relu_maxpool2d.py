@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NoGradThrough, backend_cases, env_vars, results_per_thread_count
+from conftest import NoGradThrough, backend_cases, env_vars, results_per_thread_count, cpu_best_isa, expected_isa, parse_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from parity import DTYPES, assert_matches
@@ -155,30 +155,6 @@ def check_cpu_parity_float64_and_float32(case: Case, label: str,
 # The extension's debug ops report the plan of a call (_cpu_conv_plan) and what the last call on
 # this thread ran (_cpu_conv_last_run), as "key=value" words: path, isa, kb (register block of
 # output channels), chunk, input_grad / weight_grad (direct backward), planned, fallback_samples.
-
-ISA_ORDER = ("default", "avx2", "avx512")
-
-
-def cpu_best_isa() -> str:
-    """The widest instruction set the cpu backend compiles that this CPU runs (cpu_simd.h's probe)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return "default"
-    if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
-        return "avx512"
-    return "avx2" if {"avx2", "fma"} <= flags else "default"
-
-
-def expected_isa(requested: str) -> str:
-    """LIGHTNET_OPS_CPU_ISA caps the instruction set at what this CPU runs."""
-    return min(requested, cpu_best_isa(), key=ISA_ORDER.index)
-
-
-def parse_run(words: str) -> dict:
-    return dict(w.split("=", 1) for w in words.split())
-
 
 def cpu_conv_last_run() -> tuple[dict, dict]:
     """(forward, backward) as the last calls on this thread ran them."""

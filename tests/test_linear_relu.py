@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NoGradThrough, backend_cases, env_vars, results_per_thread_count
+from conftest import NoGradThrough, backend_cases, env_vars, results_per_thread_count, expected_isa, parse_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from parity import DTYPES, assert_matches
@@ -250,30 +250,6 @@ def test_fuzz_against_reference(backend, m, k, n, bias):
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     for g, s in zip(got, want):
         torch.testing.assert_close(g, s, rtol=tol, atol=tol)
-
-
-ISA_ORDER = ("default", "avx2", "avx512")
-
-
-def cpu_best_isa() -> str:
-    """The widest instruction set the cpu backend compiles that this CPU runs (cpu_simd.h's probe)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return "default"
-    if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
-        return "avx512"
-    return "avx2" if {"avx2", "fma"} <= flags else "default"
-
-
-def expected_isa(requested: str) -> str:
-    """LIGHTNET_OPS_CPU_ISA caps the instruction set at what this CPU runs."""
-    return min(requested, cpu_best_isa(), key=ISA_ORDER.index)
-
-
-def parse_run(words: str) -> dict:
-    return dict(w.split("=", 1) for w in words.split())
 
 
 def assert_gemm_ran(gemm: str, isa: str) -> None:
