@@ -15,7 +15,9 @@ IntPair = Union[int, Sequence[int]]
 
 def pair(value: IntPair, name: str) -> list[int]:
     """`3` -> `[3, 3]`; `(2, 3)` -> `[2, 3]`; anything else raises a TypeError/ValueError naming `name`."""
-    # Fast path (every call from the modules passes a pair of ints): this runs on every forward.
+    # Fast paths for the common forms: this runs several times per functional call.
+    if type(value) is int:
+        return [value, value]
     if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
         return list(value)
     scalar = _as_int(value)

@@ -79,8 +79,12 @@ def _extension_backend(name: str) -> Backend:
 REFERENCE = Backend("reference", {op: OpKernels(c.reference, c.reference_backward) for op, c in CONTRACTS.items()})
 
 
+# Read once: Triton itself reads TRITON_INTERPRET once, when it is imported. refresh() re-reads it.
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def triton_interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _TRITON_INTERPRET
 
 
 _TRITON_IMPORT_ERROR: dict[str, str | None] = {}
@@ -185,38 +189,54 @@ def _warn_auto_fell_back(device: torch.device, dtype: torch.dtype) -> None:
     if why not in _AUTO_FALLBACK_WARNED:
         _AUTO_FALLBACK_WARNED.add(why)
         warnings.warn(f"lightnet_ops: backend='auto' runs the unfused pure-PyTorch reference backend on "
-                      f"{device.type} {dtype} tensors, slower than the compiled kernels: {why}", ReferenceFallbackWarning, stacklevel=4)
+                      f"{device.type} {dtype} tensors, slower than the compiled kernels: {why}", ReferenceFallbackWarning, stacklevel=5)
 
 
 # Under TorchDynamo: run at trace time (so a compiled caller warns too), traced as a constant.
 _warn_auto_fell_back._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
+# (requested name, device, dtype) -> Backend, filled by resolve(): every fused call resolves its
+# backend, so after the first call for a key it is one dict lookup (keyed on the device itself:
+# tensor.device is cheap, tensor.device.type is not). refresh() empties it.
+_RESOLVED: dict[tuple[str, torch.device, torch.dtype], Backend] = {}
+
+
+def refresh() -> None:
+    """Forgets cached backend choices and re-reads TRITON_INTERPRET (for tests that change it)."""
+    global _TRITON_INTERPRET
+    _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    _RESOLVED.clear()
+
+
+def cached(backend: str, tensor: torch.Tensor) -> Backend | None:
+    """resolve()'s earlier answer for this (name, device, dtype), or None if there is none yet."""
+    return _RESOLVED.get((backend, tensor.device, tensor.dtype)) if type(backend) is str else None
+
+
 def resolve(backend: str, tensor: torch.Tensor) -> Backend:
     """The backend that runs ops on `tensor` for the requested name (see module docstring)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    device = tensor.device
-    # Fast path for the common case (a float CPU tensor with the C++ kernels built): the same
-    # answer as the general path below, without its checks.
-    if (
-        (backend == "auto" or backend == "cpu")
-        and device.type == "cpu"
-        and _HAS_CPU_KERNELS
-        and _ops.EXTENSION_AVAILABLE
-        and tensor.dtype in (torch.float32, torch.float64)
-    ):
-        return _extension_backend("cpu")
+    key = (backend, tensor.device, tensor.dtype)
+    impl = _RESOLVED.get(key)
+    if impl is None:
+        impl = _resolve(backend, tensor.device, tensor.dtype)
+        _RESOLVED[key] = impl
+    return impl
+
+
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
     if backend == "auto":
         if device.type == "cuda":
-            triton_ok = triton_available() and tensor.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            triton_ok = triton_available() and dtype in (torch.float32, torch.float16, torch.bfloat16)
             backend = "cuda" if cuda_available() else ("triton" if triton_ok else "reference")
-        elif device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) and cpu_available():
+        elif device.type == "cpu" and dtype in (torch.float32, torch.float64) and cpu_available():
             backend = "cpu"
         else:
             backend = "reference"
         if backend == "reference":
-            _warn_auto_fell_back(device, tensor.dtype)
+            _warn_auto_fell_back(device, dtype)
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKEND_NAMES}")
     _check_device(backend, device)
@@ -237,9 +257,9 @@ def resolve(backend: str, tensor: torch.Tensor) -> Backend:
             "backend='cuda': the extension was built without CUDA kernels; rebuild with a CUDA-enabled torch "
             "and nvcc on PATH (or CUDA_HOME set), LIGHTNET_OPS_CUDA=1 forces it"
         )
-    if backend == "cpu" and tensor.dtype not in (torch.float32, torch.float64):
+    if backend == "cpu" and dtype not in (torch.float32, torch.float64):
         raise BackendUnavailableError(
-            f"backend='cpu' supports float32 and float64, got {tensor.dtype}; use backend='reference' "
+            f"backend='cpu' supports float32 and float64, got {dtype}; use backend='reference' "
             "(or 'auto', which falls back to it)"
         )
     return _extension_backend(backend)

@@ -37,7 +37,7 @@ def _same_padding(input: torch.Tensor, weight: torch.Tensor, stride: list[int],
                   dilation: list[int]) -> tuple[torch.Tensor, list[int]]:
     """padding='same' as F.conv2d does it: total padding dilation * (k - 1) per dimension, the odd
     element on the bottom/right (applied to the input explicitly, as the op pads symmetrically)."""
-    if stride != [1, 1]:
+    if list(stride) != [1, 1]:
         raise ValueError("conv2d_relu_maxpool2d: padding='same' is not supported for strided convolutions")
     totals = [dilation[i] * (weight.shape[2 + i] - 1) for i in range(2)]
     extra_h, extra_w = totals[0] % 2, totals[1] % 2
@@ -92,45 +92,70 @@ def conv2d_relu_maxpool2d(
     Returns:
         (N, K, PH, PW), or (K, PH, PW) for unbatched input.
     """
-    stride_, dilation_ = pair(stride, "stride"), pair(dilation, "dilation")
-    padding_ = padding if isinstance(padding, str) else pair(padding, "padding")
     pool_k = pair(pool_kernel_size, "pool_kernel_size")
-    pool_s = pool_k if pool_stride is None else pair(pool_stride, "pool_stride")
-    pool_p = pair(pool_padding, "pool_padding")
+    return conv2d_relu_maxpool2d_normalized(
+        input, weight, bias, pair(stride, "stride"), padding if isinstance(padding, str) else pair(padding, "padding"),
+        pair(dilation, "dilation"), pool_k, pool_k if pool_stride is None else pair(pool_stride, "pool_stride"),
+        pair(pool_padding, "pool_padding"), ceil_mode, backend,
+    )
+
+
+def conv2d_relu_maxpool2d_normalized(
+    input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: list[int],
+    padding: list[int] | str, dilation: list[int], pool_kernel_size: list[int], pool_stride: list[int],
+    pool_padding: list[int], ceil_mode: bool, backend: str,
+) -> torch.Tensor:
+    """conv2d_relu_maxpool2d with its int parameters already pairs (sequences of two ints; padding may
+    be "valid" or "same"), as the modules keep them: their per-call host path skips the normalisation."""
     if not isinstance(ceil_mode, bool):
         raise TypeError(f"conv2d_relu_maxpool2d: ceil_mode must be a bool, got {ceil_mode!r}")
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"conv2d_relu_maxpool2d: input must be a Tensor, got {type(input).__name__}")
-    if input.dim() not in (3, 4):
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    elif input.dim() != 4:
         raise ValueError(
             f"conv2d_relu_maxpool2d: expected 3-D (C, H, W) or 4-D (N, C, H, W) input, got {input.dim()}-D input "
             f"of shape {tuple(input.shape)}"
         )
-    unbatched = input.dim() == 3
-    if unbatched:
-        input = input.unsqueeze(0)
-    input, weight, bias = _autocast(input, weight, bias)
-    if isinstance(padding_, str):  # F.conv2d's string forms
-        if padding_ == "valid":
-            padding_ = [0, 0]
-        elif padding_ == "same" and isinstance(weight, torch.Tensor) and weight.dim() == 4:
-            input, padding_ = _same_padding(input, weight, stride_, dilation_)
-        elif padding_ != "same":
-            raise ValueError(f"conv2d_relu_maxpool2d: invalid padding string {padding_!r}, should be one of "
+    if torch._C._is_any_autocast_enabled():
+        input, weight, bias = _autocast(input, weight, bias)
+    if isinstance(padding, str):  # F.conv2d's string forms
+        if padding == "valid":
+            padding = [0, 0]
+        elif padding == "same" and isinstance(weight, torch.Tensor) and weight.dim() == 4:
+            input, padding = _same_padding(input, weight, stride, dilation)
+        elif padding != "same":
+            raise ValueError(f"conv2d_relu_maxpool2d: invalid padding string {padding!r}, should be one of "
                              "{'valid', 'same'}")
-    conv_op.check_conv_pool(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, pool_p, ceil_mode)
-    impl = registry.resolve(backend, input)
+    impl = registry.cached(backend, input)
+    # The extension's ops check their own arguments in C++ (same exception types and messages,
+    # csrc/include/lightnet_ops/checks.h); Python checks only what they cannot see or never run.
+    if impl is None or not impl.records_autograd or not _tensors_on(input.device, weight, bias) \
+            or isinstance(padding, str):
+        conv_op.check_conv_pool(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride,
+                                pool_padding, ceil_mode)
+        impl = registry.resolve(backend, input)
     if _needs_function(impl, input, weight, bias):
         out, _ = conv_function(_tangents_possible()).apply(
-            input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s, impl.name, pool_p, ceil_mode
+            input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, impl.name, pool_padding,
+            ceil_mode
         )
     else:
         # need_argmax: whether backward may follow. A torch.jit.trace graph must not depend on the
         # grad mode it was traced in (its check re-traces under no_grad), so tracing always asks for it.
         need_argmax = _needs_grad(input, weight, bias) or torch.jit.is_tracing()
-        out, _ = impl.kernels(conv_op.NAME).forward(input, weight, bias, stride_, padding_, dilation_, pool_k, pool_s,
-                                                    need_argmax, pool_p, ceil_mode)
+        out, _ = impl.kernels(conv_op.NAME).forward(input, weight, bias, stride, padding, dilation, pool_kernel_size,
+                                                    pool_stride, need_argmax, pool_padding, ceil_mode)
     return out.squeeze(0) if unbatched else out
+
+
+def _tensors_on(device: torch.device, weight, bias) -> bool:
+    """weight and bias (or None) are tensors on `device`. The compiled ops cannot check devices
+    themselves: the dispatcher picks the kernel from all arguments (a meta weight runs the fake)."""
+    return isinstance(weight, torch.Tensor) and weight.device == device and (
+        bias is None or (isinstance(bias, torch.Tensor) and bias.device == device))
 
 
 def linear_relu(
@@ -152,12 +177,18 @@ def linear_relu(
         (*, out_features).
     """
     if isinstance(input, torch.Tensor):
-        input, weight, bias = _autocast(input, weight, bias)
+        if torch._C._is_any_autocast_enabled():
+            input, weight, bias = _autocast(input, weight, bias)
+        impl = registry.cached(backend, input)
+        # The common case, checked by the extension's op itself (see conv2d_relu_maxpool2d_normalized).
+        if impl is not None and impl.records_autograd and input.dim() == 2 and _tensors_on(input.device, weight, bias) \
+                and (bias is None or bias.dim() != 0):
+            return _linear_relu_2d(impl, input, weight, bias)
     if isinstance(bias, torch.Tensor) and bias.dim() == 0 and isinstance(weight, torch.Tensor) and weight.dim() == 2:
         bias = bias.expand(weight.shape[0])  # F.linear broadcasts a 0-d bias
     linear_op.check_linear(input, weight, bias)
     impl = registry.resolve(backend, input)
-    if input.dim() == 2:  # the common case: no reshapes (each would add a view node to the graph)
+    if input.dim() == 2:  # no reshapes (each would add a view node to the graph)
         return _linear_relu_2d(impl, input, weight, bias)
     lead = input.shape[:-1]
     x2d = input.reshape(math.prod(lead), input.shape[-1])  # explicit rows: in_features may be 0

@@ -78,9 +78,10 @@ class Conv2dReLUMaxPool2d(nn.Module):
         _reset_like_stock(self.weight, self.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return LF.conv2d_relu_maxpool2d(
+        # The parameters were normalised to pairs in __init__: skip the functional API's normalisation.
+        return LF.conv2d_relu_maxpool2d_normalized(
             input, self.weight, self.bias, self.stride, self.padding, self.dilation,
-            self.pool_kernel_size, self.pool_stride, self.pool_padding, self.ceil_mode, backend=self.backend,
+            self.pool_kernel_size, self.pool_stride, self.pool_padding, self.ceil_mode, self.backend,
         )
 
     # torch.jit.script calls this on every submodule before compiling: fail with a clear message.

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from parity import DTYPES, assert_matches
 
 import lightnet_ops as lo
-from lightnet_ops import _shapes
+from lightnet_ops import _shapes, reference
 from lightnet_ops._shapes import ARGMAX_RELU_ZERO, pair
 
 
@@ -540,7 +540,7 @@ def test_argmax_encoding_matches_reference(backend, device):
     impl = lo.backend_registry.resolve(backend, x)
     args = (x, w, b, [1, 1], [1, 1], [1, 1], [3, 3], [2, 2])
     out, argmax = impl.kernels("conv2d_relu_maxpool2d").forward(*args, True)
-    ref_out, ref_argmax = lo.reference.conv2d_relu_maxpool2d(*args, True)
+    ref_out, ref_argmax = reference.conv2d_relu_maxpool2d(*args, True)
     assert argmax.dtype == torch.uint8 and argmax.shape == out.shape
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     assert torch.equal(argmax, ref_argmax)
