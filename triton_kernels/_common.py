@@ -90,6 +90,12 @@ def mma(acc, a, b, FP32_IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def any_nan(v, mask):
+    """Whether the 2-D block v holds a NaN where mask is set (a scalar, for a run-time branch)."""
+    return tl.max(tl.max(tl.where(mask & (v != v), 1, 0), axis=1), axis=0) > 0
+
+
+@triton.jit
 def relu_keep_nan(v):
     """Stock ReLU: anything <= 0 becomes 0, NaN stays NaN."""
     return tl.where(v <= 0, 0.0, v)

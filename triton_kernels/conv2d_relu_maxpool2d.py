@@ -15,6 +15,14 @@ Backward (`conv2d_relu_maxpool2d_backward`):
      reduction into float32 partials that are summed in a fixed order (deterministic); the bias gradient
      (sum of grad_conv over N, P, Q) is fused into it, or run alone when the weight gradient is not needed.
 
+NaN and infinity: a padding tap is never multiplied (oneDNN's rule; stock's im2col convolution
+multiplies it by zero), while every real (input, conv position, tap) triple is, a zero gradient
+included, as in stock's dense backward. tl.dot multiplies whole tiles whose lanes that are no real
+tap hold 0, so a non-finite weight (forward, grad_input) or conv-output gradient (grad_weight) puts
+0 * inf = NaN there. Each kernel therefore checks its finished tile for NaN and only then redoes it
+one reduction index at a time, multiplying real taps only: finite operands never leave the tl.dot
+path, and nothing is synchronised with the host.
+
 All kernels accumulate in float32 and take float32, float16 or bfloat16 tensors (contiguous NCHW).
 Offsets that scale with the batch are int64, so tensors over 2**31 elements are addressed correctly.
 """
@@ -25,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERP_CONFIG, INTERPRET, autotune, cfg, channel_sum, dot_flags, mma, relu_keep_nan
+from ._common import (INTERP_CONFIG, INTERPRET, any_nan, autotune, cfg, channel_sum, dot_flags, mma,
+                      relu_keep_nan)
 
 #: argmax byte where ReLU zeroed the pooled value (constexpr: jit code may read it as a global).
 ARGMAX_RELU_ZERO = tl.constexpr(255)
@@ -51,6 +60,74 @@ _FWD_SIZES = ["M", "C", "H", "W", "K", "R", "S", "P", "Q", "PH", "PW", "CRS", *_
               "pool_kh", "pool_kw", "pool_sh", "pool_sw"]
 _BWD_SIZES = ["M", "C", "H", "W", "K", "R", "S", "P", "Q", "KRS", *_CONV_PARAMS]
 _WGRAD_SIZES = ["C", "H", "W", "K", "R", "S", "P", "Q", "CRS", "NPQ", *_CONV_PARAMS, "SPLIT"]
+
+
+@triton.jit
+def _pooled_conv_tile(
+    x_ptr, w_ptr, bias, m_mask, n_mask, x_base, w_rows, ph, pw,
+    C, H, W, R, S, P, Q, CRS,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    pool_kh, pool_kw, pool_sh, pool_sw, pool_ph, pool_pw,
+    out_dtype: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EXACT: tl.constexpr,
+    FP32_IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """(max over the pool window of conv + bias, as float32; its window offset) for a tile of pooled
+    positions (rows) x output channels (columns). The reduction runs through tl.dot, or with EXACT
+    one index at a time multiplying real taps only (never a padding lane: 0 * inf would be NaN)."""
+    RS = R * S
+    best = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+    arg = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    n_k_iters = tl.cdiv(CRS, BLOCK_K)
+    for win in range(0, pool_kh * pool_kw):
+        # conv output position of this window offset (outside the conv output: pool padding), then
+        # its input origin
+        oh = ph * pool_sh - pool_ph + win // pool_kw
+        ow = pw * pool_sw - pool_pw + win % pool_kw
+        inside = (oh >= 0) & (oh < P) & (ow >= 0) & (ow < Q)
+        ih0 = oh * stride_h - pad_h
+        iw0 = ow * stride_w - pad_w
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if EXACT:
+            for kk in range(0, CRS):
+                c = kk // RS
+                rs = kk % RS
+                ih = ih0 + (rs // S) * dil_h
+                iw = iw0 + (rs % S) * dil_w
+                a_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(x_ptr + x_base + c * (H * W) + ih * W + iw, mask=a_mask, other=0.0).to(tl.float32)
+                b = tl.load(w_ptr + w_rows + kk, mask=n_mask, other=0.0).to(tl.float32)
+                acc += tl.where(a_mask[:, None], a[:, None] * b[None, :], 0.0)
+        else:
+            for kt in range(0, n_k_iters):
+                offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)   # reduction index (c, r, s)
+                k_mask = offs_k < CRS
+                c = offs_k // RS
+                rs = offs_k % RS
+                r = rs // S
+                s = rs % S
+                ih = ih0[:, None] + (r * dil_h)[None, :]
+                iw = iw0[:, None] + (s * dil_w)[None, :]
+                a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a_off = x_base[:, None] + (c * (H * W))[None, :] + ih * W + iw
+                a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
+                b_off = w_rows[None, :] + offs_k[:, None]
+                b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = mma(acc, a, b, FP32_IEEE, UPCAST)
+        if HAS_BIAS:
+            acc += bias[None, :]
+        # Compare values as stock would see them: the conv output rounded to the tensor dtype.
+        v = acc.to(out_dtype).to(tl.float32)
+        # first maximum wins ties; any NaN is taken (last NaN wins); pool padding is never taken
+        take = inside[:, None] & ((v > best) | (v != v))
+        best = tl.where(take, v, best)
+        arg = tl.where(take, win, arg)
+    return best, arg
 
 
 @autotune(_FWD_CONFIGS, _FWD_CONFIGS[2], INTERP_CONFIG, key=["M", "K", "CRS", "pool_kh", "pool_kw"])
@@ -85,46 +162,22 @@ def _conv_fwd_kernel(
     pw = rem % PW
     x_base = n_img.to(tl.int64) * C * H * W            # int64: the batch offset can pass 2**31
     w_rows = offs_n.to(tl.int64) * CRS
-    RS = R * S
+    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    best = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
-    arg = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    n_k_iters = tl.cdiv(CRS, BLOCK_K)
-    for win in range(0, pool_kh * pool_kw):
-        # conv output position of this window offset (outside the conv output: pool padding), then
-        # its input origin
-        oh = ph * pool_sh - pool_ph + win // pool_kw
-        ow = pw * pool_sw - pool_pw + win % pool_kw
-        inside = (oh >= 0) & (oh < P) & (ow >= 0) & (ow < Q)
-        ih0 = oh * stride_h - pad_h
-        iw0 = ow * stride_w - pad_w
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for kt in range(0, n_k_iters):
-            offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)   # reduction index (c, r, s)
-            k_mask = offs_k < CRS
-            c = offs_k // RS
-            rs = offs_k % RS
-            r = rs // S
-            s = rs % S
-            ih = ih0[:, None] + (r * dil_h)[None, :]
-            iw = iw0[:, None] + (s * dil_w)[None, :]
-            a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_off = x_base[:, None] + (c * (H * W))[None, :] + ih * W + iw
-            a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
-            b_off = w_rows[None, :] + offs_k[:, None]
-            b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = mma(acc, a, b, FP32_IEEE, UPCAST)
-        if HAS_BIAS:
-            acc += bias[None, :]
-        # Compare values as stock would see them: the conv output rounded to the tensor dtype.
-        v = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-        # first maximum wins ties; any NaN is taken (last NaN wins); pool padding is never taken
-        take = inside[:, None] & ((v > best) | (v != v))
-        best = tl.where(take, v, best)
-        arg = tl.where(take, win, arg)
     out_off = (n_img.to(tl.int64) * K * L + rem)[:, None] + (offs_n * L)[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]
+    best, arg = _pooled_conv_tile(
+        x_ptr, w_ptr, bias, m_mask, n_mask, x_base, w_rows, ph, pw, C, H, W, R, S, P, Q, CRS,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, pool_kh, pool_kw, pool_sh, pool_sw, pool_ph, pool_pw,
+        out_ptr.dtype.element_ty, HAS_BIAS, False, FP32_IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    # A NaN may be a padding lane's 0 times a non-finite weight: redo the tile multiplying real taps only
+    # (finite operands never take this branch).
+    if any_nan(best, o_mask):
+        best, arg = _pooled_conv_tile(
+            x_ptr, w_ptr, bias, m_mask, n_mask, x_base, w_rows, ph, pw, C, H, W, R, S, P, Q, CRS,
+            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, pool_kh, pool_kw, pool_sh, pool_sw, pool_ph, pool_pw,
+            out_ptr.dtype.element_ty, HAS_BIAS, True, FP32_IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + out_off, relu_keep_nan(best).to(out_ptr.dtype.element_ty), mask=o_mask)
     if NEED_ARGMAX:
         code = tl.where(best <= 0, ARGMAX_RELU_ZERO, arg)   # no gradient where ReLU zeroed the max
@@ -289,8 +342,27 @@ def _conv_bwd_input_kernel(
         b_off = (k * (C * RS) + rs)[:, None] + (offs_n * RS)[None, :]
         b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = mma(acc, a, b, FP32_IEEE, UPCAST)
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    # A NaN may be a lane that is no real (input, conv position, tap) triple, 0 times a non-finite
+    # weight: redo the tile multiplying real triples only (finite operands never take this branch).
+    if any_nan(acc, o_mask):
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for kk in range(0, KRS):
+            k = kk // RS
+            rs = kk % RS
+            hp = h + pad_h - (rs // S) * dil_h
+            wq = w + pad_w - (rs % S) * dil_w
+            ok = (hp >= 0) & (wq >= 0)
+            hp = tl.where(ok, hp, 0)
+            wq = tl.where(ok, wq, 0)
+            p = hp // stride_h
+            q = wq // stride_w
+            ok = ok & (p * stride_h == hp) & (q * stride_w == wq) & (p < P) & (q < Q) & m_mask
+            a = tl.load(gc_ptr + gc_base + k * PQ + p * Q + q, mask=ok, other=0.0).to(tl.float32)
+            b = tl.load(w_ptr + k * (C * RS) + rs + offs_n * RS, mask=n_mask, other=0.0).to(tl.float32)
+            acc += tl.where(ok[:, None], a[:, None] * b[None, :], 0.0)
     gi_off = (n_img.to(tl.int64) * C * HW + hw)[:, None] + (offs_n * HW)[None, :]
-    tl.store(gi_ptr + gi_off, acc.to(gi_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(gi_ptr + gi_off, acc.to(gi_ptr.dtype.element_ty), mask=o_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,9 +438,23 @@ def _conv_bwd_weight_kernel(
         acc = mma(acc, a, b, FP32_IEEE, UPCAST)
         if BIAS_GRAD:
             bacc += tl.sum(a.to(tl.float32), axis=1)
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    # A NaN may be a padding lane's 0 times a non-finite conv-output gradient: redo this share of the
+    # reduction multiplying real taps only (finite operands never take this branch).
+    if any_nan(acc, o_mask):
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for j in range(it0 * BLOCK_K, tl.minimum(it1 * BLOCK_K, NPQ)):
+            n_off = tl.cast(j // PQ, tl.int64)
+            pq = j % PQ
+            ih = (pq // Q) * stride_h + dh
+            iw = (pq % Q) * stride_w + dw
+            b_mask = n_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(gc_ptr + n_off * K * PQ + pq + k_row, mask=m_mask, other=0.0).to(tl.float32)
+            b = tl.load(x_ptr + n_off * C * H * W + x_col + ih * W + iw, mask=b_mask, other=0.0).to(tl.float32)
+            acc += tl.where(b_mask[None, :], a[:, None] * b[None, :], 0.0)
     z_off = pid_z.to(tl.int64) * K
     gw_off = ((z_off + offs_m) * CRS)[:, None] + offs_n[None, :]
-    tl.store(gw_ptr + gw_off, acc.to(gw_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(gw_ptr + gw_off, acc.to(gw_ptr.dtype.element_ty), mask=o_mask)
     if BIAS_GRAD:
         tl.store(gb_ptr + z_off + offs_m, bacc.to(gb_ptr.dtype.element_ty), mask=m_mask & (pid_n == 0))
 

@@ -8,7 +8,8 @@ transposes, so nothing is copied:
                 gb  (O)     = gate(g).sum(0)             fused: row sums of the A tiles it already loads
 gate(g) = where(out <= 0, 0, g) is applied while loading A (ReLU-mask gating fused; NaN outputs pass
 the gradient, like stock's threshold_backward). Accumulation is float32; float32 operands use IEEE
-(not TF32) products.
+(not TF32) products. NaN and infinity land where stock's dense GEMMs put them: there is no padding,
+and a masked tail lane is 0 in both operands, so it never multiplies a non-finite value.
 """
 
 from __future__ import annotations
