@@ -243,6 +243,32 @@ def test_cpu_paths_and_instruction_sets(monkeypatch, path, isa, name):
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("width", [5, 18, 34, 41])
+@pytest.mark.parametrize("pool", [2, 3])
+def test_cpu_aten_pool_pass_row_widths(monkeypatch, isa, width, pool):
+    # The ATen path's pool pass runs rows narrower than a vector element by element and wider ones
+    # by whole vectors (the last overlapping its neighbour); widths from 1 to 19 pooled columns
+    # cover both sides of 4, 8 and 16 lanes. Integer-valued inputs make tied maxima common, and a
+    # NaN must be selected where stock selects it.
+    monkeypatch.setenv("LIGHTNET_OPS_CPU_CONV_PATH", "aten")
+    monkeypatch.setenv("LIGHTNET_OPS_CPU_ATEN_FORWARD", "conv")
+    monkeypatch.setenv("LIGHTNET_OPS_CPU_ISA", isa)
+    case = Case(f"row{width}", 2, 3, 7, width, 4, (1, 1), pool=pool, pool_stride=2)
+    for dtype in (torch.float64, torch.float32):
+        x = torch.randint(-3, 4, (case.N, case.C, case.H, case.W)).to(dtype)
+        x[1, :, 2, width // 2] = float("nan")
+        w = torch.randint(-1, 2, (case.K, case.C, 1, 1)).to(dtype)
+        b = torch.tensor([0.0, 0.5, -1.0, 2.0], dtype=dtype)
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        got = outputs_and_grads(lambda *t: fused(*t, case, "cpu"), leaves)
+        forward, _ = cpu_conv_last_run()
+        assert (forward["path"], forward["isa"]) == ("aten-conv", expected_isa(isa)), forward
+        want = outputs_and_grads(lambda *t: stock(*t, case), [t.clone().requires_grad_() for t in (x, w, b)])
+        assert_same_nans_and_close(got, want)
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
 @pytest.mark.parametrize("per_chunk", [1, 2, 3])
 @pytest.mark.parametrize("name", ["vgg_like_channels", "pool3_stride2_overlapping", "odd_tail_floor_mode"])
 def test_cpu_aten_path_batch_chunks(monkeypatch, per_chunk, name):

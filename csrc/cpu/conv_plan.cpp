@@ -72,13 +72,15 @@ bool use_span_grad_weight(const ConvPoolShape& s, int64_t elem_size) {
 }
 
 // ATen path's forward by Winograd: vectorised over channels, so at least 64 bytes of input and
-// output channels.
+// output channels; and at least 2 * C output tiles (pooled elements) per batch, since the weight
+// transform (C * K per call) does not shrink with the batch while the GEMM savings (tiles * C * K)
+// do: with fewer tiles oneDNN's convolution is faster (benchmarks/results/NOTES.md).
 bool use_aten_winograd(const ConvPoolShape& s, int64_t elem_size) {
   if (!winograd_geometry(s)) return false;
   if (const int forced = env_choice("LIGHTNET_OPS_CPU_ATEN_FORWARD", "winograd", "conv"); forced >= 0) {
     return forced == 1;
   }
-  return s.C * elem_size >= 64 && s.K * elem_size >= 64;
+  return s.C * elem_size >= 64 && s.K * elem_size >= 64 && s.N * s.PH * s.PW >= 2 * s.C;
 }
 
 // ATen path's backward by the scatter kernels: vectorised over input channels, so at least a
