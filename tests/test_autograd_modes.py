@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import lightnet_ops as lo
 from conftest import backend_cases
+from lightnet_ops.ops import CONTRACTS
 
 CPU_BACKENDS = [b for b, dev in backend_cases() if dev == "cpu"]
 # Odd configs: strided, padded, dilated conv; overlapping 3/2 pool.
@@ -68,6 +69,68 @@ def _assert_matches_stock(fused, stock, args, backend):
         stock_err = (w32.double() - w64).abs().max().item()
         scale = w64.abs().max().item()
         assert (g.double() - w64).abs().max().item() <= 8 * stock_err + 1e-5 * max(scale, 1.0)
+
+
+# --- Every op's C++ autograd kernel against its contract's reference ------------------------------
+# On the contract's sample arguments, so a new op is covered without an edit here: the extension's
+# raw op (its Autograd-key kernel) must differentiate like the reference composition of stock ops.
+
+needs_extension = pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+
+
+def _contract_case(name: str, with_bias: bool = True):
+    """(the extension's op, the reference, float64 sample arguments, indices of the float tensors)."""
+    c = CONTRACTS[name]
+    args = list(c.sample_args(torch.float64, torch.Generator().manual_seed(0)))
+    if not with_bias:
+        args[2] = None  # the fused-layer ops take (input, weight, bias, ...)
+    floats = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    return getattr(torch.ops.lightnet_ops, name), c.reference, args, floats
+
+
+def _output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@needs_extension
+@pytest.mark.parametrize("name", sorted(CONTRACTS))
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("wanted", ["all", "first", "last"])
+def test_op_gradients_match_the_reference(name, with_bias, wanted):
+    # First order (the hand-written backward op) and, under create_graph=True, the second order.
+    op, ref, args, floats = _contract_case(name, with_bias)
+    diff = {"all": floats, "first": floats[:1], "last": floats[-1:]}[wanted]
+
+    def grads(fn):
+        a = [t.detach().requires_grad_(i in diff) if i in floats else t for i, t in enumerate(args)]
+        leaves = [a[i] for i in diff]
+        y = _output(fn(*a))
+        first = torch.autograd.grad(y.pow(2).sum(), leaves, create_graph=True)
+        second = torch.autograd.grad(y.sum() + sum(g.pow(2).sum() for g in first), leaves)
+        return first + second
+
+    for got, want in zip(grads(op), grads(ref), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@needs_extension
+@pytest.mark.parametrize("name", sorted(CONTRACTS))
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_op_tangents_match_the_reference(name, requires_grad):
+    # Forward-mode AD, alone and with a graph recorded in the same call.
+    op, ref, args, floats = _contract_case(name)
+    g = torch.Generator().manual_seed(3)
+    tangents = {i: torch.randn(args[i].shape, dtype=args[i].dtype, generator=g) for i in floats}
+
+    def tangent_of(fn):
+        with fwAD.dual_level():
+            a = [fwAD.make_dual(t.detach().requires_grad_(requires_grad), tangents[i]) if i in floats else t
+                 for i, t in enumerate(args)]
+            out = _output(fn(*a))
+            return fwAD.unpack_dual(out).primal.detach(), fwAD.unpack_dual(out).tangent
+
+    for got, want in zip(tangent_of(op), tangent_of(ref), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 # --- Double backward ---------------------------------------------------------------------------

@@ -4,6 +4,9 @@ provide kernels for every op."""
 
 from __future__ import annotations
 
+import pathlib
+import re
+
 import pytest
 import torch
 
@@ -12,6 +15,7 @@ from lightnet_ops import backend_registry
 from lightnet_ops.ops import CONTRACTS
 
 needs_extension = pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
 
 
 def _registered(qualname: str) -> str:
@@ -32,6 +36,24 @@ def test_extension_schemas_are_the_contracts(name):
     c = CONTRACTS[name]
     assert _registered(c.name) == _normalised(c.schema)
     assert _registered(c.backward_name) == _normalised(c.backward_schema)
+
+
+def _source_schemas(path: pathlib.Path) -> list[str]:
+    """The schemas an op's C++ file declares: each ``m.def(`` call's adjacent string literals, joined."""
+    text = path.read_text()
+    literals = r'"(?:[^"\\]|\\.)*"'
+    calls = re.findall(rf"m\.def\(\s*((?:{literals}\s*)+)", text)
+    return ["".join(lit[1:-1] for lit in re.findall(literals, call)) for call in calls]
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACTS))
+def test_op_source_declares_the_contracts_schemas(name):
+    # Each op's schemas are declared in its own C++ file (csrc/<op>.cpp); checked without a build.
+    c = CONTRACTS[name]
+    declared = _source_schemas(CSRC / f"{name}.cpp")
+    assert [_normalised(d[len(name):]) for d in declared if d.startswith(f"{name}(")] == [_normalised(c.schema)]
+    backward = [d for d in declared if d.startswith(f"{c.backward_name}(")]
+    assert [_normalised(d[len(c.backward_name):]) for d in backward] == [_normalised(c.backward_schema)]
 
 
 @pytest.mark.skipif("triton" not in lo.backends(), reason="Triton cannot run here")
@@ -57,11 +79,7 @@ def test_a_missing_op_is_a_clear_error():
 def test_fakes_agree_with_the_reference(name):
     # The fake kernel's output metadata is what torch.compile plans with: it must be what runs.
     c = CONTRACTS[name]
-    if name == "conv2d_relu_maxpool2d":
-        args = (torch.randn(2, 3, 9, 9), torch.randn(4, 3, 3, 3), torch.randn(4), [2, 2], [1, 1], [1, 1], [2, 2],
-                [1, 1], True)
-    else:
-        args = (torch.randn(5, 7), torch.randn(3, 7), torch.randn(3))
+    args = c.sample_args(torch.float32, torch.Generator().manual_seed(0))
     real = c.reference(*args)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake = c.fake(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))

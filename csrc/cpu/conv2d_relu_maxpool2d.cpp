@@ -1,6 +1,6 @@
 // CPU conv2d_relu_maxpool2d (float32, float64): the ops' entry points. Each call checks its
-// arguments (checks.h), asks the planning unit for a plan (csrc/cpu/conv_plan.cpp), runs that
-// plan's path (csrc/cpu/conv_*.cpp, declared in cpu_conv_paths.h) and records what ran.
+// arguments (conv2d_relu_maxpool2d.h), asks the planning unit for a plan (csrc/cpu/conv_plan.cpp),
+// runs that plan's path (csrc/cpu/conv_*.cpp, declared in cpu_conv_paths.h) and records what ran.
 //
 // Forward paths: direct (few input channels, e.g. LightNet: no conv output materialised) and its
 // Winograd variant; ATen (many channels, e.g. VGG blocks: oneDNN convolution in batch chunks plus
@@ -14,8 +14,7 @@
 #include <array>
 #include <tuple>
 
-#include "lightnet_ops/checks.h"
-#include "lightnet_ops/composite.h"
+#include "lightnet_ops/conv2d_relu_maxpool2d.h"
 #include "lightnet_ops/cpu_conv_paths.h"
 #include "lightnet_ops/cpu_conv_plan.h"
 

@@ -20,7 +20,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "lightnet_ops/checks.h"
+#include "lightnet_ops/linear_relu.h"
 #include "lightnet_ops/cpu_simd.h"
 #include "lightnet_ops/window_math.h"
 

@@ -19,8 +19,7 @@
 //    LIGHTNET_OPS_CUDA_INDEX64=1 forces the direct kernels' 64-bit index variants (for tests).
 #include <torch/library.h>
 
-#include "lightnet_ops/checks.h"
-#include "lightnet_ops/composite.h"
+#include "lightnet_ops/conv2d_relu_maxpool2d.h"
 #include "lightnet_ops/cuda_conv_direct.cuh"
 #include "lightnet_ops/cuda_utils.cuh"
 

@@ -17,8 +17,7 @@
 // cuda_conv_direct.cuh).
 #include <torch/library.h>
 
-#include "lightnet_ops/checks.h"
-#include "lightnet_ops/composite.h"
+#include "lightnet_ops/conv2d_relu_maxpool2d.h"
 #include "lightnet_ops/cuda_conv_direct.cuh"
 #include "lightnet_ops/cuda_utils.cuh"
 

@@ -12,7 +12,7 @@
 // atomics). grad_input = gated @ weight and grad_weight = gated^T @ input are cuBLAS GEMMs.
 #include <torch/library.h>
 
-#include "lightnet_ops/checks.h"
+#include "lightnet_ops/linear_relu.h"
 #include "lightnet_ops/cuda_utils.cuh"
 
 namespace lightnet_ops {

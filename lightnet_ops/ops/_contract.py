@@ -12,7 +12,7 @@ import torch
 class OpContract:
     """One fused op. Schemas are written without the op name, as ``torch.library.custom_op`` takes
     them; the extension declares ``lightnet_ops::<name>`` and ``lightnet_ops::<name>_backward`` with
-    the same text (csrc/ops.cpp; tests/test_contracts.py checks they agree) and the Triton backend
+    the same text (csrc/<name>.cpp; tests/test_contracts.py checks they agree) and the Triton backend
     registers ``lightnet_ops::triton_<name>[_backward]`` from these strings."""
 
     name: str
@@ -23,6 +23,9 @@ class OpContract:
     reference: Callable              # pure-PyTorch forward, same arguments and returns as the schema
     reference_backward: Callable     # pure-PyTorch backward, differentiable (double backward uses it)
     reference_jvp: Callable          # tangent of the output (forward-mode AD)
+    # sample_args(dtype, generator) -> the forward's arguments for a small problem, the inputs the
+    # op-independent tests (tests/test_contracts.py, tests/test_autograd_modes.py) run every op on.
+    sample_args: Callable[[torch.dtype, Optional[torch.Generator]], tuple]
 
     @property
     def backward_name(self) -> str:

@@ -2,8 +2,9 @@
 dilation)), pool_kernel_size, pool_stride)``, returning the output and a one-byte argmax per
 output element (its offset inside the pool window, or ARGMAX_RELU_ZERO where ReLU zeroed it).
 
-Schemas, the Python argument checker (the C++ one is csrc/include/lightnet_ops/checks.h), the
-output-size math, fakes, and the pure-PyTorch reference forward / backward / tangent."""
+Schemas, the Python argument checker (the C++ one is in csrc/conv2d_relu_maxpool2d.cpp), the
+output-size math, fakes, the pure-PyTorch reference forward / backward / tangent, and sample
+arguments for the tests."""
 
 from __future__ import annotations
 
@@ -326,4 +327,14 @@ def reference_jvp(
     return torch.where(live, picked, torch.zeros_like(picked)).view(s.out_shape)
 
 
-CONTRACT = OpContract(NAME, SCHEMA, BACKWARD_SCHEMA, fake, backward_fake, reference, reference_backward, reference_jvp)
+def sample_args(dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None) -> tuple:
+    """input (2, 3, 9, 9), weight (4, 3, 3, 3), bias (4); stride 2, padding 1, and an overlapping pool
+    (window 2, stride 1), so that gradients accumulate where windows share an element."""
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=dtype, generator=generator)
+
+    return randn(2, 3, 9, 9), randn(4, 3, 3, 3), randn(4), [2, 2], [1, 1], [1, 1], [2, 2], [1, 1], True
+
+
+CONTRACT = OpContract(NAME, SCHEMA, BACKWARD_SCHEMA, fake, backward_fake, reference, reference_backward, reference_jvp,
+                      sample_args)

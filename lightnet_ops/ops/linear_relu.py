@@ -1,8 +1,8 @@
 """The fused linear op's contract: ``relu(linear(input, weight, bias))`` for 2-D input (M, in_features);
 the backward takes the forward's output as the ReLU gate.
 
-Schemas, the Python argument checker (the C++ one is csrc/include/lightnet_ops/checks.h), fakes,
-and the pure-PyTorch reference forward / backward / tangent."""
+Schemas, the Python argument checker (the C++ one is in csrc/linear_relu.cpp), fakes, the
+pure-PyTorch reference forward / backward / tangent, and sample arguments for the tests."""
 
 from __future__ import annotations
 
@@ -113,4 +113,13 @@ def reference_jvp(
     return torch.where(relu_passes_grad(output), t, torch.zeros_like(t))
 
 
-CONTRACT = OpContract(NAME, SCHEMA, BACKWARD_SCHEMA, fake, backward_fake, reference, reference_backward, reference_jvp)
+def sample_args(dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None) -> tuple:
+    """input (5, 7), weight (3, 7), bias (3)."""
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=dtype, generator=generator)
+
+    return randn(5, 7), randn(3, 7), randn(3)
+
+
+CONTRACT = OpContract(NAME, SCHEMA, BACKWARD_SCHEMA, fake, backward_fake, reference, reference_backward, reference_jvp,
+                      sample_args)

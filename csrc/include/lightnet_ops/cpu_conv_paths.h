@@ -14,7 +14,7 @@
 #include <tuple>
 #include <vector>
 
-#include "lightnet_ops/checks.h"
+#include "lightnet_ops/conv2d_relu_maxpool2d.h"
 #include "lightnet_ops/cpu_conv_args.h"
 #include "lightnet_ops/cpu_conv_plan.h"
 
