@@ -202,7 +202,8 @@ namespace {
 
 using IntList = at::IntArrayRef;
 
-struct Conv2dReLUMaxPool2dOp {
+// Named like the Python Function: graph nodes read CppNode<...AutogradOp<...Conv2dReLUMaxPool2dFunction>>.
+struct Conv2dReLUMaxPool2dFunction {
   using Output = std::tuple<at::Tensor, at::Tensor>;  // (output, argmax)
   // stride, padding, dilation, pool_kernel_size, pool_stride, pool_padding, ceil_mode
   using Params = std::tuple<IntList, IntList, IntList, IntList, IntList, IntList, bool>;
@@ -253,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_autograd(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, IntList stride,
     IntList padding, IntList dilation, IntList pool_kernel_size, IntList pool_stride, bool need_argmax,
     IntList pool_padding, bool ceil_mode) {
-  return autograd::AutogradOp<Conv2dReLUMaxPool2dOp>::call(need_argmax, input, weight, bias, stride, padding, dilation,
+  return autograd::AutogradOp<Conv2dReLUMaxPool2dFunction>::call(need_argmax, input, weight, bias, stride, padding, dilation,
                                                            pool_kernel_size, pool_stride, pool_padding, ceil_mode);
 }
 

@@ -64,7 +64,8 @@ using autograd::Grads;
 using autograd::Mask;
 using composite::relu_passes;
 
-struct LinearReLUOp {
+// Named like the Python Function (graph node names, as for the conv).
+struct LinearReLUFunction {
   using Output = at::Tensor;  // the output is also the ReLU gate backward routes by
   using Params = std::tuple<>;
 
@@ -106,7 +107,7 @@ struct LinearReLUOp {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lightnet_ops, Autograd, m) {
-  m.impl("linear_relu", &autograd::AutogradOp<LinearReLUOp>::kernel);
+  m.impl("linear_relu", &autograd::AutogradOp<LinearReLUFunction>::kernel);
 }
 
 }  // namespace lightnet_ops

@@ -1,5 +1,5 @@
 """Loads the compiled extension (``lightnet_ops._C``), which registers the op schemas
-(csrc/ops.cpp) and the CPU/CUDA kernels, and registers the fake (meta) implementations that let
+(csrc/<op>.cpp) and the CPU/CUDA kernels, and registers the fake (meta) implementations that let
 ``torch.compile`` and ``torch.library.opcheck`` reason about shapes without running kernels.
 
 Importing this module never fails: without a loaded extension ``EXTENSION_AVAILABLE`` is False and

@@ -1,7 +1,7 @@
 """Argument normalisation shared by the functional API, the modules and lo.fuse. Each op's own
 checks and size math live in its contract (lightnet_ops/ops/<op>.py); they are re-exported here
 for the callers that import them from this module. The compiled ops' C++ copy of the checks, with
-the same exception types and messages, is csrc/include/lightnet_ops/checks.h."""
+the same exception types and messages, is in each op's csrc/<op>.cpp."""
 
 from __future__ import annotations
 

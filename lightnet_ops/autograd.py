@@ -6,7 +6,7 @@ backward, made of differentiable stock ops routed by the same argmax, so second 
 exact; ``jvp`` routes tangents the same way (forward-mode AD). The Functions use the
 ``setup_context`` form, so ``torch.func.grad``/``vjp``/``jacrev``/``jvp`` work through them.
 
-The extension's backends (cpu, cuda) record the same contract in C++ (csrc/autograd.cpp), which
+The extension's backends (cpu, cuda) record the same contract in C++ (csrc/<op>.cpp, through autograd_op.h), which
 skips Python in backward; these classes still accept them. The backend is passed as an
 already-resolved name (see registry.resolve)."""
 

@@ -42,7 +42,7 @@ class Backend:
     name: str
     ops: Mapping[str, OpKernels]
     # True for the extension's ops (cpu, cuda): their forward ops carry a C++ autograd kernel
-    # (csrc/autograd.cpp) that records the hand-written backward itself. False: the functional API
+    # (csrc/<op>.cpp) that records the hand-written backward itself. False: the functional API
     # records it with the Python autograd.Functions (lightnet_ops/autograd.py).
     records_autograd: bool = False
 

@@ -1,7 +1,7 @@
 """Functional API of the fused ops: argument normalisation, validation, unbatched input, backend
 choice, and the choice between the autograd path (keeps a uint8 argmax) and the inference path
 (writes only the output). The extension's ops (cpu, cuda) record their hand-written backward in
-C++ (csrc/autograd.cpp); the other backends through the autograd.Functions in autograd.py."""
+C++ (csrc/<op>.cpp); the other backends through the autograd.Functions in autograd.py."""
 
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def conv2d_relu_maxpool2d_normalized(
                              "{'valid', 'same'}")
     impl = registry.cached(backend, input)
     # The extension's ops check their own arguments in C++ (same exception types and messages,
-    # csrc/include/lightnet_ops/checks.h); Python checks only what they cannot see or never run.
+    # csrc/<op>.cpp); Python checks only what they cannot see or never run.
     if impl is None or not impl.records_autograd or not _tensors_on(input.device, weight, bias) \
             or isinstance(padding, str):
         conv_op.check_conv_pool(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride,

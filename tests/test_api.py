@@ -69,7 +69,7 @@ def test_backend_argument_validation():
 
 
 # --- Where the hand-written backward is recorded -------------------------------------------------
-# The extension's forward ops carry a C++ autograd kernel (csrc/autograd.cpp); the functional API
+# The extension's forward ops carry a C++ autograd kernel (csrc/<op>.cpp); the functional API
 # calls them directly for cpu / cuda and goes through the Python autograd.Functions otherwise.
 
 CONV_PARAMS = ([1, 1], [1, 1], [1, 1], [2, 2], [2, 2])
