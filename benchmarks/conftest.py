@@ -1,9 +1,9 @@
 """pytest-benchmark setup for benchmarks/ (not part of `make test`; run
 `python -m pytest benchmarks/ --benchmark-only`).
 
-Files are named bench_<op>.py, one basename per op, so they are collected here rather than through
-pytest's default test_*.py pattern. Cases and the timed callables come from lightnet_ops.bench, the
-same definitions `python -m lightnet_ops.bench` uses.
+Files are named bench_*.py (bench_ops.py: every fused op; bench_lightnet.py, bench_call_overhead.py),
+so they are collected here rather than through pytest's default test_*.py pattern. Cases and the
+timed callables come from lightnet_ops.bench, the same definitions `python -m lightnet_ops.bench` uses.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ backward on small shapes, and compares each result with the reference backend. E
 any mismatch or error. Small on purpose: scripts/gpu_check.sh runs it under compute-sanitizer
 (memcheck, racecheck).
 
+Every op of lightnet_ops.ops.CONTRACTS runs on its contract's sample_args (forward, then backward
+with every gradient asked for) against the contract's reference; EXTRAS adds the op-specific cases
+below (an op without an entry gets the sample problem only).
+
 Two data kinds per case:
   * "int": small integer values, so every conv/GEMM result is exact in every dtype (sums stay
     below 256, the largest range where bfloat16 holds every integer). Outputs and argmax must then
@@ -17,9 +21,10 @@ direct fused kernel or cuDNN + epilogue; backward: direct grad_input/grad_weight
 the direct path once more with 64-bit indices forced (LIGHTNET_OPS_CUDA_INDEX64=1), plus the
 automatic choice; both linear forward variants through LIGHTNET_OPS_CUDA_LINEAR_EPILOGUE.
 
-Usage: python3 scripts/exercise_kernels.py [--quick] [--fp64] [--no-triton]
+Usage: python3 scripts/exercise_kernels.py [--quick] [--fp64] [--no-triton] [--backends cuda triton]
 (--quick, for the sanitizer runs: same kernels, fewer launches: integer data only except for
-randn-only cases, no separate "auto" path)
+randn-only cases, no separate "auto" path). Without a GPU, ``TRITON_INTERPRET=1 ... --backends triton``
+runs the Triton kernels on CPU tensors in Triton's interpreter (slow: use --quick).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -37,6 +43,7 @@ sys.path.insert(0, ROOT)
 
 import lightnet_ops  # noqa: E402
 from lightnet_ops import backend_registry, reference  # noqa: E402
+from lightnet_ops.ops import CONTRACTS, OpContract  # noqa: E402
 
 CONV_PATH_ENV = "LIGHTNET_OPS_CUDA_CONV_PATH"
 # Forces 64-bit indices in the direct backward kernels (their 32-bit variant serves every size
@@ -115,6 +122,12 @@ LINEAR_CASES = [
 ]
 
 
+def _sync(dev: torch.device) -> None:
+    """Waits for the device's kernels, so that an error is reported by the case that caused it."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 class Checker:
     def __init__(self) -> None:
         self.failures: list[str] = []
@@ -153,6 +166,77 @@ class Checker:
         msg = traceback.format_exc(limit=3).strip().splitlines()[-1]
         self.failures.append(f"{label}: raised {msg}")
         print(f"FAIL {label}: raised\n{traceback.format_exc()}", flush=True)
+
+
+# --- every op: its contract's sample problem --------------------------------------------------
+
+
+def _schema_args(name: str, schema: str) -> list:
+    return torch._C.parse_schema(f"lightnet_ops::{name}{schema}").arguments
+
+
+def backward_args(c: OpContract, fwd_args: tuple, outputs: Any, grad_output: torch.Tensor) -> list:
+    """The backward op's arguments after the forward `fwd_args` -> `outputs`, by the backward schema's
+    argument names: grad_output; the forward's own arguments (input, weight, stride, ...); output_mask
+    all true; ``output``, the forward's output; any other tensor (the argmax), the forward's next
+    returned tensors in order. Trailing arguments the forward call left at their defaults stay so."""
+    given = dict(zip((a.name for a in _schema_args(c.name, c.schema)), fwd_args))
+    forward_names = {a.name for a in _schema_args(c.name, c.schema)}
+    outs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    routed = iter(outs[1:])
+    args: list = []
+    for a in _schema_args(c.backward_name, c.backward_schema):
+        if a.name == "grad_output":
+            args.append(grad_output)
+        elif a.name == "output_mask":
+            args.append([True] * a.N)
+        elif a.name in given:
+            args.append(given[a.name])
+        elif a.name in forward_names and a.has_default_value():
+            break
+        elif a.name == "output":
+            args.append(outs[0])
+        else:
+            args.append(next(routed))
+    return args
+
+
+def check_sample(chk: Checker, backend: str, c: OpContract, dtype: torch.dtype, dev: torch.device) -> None:
+    """The op's sample problem (randn data): the forward's floating outputs against the float64
+    reference of the same (rounded) inputs, then every gradient against the float64 reference
+    backward fed the kernel's own routing outputs (argmax, ReLU gate)."""
+    label = f"[{backend}] {c.name} sample {str(dtype).replace('torch.', '')}"
+    kernels = backend_registry.get(backend).kernels(c.name)
+    args = [a.to(dev) if isinstance(a, torch.Tensor) else a
+            for a in c.sample_args(dtype, torch.Generator().manual_seed(7))]
+    try:
+        out = kernels.forward(*args)
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        grad_output = torch.randn(first.shape, generator=torch.Generator().manual_seed(8)).to(dev, dtype)
+        grads = kernels.backward(*backward_args(c, tuple(args), out, grad_output))
+        _sync(dev)
+    except Exception:  # noqa: BLE001 - report and go on with the other cases
+        chk.error(label)
+        return
+    tol = TRITON_FP32_TOL if (backend == "triton" and dtype == torch.float32) else TOL[dtype]
+
+    def f64(v: Any) -> Any:
+        return v.detach().cpu().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else (
+            v.cpu() if isinstance(v, torch.Tensor) else v)
+
+    ref = c.reference(*(f64(a) for a in args))
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+    for i, (got, exp) in enumerate(zip(outs, refs)):
+        if got.is_floating_point():
+            chk.close(f"{label} output {i}", got, exp, tol)
+    ref_grads = c.reference_backward(*(f64(a) for a in backward_args(c, tuple(args), out, grad_output)))
+    for i, (got, exp) in enumerate(zip(grads, ref_grads)):
+        chk.close(f"{label} grad {i}", got, exp, tol)
+
+
+
+# --- conv2d_relu_maxpool2d: integer data, NaN, channels_last, every CUDA path -----------------
 
 
 def _conv_inputs(c: ConvCase, dtype: torch.dtype, kind: str, dev: torch.device):
@@ -206,7 +290,7 @@ def check_conv(chk: Checker, backend: str, c: ConvCase, dtype, kind: str, path: 
         out_noarg, argmax_empty = be.kernels("conv2d_relu_maxpool2d").forward(x, w, b, *args, False)
         grads = be.kernels("conv2d_relu_maxpool2d").backward(gout, x, w, argmax, *args, [True, True, True])
         grads_masked = be.kernels("conv2d_relu_maxpool2d").backward(gout, x, w, argmax, *args, [False, True, False])
-        torch.cuda.synchronize()
+        _sync(dev)
     except Exception:  # noqa: BLE001 - report and go on with the other cases
         chk.error(label)
         return
@@ -257,6 +341,9 @@ def check_conv(chk: Checker, backend: str, c: ConvCase, dtype, kind: str, path: 
             chk.close(f"{label} {name}", got, exp, tol)
 
 
+# --- linear_relu: integer data, NaN, no bias, both CUDA epilogues ---------------------------------
+
+
 def _linear_inputs(c: LinearCase, dtype, kind, dev):
     g = torch.Generator(device="cpu").manual_seed(4321)
     if kind == "int":
@@ -282,7 +369,7 @@ def check_linear(chk: Checker, backend: str, c: LinearCase, dtype, kind: str, ep
     try:
         out = be.kernels("linear_relu").forward(x, w, b)
         grads = be.kernels("linear_relu").backward(go, x, w, out, mask)
-        torch.cuda.synchronize()
+        _sync(dev)
     except Exception:  # noqa: BLE001
         chk.error(label)
         return
@@ -306,17 +393,83 @@ def check_linear(chk: Checker, backend: str, c: LinearCase, dtype, kind: str, ep
             chk.close(f"{label} {name}", got, exp, tol)
 
 
-def main() -> int:
+def conv_extras(chk: Checker, backend: str, dtypes: list, quick: bool, dev: torch.device) -> None:
+    """CONV_CASES on every CUDA conv path (direct, direct with 64-bit indices, cuDNN, automatic),
+    then a dtype mismatch that must raise."""
+    paths = (["direct", "direct-index64", "cudnn"] if quick else
+             ["direct", "direct-index64", "cudnn", "auto"]) if backend == "cuda" else ["-"]
+    kinds = ("int",) if quick else ("int", "randn")
+    os.environ.pop(CONV_BWD_PATH_ENV, None)  # the backward follows CONV_PATH_ENV
+    for path in paths:
+        if backend == "cuda":
+            os.environ[CONV_PATH_ENV] = path.removesuffix("-index64")
+            if path.endswith("-index64"):
+                os.environ[INDEX64_ENV] = "1"
+            else:
+                os.environ.pop(INDEX64_ENV, None)
+        for c in CONV_CASES:
+            for dtype in dtypes:
+                for kind in ("randn",) if c.randn_only else kinds:
+                    if kind == "randn" and c.nan:
+                        continue
+                    check_conv(chk, backend, c, dtype, kind, path, dev)
+    os.environ.pop(CONV_PATH_ENV, None)
+    os.environ.pop(INDEX64_ENV, None)
+    if backend != "cuda":
+        return
+    # Bad input must raise a clear error, not crash the process.
+    try:
+        x = torch.randn(2, 3, 8, 8, device=dev, dtype=torch.float32)
+        w = torch.randn(4, 3, 3, 3, device=dev, dtype=torch.float16)
+        backend_registry.get("cuda").kernels("conv2d_relu_maxpool2d").forward(
+            x, w, None, [1, 1], [0, 0], [1, 1], [2, 2], [2, 2], False)
+        chk.failures.append("[cuda] dtype mismatch did not raise")
+        print("FAIL [cuda] dtype mismatch did not raise")
+    except RuntimeError as ex:
+        print(f"ok: dtype mismatch raises: {str(ex).splitlines()[0]}")
+
+
+def linear_extras(chk: Checker, backend: str, dtypes: list, quick: bool, dev: torch.device) -> None:
+    """LINEAR_CASES with both CUDA forward epilogues."""
+    kinds = ("int",) if quick else ("int", "randn")
+    for epi in ["default", "cublaslt"] if backend == "cuda" else ["-"]:
+        if backend == "cuda":
+            os.environ[LINEAR_EPILOGUE_ENV] = epi
+        for c in LINEAR_CASES:
+            if epi == "cublaslt" and c.nan:
+                continue  # the cuBLASLt ReLU epilogue is not promised to keep NaN (opt-in path)
+            for dtype in dtypes:
+                for kind in kinds:
+                    check_linear(chk, backend, c, dtype, kind, epi, dev)
+    os.environ.pop(LINEAR_EPILOGUE_ENV, None)
+
+
+#: op -> its cases beyond the contract's sample problem: (chk, backend, dtypes, quick, device) -> None.
+EXTRAS: dict[str, Callable[[Checker, str, list, bool, torch.device], None]] = {
+    "conv2d_relu_maxpool2d": conv_extras,
+    "linear_relu": linear_extras,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fp64", action="store_true", help="also run float64")
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton backend")
+    ap.add_argument("--backends", nargs="+", choices=("cuda", "triton"), default=["cuda", "triton"],
+                    help="backends to exercise (default both; triton alone runs on CPU under TRITON_INTERPRET=1)")
     ap.add_argument("--quick", action="store_true", help="fewer launches, same kernels (for compute-sanitizer)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    wanted = [b for b in args.backends if not (args.no_triton and b == "triton")]
 
-    if not torch.cuda.is_available():
-        print("exercise_kernels: no CUDA GPU visible; nothing to exercise", file=sys.stderr)
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+    elif wanted == ["triton"] and backend_registry.triton_interpreter_on():
+        dev = torch.device("cpu")   # Triton's interpreter on CPU tensors
+    else:
+        print("exercise_kernels: no CUDA GPU visible; nothing to exercise (Triton alone runs on CPU with "
+              "TRITON_INTERPRET=1 and --backends triton)", file=sys.stderr)
         return 2
-    if not backend_registry.cuda_available():
+    if "cuda" in wanted and not backend_registry.cuda_available():
         print(f"exercise_kernels: the extension has no CUDA kernels (extension: "
               f"{lightnet_ops._ops.EXTENSION_ERROR or 'loaded without CUDA'})", file=sys.stderr)
         return 1
@@ -324,69 +477,35 @@ def main() -> int:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.deterministic = True
     torch.backends.cuda.matmul.allow_tf32 = False
-    dev = torch.device("cuda")
-    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; backends {lightnet_ops.backends()}")
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU (Triton interpreter)"
+    print(f"device: {name}; torch {torch.__version__}; backends {lightnet_ops.backends()}")
 
     dtypes = [torch.float32, torch.float16, torch.bfloat16] + ([torch.float64] if args.fp64 else [])
-    backends = ["cuda"]
-    if not args.no_triton:
+    backends = [b for b in wanted if b == "cuda"]
+    if "triton" in wanted:
         if backend_registry.triton_available():
             backends.append("triton")
         else:
             print(f"triton backend skipped: {backend_registry._triton_import_error()}")
 
     chk = Checker()
-    os.environ.pop(CONV_BWD_PATH_ENV, None)  # the backward follows CONV_PATH_ENV
-    saved_path = os.environ.get(CONV_PATH_ENV)
-    saved_epi = os.environ.get(LINEAR_EPILOGUE_ENV)
+    saved = {key: os.environ.get(key) for key in (CONV_PATH_ENV, CONV_BWD_PATH_ENV, INDEX64_ENV, LINEAR_EPILOGUE_ENV)}
     try:
         for backend in backends:
-            paths = (["direct", "direct-index64", "cudnn"] if args.quick else
-                     ["direct", "direct-index64", "cudnn", "auto"]) if backend == "cuda" else ["-"]
-            kinds = ("int",) if args.quick else ("int", "randn")
-            for path in paths:
-                if backend == "cuda":
-                    os.environ[CONV_PATH_ENV] = path.removesuffix("-index64")
-                    if path.endswith("-index64"):
-                        os.environ[INDEX64_ENV] = "1"
-                    else:
-                        os.environ.pop(INDEX64_ENV, None)
-                for c in CONV_CASES:
-                    for dtype in dtypes:
-                        for kind in ("randn",) if c.randn_only else kinds:
-                            if kind == "randn" and c.nan:
-                                continue
-                            check_conv(chk, backend, c, dtype, kind, path, dev)
-            os.environ.pop(CONV_PATH_ENV, None)
-            os.environ.pop(INDEX64_ENV, None)
-            epilogues = ["default", "cublaslt"] if backend == "cuda" else ["-"]
-            for epi in epilogues:
-                if backend == "cuda":
-                    os.environ[LINEAR_EPILOGUE_ENV] = epi
-                for c in LINEAR_CASES:
-                    if epi == "cublaslt" and c.nan:
-                        continue  # the cuBLASLt ReLU epilogue is not promised to keep NaN (opt-in path)
-                    for dtype in dtypes:
-                        for kind in kinds:
-                            check_linear(chk, backend, c, dtype, kind, epi, dev)
-            os.environ.pop(LINEAR_EPILOGUE_ENV, None)
-        # Bad input must raise a clear error, not crash the process.
-        try:
-            x = torch.randn(2, 3, 8, 8, device=dev, dtype=torch.float32)
-            w = torch.randn(4, 3, 3, 3, device=dev, dtype=torch.float16)
-            backend_registry.get("cuda").kernels("conv2d_relu_maxpool2d").forward(
-                x, w, None, [1, 1], [0, 0], [1, 1], [2, 2], [2, 2], False)
-            chk.failures.append("[cuda] dtype mismatch did not raise")
-            print("FAIL [cuda] dtype mismatch did not raise")
-        except RuntimeError as ex:
-            print(f"ok: dtype mismatch raises: {str(ex).splitlines()[0]}")
+            # the Triton kernels take float32/16/bf16 (float64 raises, by design: tests/test_triton_kernels.py)
+            run = [d for d in dtypes if not (backend == "triton" and d == torch.float64)]
+            for op, contract in CONTRACTS.items():
+                for dtype in run:
+                    check_sample(chk, backend, contract, dtype, dev)
+                if op in EXTRAS:
+                    EXTRAS[op](chk, backend, run, args.quick, dev)
     finally:
-        for key, val in ((CONV_PATH_ENV, saved_path), (LINEAR_EPILOGUE_ENV, saved_epi)):
+        for key, val in saved.items():
             if val is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = val
-    torch.cuda.synchronize()
+    _sync(dev)
     print(f"\nexercise_kernels: {chk.passed} checks passed, {len(chk.failures)} failed")
     for f in chk.failures[:50]:
         print(f"  {f}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import fnmatch
+import importlib.util
 import json
 import os
 import subprocess
@@ -277,6 +278,24 @@ def test_update_reference_run_writes_the_reference_files(tmp_path, monkeypatch):
     assert [(r["case"], r["mode"]) for r in data["rows"]] == [("conv1_b1", "fwd"), ("conv1_b1", "fwd+bwd")]
 
 
+def test_every_fused_op_is_benchmarked_by_bench_ops():
+    # One OPS entry per contract, with its cases; benchmarks/bench_ops.py times every case of each.
+    from lightnet_ops.ops import CONTRACTS
+
+    benches = lb.fused_op_benches()
+    assert list(benches) == list(CONTRACTS)
+    for op, entry in benches.items():
+        assert lb.OPS[entry].fused_op == op and any(c.op == entry for c in lb.OPS[entry].cases), op
+    assert set(lb.CASES) == {c for bench in lb.OPS.values() for c in bench.cases}
+    path = os.path.join(lb.REPO_ROOT, "benchmarks", "bench_ops.py")
+    spec = importlib.util.spec_from_file_location("bench_ops", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kind = module.DEVICE_KIND
+    assert module.MATRIX == [(op, *p) for op, entry in benches.items() for p in lb.benchmark_matrix(entry, kind)]
+    assert {op for op, *_ in module.MATRIX} == set(CONTRACTS)
+
+
 def test_module_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "lightnet_ops.bench", "--list", "--device", "cpu"], cwd=lb.REPO_ROOT,
                        capture_output=True, text=True, timeout=120)
@@ -285,8 +304,6 @@ def test_module_entry_point_runs():
 
 
 def _load_script(name: str):
-    import importlib.util
-
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", name)
     spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), path)
     module = importlib.util.module_from_spec(spec)

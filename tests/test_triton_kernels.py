@@ -7,6 +7,7 @@ On a CUDA machine the same tests run the compiled kernels on CUDA tensors.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch
 
 import lightnet_ops as lo
 from lightnet_ops import backend_registry, reference
+from lightnet_ops.ops import CONTRACTS
 
 HAS_CUDA = torch.cuda.is_available()
 if not backend_registry.triton_available():
@@ -27,6 +29,8 @@ if not (HAS_CUDA or backend_registry.triton_interpreter_on()):
 
 import lightnet_ops._triton_ops as T  # noqa: E402
 
+CONV = T.KERNEL_MODULES["conv2d_relu_maxpool2d"]
+LINEAR = T.KERNEL_MODULES["linear_relu"]
 DEV = "cuda" if HAS_CUDA else "cpu"
 OPS = torch.ops.lightnet_ops
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,7 +136,7 @@ def test_conv_weight_grad_split_reduction(split):
     _, am = OPS.triton_conv2d_relu_maxpool2d(x, w, b, *params, True)
     g = torch.randn(am.shape, device=DEV)
     s = lo._shapes.conv_pool_shape(x, w, b, *params)
-    _, gw, gb = T._conv.conv2d_relu_maxpool2d_backward(g, x, w, am, *params, s.P, s.Q, [False, True, True],
+    _, gw, gb = CONV.conv2d_relu_maxpool2d_backward(g, x, w, am, *params, s.P, s.Q, [False, True, True],
                                                        split=split)
     _, rgw, rgb = reference.conv2d_relu_maxpool2d_backward(g, x, w, am, *params, [False, True, True])
     torch.testing.assert_close(gw, rgw, rtol=1e-5, atol=1e-5)
@@ -240,7 +244,7 @@ def test_linear_weight_grad_split_and_odd_strides(split):
     out = OPS.triton_linear_relu(xt, w, b)
     out[3, 1] = float("nan")            # NaN output passes the gradient, like stock threshold_backward
     g = torch.ones(1, 1, device=DEV).expand(40, 5)
-    gi, gw, gb = T._linear.linear_relu_backward(g, xt, w, out, [True, True, True], split=split)
+    gi, gw, gb = LINEAR.linear_relu_backward(g, xt, w, out, [True, True, True], split=split)
     rgi, rgw, rgb = reference.linear_relu_backward(g, x, w, out, [True, True, True])
     torch.testing.assert_close(gi, rgi, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gw, rgw, rtol=1e-5, atol=1e-5)
@@ -371,7 +375,7 @@ def test_kernels_come_from_this_tree():
     pkg = Path(lo.__file__).resolve().parent
     here = Path(tk.__file__).resolve().parent
     assert here in (pkg / "triton_kernels", pkg.parent / "triton_kernels")
-    assert tk.conv2d_relu_maxpool2d is T._conv
+    assert tk.OP_MODULES == T.KERNEL_MODULES and tk.conv2d_relu_maxpool2d is CONV
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="autotuning runs on a GPU only (the interpreter uses one config)")
@@ -383,20 +387,48 @@ def test_autotuned_launch_matches_fixed_config(monkeypatch):
     tuned = OPS.triton_conv2d_relu_maxpool2d(x, w, b, *params, True), OPS.triton_linear_relu(xl, wl, bl)
     torch.testing.assert_close(tuned[0][0], fixed[0][0], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(tuned[1], fixed[1], rtol=1e-3, atol=1e-3)
-    assert T._conv._conv_fwd_kernel.tuned.cache and T._linear._gemm_kernel.tuned.cache   # it did tune
+    assert CONV._conv_fwd_kernel.tuned.cache and LINEAR._gemm_kernel.tuned.cache   # it did tune
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the other tests compile and run every kernel for real")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """Compiled mode, which the interpreter does not exercise: every kernel (default configs, float16)
-    goes through Triton's whole compiler to an sm_90 cubin. `python -m triton_kernels.aot_check
+    goes through Triton's whole compiler to an sm_90 cubin. `python -m lightnet_ops.triton_kernels.aot_check
     --all-configs` checks every config and dtype (minutes)."""
     code = textwrap.dedent("""
-        import importlib, sys
+        import importlib, json, sys
         import lightnet_ops._triton_ops as T
-        sys.exit(importlib.import_module(T._kernels.__name__ + ".aot_check").main(["--dtypes", "fp16"]))
+        aot = importlib.import_module(T._kernels.__name__ + ".aot_check")
+        per_op = {op: sorted({fn.__name__ for fn, _, _ in m.aot_jobs(["fp16"], False)})
+                  for op, m in T._kernels.OP_MODULES.items()}
+        counts = {op: len(list(m.aot_jobs(["fp16"], False))) for op, m in T._kernels.OP_MODULES.items()}
+        print("JOBS " + json.dumps(dict(per_op=per_op, counts=counts, total=len(list(aot.jobs(["fp16"], False))))))
+        sys.exit(aot.main(["--dtypes", "fp16"]))
     """)
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    assert "aot_check: compiled 18 kernels for sm_90" in res.stdout, res.stdout[-2000:]
+    jobs = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("JOBS "))[5:])
+    # every Triton op (one per contract that has a kernel module) contributes jobs, and aot_check runs them all
+    assert set(jobs["counts"]) == set(T.KERNEL_MODULES) and T.KERNEL_MODULES, jobs
+    assert all(n > 0 for n in jobs["counts"].values()), jobs
+    assert jobs["total"] > sum(jobs["counts"].values())   # plus the shared kernels of _common
+    compiled = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("ok ")]
+    assert len(compiled) == jobs["total"], res.stdout[-2000:]
+    for op, names in jobs["per_op"].items():
+        assert set(names) <= set(compiled), (op, names)
+    assert f"aot_check: compiled {jobs['total']} kernels for sm_90" in res.stdout, res.stdout[-2000:]
+
+
+def test_every_triton_module_is_an_op_with_schema_launchers():
+    """Each kernel module names a contract, and its launchers take the contract's schema arguments."""
+    import inspect
+
+    assert set(T._kernels.OP_MODULES) <= set(CONTRACTS)
+    assert list(T.BACKEND.ops) == list(T.KERNEL_MODULES) == [op for op in CONTRACTS if op in T.KERNEL_MODULES]
+    for op, module in T.KERNEL_MODULES.items():
+        c = CONTRACTS[op]
+        for name, schema, launcher in ((op, c.schema, module.forward), (c.backward_name, c.backward_schema,
+                                                                        module.backward)):
+            want = [a.name for a in torch._C.parse_schema(f"lightnet_ops::{name}{schema}").arguments]
+            assert list(inspect.signature(launcher).parameters) == want, name

@@ -1,9 +1,12 @@
 """Pieces shared by the Triton kernels: interpreter detection, autotune config lists, the dtype
-policy of ``tl.dot`` and a deterministic channel-sum kernel (bias gradients)."""
+policy of ``tl.dot``, a deterministic channel-sum kernel (bias gradients), the checks every op's
+launchers run before a launch, and the helpers of the ahead-of-time compile jobs (``aot_check``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import torch
 import triton
@@ -150,3 +153,67 @@ def channel_sum(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor | None = 
         GATED=gate is not None, BLOCK_K=block_k, BLOCK_L=block_l,
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# what every op's launchers check before a launch
+# ---------------------------------------------------------------------------------------------
+
+
+def check_dtype(op: str, t: torch.Tensor) -> None:
+    """Raises TypeError unless the kernels run in `t`'s dtype (float64 names the backends that do)."""
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{op}: the triton backend supports float32, float16 and bfloat16, got {t.dtype}"
+            + ("; use backend='cpu', 'cuda' or 'reference' for float64" if t.dtype == torch.float64 else "")
+        )
+
+
+def check_runnable(op: str, t: torch.Tensor) -> None:
+    """Raises unless the kernels can run on `t` (dtype, and device under this Triton mode)."""
+    check_dtype(op, t)
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu":
+        if INTERPRET:
+            return
+        raise RuntimeError(
+            f"{op}: backend='triton' got CPU tensors, but Triton's interpreter is off; the Triton kernels run "
+            "on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set before triton is imported "
+            "(or use backend='cpu')"
+        )
+    raise RuntimeError(f"{op}: backend='triton' runs on CUDA tensors (CPU under the interpreter), got {t.device}")
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' device (multi-GPU, DDP)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time compile jobs (aot_check): (jit function, pointer types, constexprs + num_warps/num_stages)
+# ---------------------------------------------------------------------------------------------
+
+AotJob = tuple  # (triton.JITFunction, {pointer arg: "*fp16" ...}, {constexpr: value, num_warps, num_stages})
+
+
+def aot_configs(launcher: Launcher, all_configs: bool) -> list[dict]:
+    """The launcher's configs to compile (every one, or its default) as constexpr dicts with
+    num_warps / num_stages."""
+    cs = launcher.configs if all_configs else [launcher.default]
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in cs]
+
+
+def aot_flags(dt: str) -> dict:
+    """`dot_flags` of compiled code for a Triton pointer dtype name ("fp32", "fp16", "bf16")."""
+    return {"FP32_IEEE": dt == "fp32", "UPCAST": False}
+
+
+def aot_jobs(dtypes: list[str], all_configs: bool) -> Iterator[AotJob]:
+    """The shared kernels' compile jobs (the channel sum, in every variant the launchers pick)."""
+    for dt in dtypes:
+        p = "*" + dt
+        for gated in (True, False):
+            for block_k, block_l in ((16, 128), (64, 1), (64, 16)):
+                yield _channel_sum_kernel, {"x_ptr": p, "gate_ptr": p, "out_ptr": p}, dict(
+                    GATED=gated, BLOCK_K=block_k, BLOCK_L=block_l, num_warps=4, num_stages=1)

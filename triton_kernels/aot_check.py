@@ -16,43 +16,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from ._common import AotJob
 
 
-def _jobs(dtypes: list[str], all_configs: bool):
-    from . import _common, conv2d_relu_maxpool2d as conv, linear_relu as lin
-
-    def configs(launcher):
-        cs = launcher.configs if all_configs else [launcher.default]
-        return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in cs]
+def jobs(dtypes: list[str], all_configs: bool) -> Iterator[AotJob]:
+    """Every compile job: per dtype, each op module's `aot_jobs` (OP_MODULES order), then the shared kernels'."""
+    from . import OP_MODULES, _common
 
     for dt in dtypes:
-        p = "*" + dt
-        flags = {"FP32_IEEE": dt == "fp32", "UPCAST": False}
-        for c in configs(conv._conv_fwd_kernel):
-            for has_bias, need_argmax in ((True, True), (False, False)):
-                ptrs = {"x_ptr": p, "w_ptr": p, "b_ptr": p, "out_ptr": p, "am_ptr": "*u8" if need_argmax else p}
-                yield conv._conv_fwd_kernel.fn, ptrs, dict(c, HAS_BIAS=has_bias, NEED_ARGMAX=need_argmax, **flags)
-        yield conv._route_kernel, {"go_ptr": p, "am_ptr": "*u8", "gc_ptr": p}, dict(BLOCK=1024, num_warps=4,
-                                                                                    num_stages=1)
-        for c in configs(conv._conv_bwd_input_kernel):
-            yield conv._conv_bwd_input_kernel.fn, {"gc_ptr": p, "w_ptr": p, "gi_ptr": p}, dict(c, **flags)
-        for c in configs(conv._conv_bwd_weight_kernel):
-            for part, bias_grad in (("*fp32", True), (p, True), ("*fp32", False)):
-                ptrs = {"gc_ptr": p, "x_ptr": p, "gw_ptr": part, "gb_ptr": part}
-                yield conv._conv_bwd_weight_kernel.fn, ptrs, dict(c, BIAS_GRAD=bias_grad, **flags)
-        for c in configs(lin._gemm_kernel):
-            # forward (bias+ReLU), forward without bias, grad_input (gated), grad_weight split / unsplit
-            for has_bias, relu, gate, bias_grad, part in ((True, True, False, False, p), (False, True, False, False, p),
-                                                          (False, False, True, False, p),
-                                                          (False, False, True, True, "*fp32"),
-                                                          (False, False, True, True, p)):
-                ptrs = {"a_ptr": p, "gate_ptr": p, "b_ptr": p, "c_ptr": part, "bias_ptr": p, "rs_ptr": part}
-                yield lin._gemm_kernel.fn, ptrs, dict(c, HAS_BIAS=has_bias, RELU=relu, GATE_A=gate,
-                                                      BIAS_GRAD=bias_grad, **flags)
-        for gated in (True, False):
-            for block_k, block_l in ((16, 128), (64, 1), (64, 16)):
-                yield _common._channel_sum_kernel, {"x_ptr": p, "gate_ptr": p, "out_ptr": p}, dict(
-                    GATED=gated, BLOCK_K=block_k, BLOCK_L=block_l, num_warps=4, num_stages=1)
+        for module in OP_MODULES.values():
+            yield from module.aot_jobs([dt], all_configs)
+        yield from _common.aot_jobs([dt], all_configs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     target = GPUTarget("cuda", args.arch, 32)
     n, t0 = 0, time.time()
-    for fn, ptrs, consts in _jobs(args.dtypes.split(","), args.all_configs):
+    for fn, ptrs, consts in jobs(args.dtypes.split(","), args.all_configs):
         consts = dict(consts)
         opts = {"num_warps": consts.pop("num_warps"), "num_stages": consts.pop("num_stages")}
         sig = {name: "constexpr" if name in consts else ptrs.get(name, "i32") for name in fn.arg_names}

@@ -25,16 +25,22 @@ path, and nothing is synchronised with the host.
 
 All kernels accumulate in float32 and take float32, float16 or bfloat16 tensors (contiguous NCHW).
 Offsets that scale with the batch are int64, so tensors over 2**31 elements are addressed correctly.
+
+`forward` / `backward` take the arguments of the contract's schemas (lightnet_ops/ops/conv2d_relu_maxpool2d.py)
+and are what the ``triton`` backend registers; `aot_jobs` lists the kernels' compile jobs for ``aot_check``.
 """
 
 from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERP_CONFIG, INTERPRET, any_nan, autotune, cfg, channel_sum, dot_flags, mma,
-                      relu_keep_nan)
+from ..ops import conv2d_relu_maxpool2d as contract
+from ._common import (INTERP_CONFIG, INTERPRET, AotJob, aot_configs, aot_flags, any_nan, autotune, cfg, channel_sum,
+                      check_runnable, dot_flags, mma, on_device, relu_keep_nan)
 
 #: argmax byte where ReLU zeroed the pooled value (constexpr: jit code may read it as a global).
 ARGMAX_RELU_ZERO = tl.constexpr(255)
@@ -544,3 +550,86 @@ def conv2d_relu_maxpool2d_backward(
     elif need_b:
         grad_bias = channel_sum(gc.view(N, K, P * Q), torch.empty((K,), dtype=dtype, device=dev))
     return grad_input, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# the op's launchers (the contract's schemas) and compile jobs
+# ---------------------------------------------------------------------------------------------
+
+
+def forward(
+    input: torch.Tensor,                 # (N, C, H, W)
+    weight: torch.Tensor,                # (K, C, R, S)
+    bias: Optional[torch.Tensor],        # (K) or None
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    pool_kernel_size: Sequence[int],
+    pool_stride: Sequence[int],
+    need_argmax: bool,
+    pool_padding: Sequence[int] = (0, 0),
+    ceil_mode: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out (N, K, PH, PW), argmax uint8 (N, K, PH, PW), or an empty uint8 [0] without need_argmax)."""
+    s = contract.conv_pool_shape(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride,
+                                 pool_padding, ceil_mode)
+    check_runnable(contract.NAME, input)
+    with on_device(input):
+        return conv2d_relu_maxpool2d_forward(
+            input, weight, bias, s.stride, s.padding, s.dilation, s.pool_kernel_size, s.pool_stride,
+            s.P, s.Q, s.PH, s.PW, need_argmax, s.pool_padding,
+        )
+
+
+def validate_backward(grad_output, input, weight, argmax, stride, padding, dilation, pool_kernel_size, pool_stride,
+                      output_mask, pool_padding=(0, 0), ceil_mode=False) -> contract.ConvPoolShape:
+    """The backward's argument checks that the contract's fake does not run (its fake runs them too);
+    returns the problem's sizes."""
+    s = contract.conv_pool_shape(input, weight, None, stride, padding, dilation, pool_kernel_size, pool_stride,
+                                 pool_padding, ceil_mode)
+    contract.check_backward(s, grad_output, input, argmax)
+    return s
+
+
+def backward(
+    grad_output: torch.Tensor,           # (N, K, PH, PW)
+    input: torch.Tensor,                 # (N, C, H, W)
+    weight: torch.Tensor,                # (K, C, R, S)
+    argmax: torch.Tensor,                # uint8 (N, K, PH, PW)
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    pool_kernel_size: Sequence[int],
+    pool_stride: Sequence[int],
+    output_mask: Sequence[bool],
+    pool_padding: Sequence[int] = (0, 0),
+    ceil_mode: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (grad_input (N, C, H, W), grad_weight (K, C, R, S), grad_bias (K)); masked-off entries are
+    empty tensors of shape [0]."""
+    s = validate_backward(grad_output, input, weight, argmax, stride, padding, dilation, pool_kernel_size,
+                          pool_stride, output_mask, pool_padding, ceil_mode)
+    check_runnable(contract.CONTRACT.backward_name, input)
+    with on_device(input):
+        return conv2d_relu_maxpool2d_backward(
+            grad_output, input, weight, argmax, s.stride, s.padding, s.dilation, s.pool_kernel_size,
+            s.pool_stride, s.P, s.Q, output_mask, pool_padding=s.pool_padding,
+        )
+
+
+def aot_jobs(dtypes: list[str], all_configs: bool) -> Iterator[AotJob]:
+    """Compile jobs of every kernel above, in each variant the launchers use."""
+    for dt in dtypes:
+        p = "*" + dt
+        flags = aot_flags(dt)
+        for c in aot_configs(_conv_fwd_kernel, all_configs):
+            for has_bias, need_argmax in ((True, True), (False, False)):
+                ptrs = {"x_ptr": p, "w_ptr": p, "b_ptr": p, "out_ptr": p, "am_ptr": "*u8" if need_argmax else p}
+                yield _conv_fwd_kernel.fn, ptrs, dict(c, HAS_BIAS=has_bias, NEED_ARGMAX=need_argmax, **flags)
+        yield _route_kernel, {"go_ptr": p, "am_ptr": "*u8", "gc_ptr": p}, dict(BLOCK=1024, num_warps=4, num_stages=1)
+        for c in aot_configs(_conv_bwd_input_kernel, all_configs):
+            yield _conv_bwd_input_kernel.fn, {"gc_ptr": p, "w_ptr": p, "gi_ptr": p}, dict(c, **flags)
+        for c in aot_configs(_conv_bwd_weight_kernel, all_configs):
+            for part, bias_grad in (("*fp32", True), (p, True), ("*fp32", False)):
+                ptrs = {"gc_ptr": p, "x_ptr": p, "gw_ptr": part, "gb_ptr": part}
+                yield _conv_bwd_weight_kernel.fn, ptrs, dict(c, BIAS_GRAD=bias_grad, **flags)

@@ -10,15 +10,22 @@ gate(g) = where(out <= 0, 0, g) is applied while loading A (ReLU-mask gating fus
 the gradient, like stock's threshold_backward). Accumulation is float32; float32 operands use IEEE
 (not TF32) products. NaN and infinity land where stock's dense GEMMs put them: there is no padding,
 and a masked tail lane is 0 in both operands, so it never multiplies a non-finite value.
+
+`forward` / `backward` take the arguments of the contract's schemas (lightnet_ops/ops/linear_relu.py)
+and are what the ``triton`` backend registers; `aot_jobs` lists the kernel's compile jobs for ``aot_check``.
 """
 
 from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERP_CONFIG, INTERPRET, autotune, cfg, channel_sum, dot_flags, mma, relu_keep_nan
+from ..ops import linear_relu as contract
+from ._common import (INTERP_CONFIG, INTERPRET, AotJob, aot_configs, aot_flags, autotune, cfg, channel_sum,
+                      check_runnable, dot_flags, mma, on_device, relu_keep_nan)
 
 _GEMM_CONFIGS = [
     cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
@@ -187,3 +194,58 @@ def linear_relu_backward(
         grad_bias = torch.empty((O,), dtype=dtype, device=dev)
         channel_sum(g.unsqueeze(2), grad_bias, gate=gate.unsqueeze(2))
     return grad_input, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# the op's launchers (the contract's schemas) and compile jobs
+# ---------------------------------------------------------------------------------------------
+
+
+def validate(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """The forward's argument checks beyond the contract's fake: the kernels take 2-D input only."""
+    contract.check_linear(input, weight, bias)
+    if input.dim() != 2:
+        raise ValueError(f"linear_relu: the op takes 2-D input (M, in_features), got shape {list(input.shape)}")
+
+
+def forward(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """input (M, in_features), weight (out_features, in_features), bias (out_features) or None -> (M, out_features)."""
+    validate(input, weight, bias)
+    check_runnable(contract.NAME, input)
+    with on_device(input):
+        return linear_relu_forward(input, weight, bias)
+
+
+def validate_backward(grad_output, input, weight, output, output_mask) -> None:
+    """The backward's argument checks (its fake runs them too)."""
+    contract.check_backward(grad_output, input, weight, output)
+
+
+def backward(
+    grad_output: torch.Tensor,           # (M, out_features)
+    input: torch.Tensor,                 # (M, in_features)
+    weight: torch.Tensor,                # (out_features, in_features)
+    output: torch.Tensor,                # (M, out_features), the forward output (ReLU gate)
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (grad_input (M, in), grad_weight (out, in), grad_bias (out)); masked-off entries are empty [0]."""
+    validate_backward(grad_output, input, weight, output, output_mask)
+    check_runnable(contract.CONTRACT.backward_name, input)
+    with on_device(input):
+        return linear_relu_backward(grad_output, input, weight, output, output_mask)
+
+
+def aot_jobs(dtypes: list[str], all_configs: bool) -> Iterator[AotJob]:
+    """Compile jobs of the GEMM kernel in each variant the launchers use."""
+    for dt in dtypes:
+        p = "*" + dt
+        flags = aot_flags(dt)
+        for c in aot_configs(_gemm_kernel, all_configs):
+            # forward (bias+ReLU), forward without bias, grad_input (gated), grad_weight split / unsplit
+            for has_bias, relu, gate, bias_grad, part in ((True, True, False, False, p), (False, True, False, False, p),
+                                                          (False, False, True, False, p),
+                                                          (False, False, True, True, "*fp32"),
+                                                          (False, False, True, True, p)):
+                ptrs = {"a_ptr": p, "gate_ptr": p, "b_ptr": p, "c_ptr": part, "bias_ptr": p, "rs_ptr": part}
+                yield _gemm_kernel.fn, ptrs, dict(c, HAS_BIAS=has_bias, RELU=relu, GATE_A=gate,
+                                                  BIAS_GRAD=bias_grad, **flags)

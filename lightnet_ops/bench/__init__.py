@@ -19,8 +19,9 @@ Modes:
   ``step``     LightNet training step: zero_grad, forward, cross-entropy, backward, SGD step
 
 Modules:
-  ``cases``        the cases as data (Case, ConvShape, LinearShape, CASES, select_cases)
-  ``ops``          how each op is set up for every implementation (OPS, build_runner, Runner)
+  ``problems``     what a case is (Case, ConvShape, LinearShape)
+  ``ops``          how each op is set up for every implementation, and its cases (OPS, build_runner, Runner)
+  ``cases``        the cases collected from OPS (CASES, select_cases, benchmark_matrix)
   ``timing``       block timer, warm-up, statistics, copy bandwidth (FULL / QUICK settings)
   ``memory``       saved-for-backward bytes and peak allocated bytes of one call
   ``measure``      one (case, mode) group: round-robin sampling, memory, ratios
@@ -38,7 +39,8 @@ The case definitions and ``build_runner`` are shared with the pytest-benchmark f
 ``benchmarks/``.
 """
 
-from .cases import CASES, CASES_BY_NAME, MODES, Case, ConvShape, LinearShape, benchmark_matrix, case_id, select_cases
+from .cases import (CASES, CASES_BY_NAME, MODES, Case, ConvShape, LinearShape, benchmark_matrix, case_id,
+                    fused_op_benches, select_cases)
 from .cli import DEFAULT_OUT, REFERENCE_OUT, main, output_dir, parse_args
 from .environment import REPO_ROOT, device_info, device_slug
 from .measure import measure_group
@@ -58,7 +60,7 @@ __all__ = [
     "MODES", "OPS", "ORT", "PEERS", "QUICK", "REFERENCE_OUT", "REPO_ROOT", "Runner", "SWEEP_FULL", "SWEEP_QUICK",
     "SWEEP_SEED", "Settings", "SweepSettings", "TARGETS_FILE", "Target",
     "benchmark_matrix", "build_runner", "case_id", "check_targets", "copy_bandwidth", "default_backends",
-    "device_info", "device_slug", "format_table", "load_targets", "main", "measure_group", "output_dir",
+    "device_info", "device_slug", "format_table", "fused_op_benches", "load_targets", "main", "measure_group", "output_dir",
     "parse_args", "peak_bytes", "plot", "quiet_profiler_logs", "saved_activation_bytes", "select_cases",
     "short_error", "summarize", "sweep_cases", "table_rows",
 ]

@@ -1,9 +1,10 @@
 """How each op is benchmarked: one description per op builds the timed callable of every
 implementation (a lightnet_ops backend, the ``stock`` composition, ``torch.compile`` of it, and for
 whole-model inference ONNX Runtime's CPU provider when it is installed) for a case and a mode, plus
-the op's compulsory work (FLOPs, bytes) for the roofline columns.
+the op's compulsory work (FLOPs, bytes) for the roofline columns, and declares the op's cases.
 
-Adding an op to the benchmark is one entry in :data:`OPS` (and cases naming it in ``cases.py``).
+Adding an op to the benchmark is one entry in :data:`OPS` with its ``cases`` and ``fused_op`` (the
+contract's name): ``cases.CASES`` collects the cases, and ``benchmarks/bench_ops.py`` times them.
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 import lightnet_ops as lo
 
-if TYPE_CHECKING:
-    from .cases import Case
+from .problems import Case, ConvShape, LinearShape
 
 #: Implementations that are not lightnet_ops backends: stock eager and torch.compile of stock.
 PEERS = ("stock", "compile")
@@ -54,9 +54,7 @@ def _compile(fn: Callable) -> Callable:
 
 
 def _is_conv(shape: Any) -> bool:
-    """Whether a case's shape is a ConvShape (imported here: cases.py imports this module)."""
-    from .cases import ConvShape
-
+    """Whether a case's shape is a ConvShape."""
     return isinstance(shape, ConvShape)
 
 
@@ -67,10 +65,14 @@ def _uniform(shape: tuple, bound: float, g: torch.Generator) -> torch.Tensor:
 
 class OpBench:
     """How one op is benchmarked. Subclasses set `name` (the Case.op that selects them) and `modes`
-    and implement `runner`."""
+    and implement `runner`. `cases`: the cases declared with this entry (usually its own; an op's
+    entry also declares its per-call cases, which name a CallBench entry). `fused_op`: the
+    lightnet_ops op (contract name) the entry times alone, None for a model or the per-call cost."""
 
     name: str
     modes: tuple
+    cases: tuple = ()
+    fused_op: Optional[str] = None
 
     def runner(self, case: Case, impl: str, mode: str, device: torch.device) -> Runner:
         raise NotImplementedError
@@ -143,10 +145,41 @@ class FunctionalOpBench(OpBench):
         return Runner(fwd_bwd, list(leaves), forward_with_grad, flops, nbytes)
 
 
+_FWD = ("fwd",)
+_CONV1 = ConvShape(1, 6, 32, 32, 3)                 # LightNet conv1: 1->6, 32x32, k3, pool2
+_CONV2 = ConvShape(6, 16, 15, 15, 3)                # LightNet conv2: 6->16, 15x15, k3, pool2
+_VGG = ConvShape(64, 64, 56, 56, 3, padding=1)      # VGG-style block: 64->64, 56x56, k3 pad1, pool2
+# Per-call host cost: problems so small that one call is all argument handling and dispatch.
+_TINY_CONV = ConvShape(1, 1, 4, 4, 3)               # 1x1x4x4 input, 3x3 filter -> 2x2 -> pool -> 1x1
+
+
 class ConvReLUMaxPoolBench(FunctionalOpBench):
-    """conv2d_relu_maxpool2d on a :class:`~lightnet_ops.bench.cases.ConvShape` (NCHW input)."""
+    """conv2d_relu_maxpool2d on a :class:`~lightnet_ops.bench.problems.ConvShape` (NCHW input)."""
 
     name = "conv"
+    fused_op = "conv2d_relu_maxpool2d"
+    cases = (
+        Case("conv1_b1", name, 1, "LightNet conv1 1->6 32x32 k3 pool2, batch 1", _CONV1),
+        Case("conv1_b64", name, 64, "LightNet conv1 1->6 32x32 k3 pool2, batch 64", _CONV1, quick=("cpu",)),
+        Case("conv1_b256", name, 256, "LightNet conv1 1->6 32x32 k3 pool2, batch 256", _CONV1, quick=("cuda",)),
+        Case("conv2_b1", name, 1, "LightNet conv2 6->16 15x15 k3 pool2, batch 1", _CONV2),
+        Case("conv2_b64", name, 64, "LightNet conv2 6->16 15x15 k3 pool2, batch 64", _CONV2, quick=("cpu",)),
+        Case("conv2_b256", name, 256, "LightNet conv2 6->16 15x15 k3 pool2, batch 256", _CONV2, quick=("cuda",)),
+        Case("vgg_b8", name, 8, "VGG-style block 64->64 56x56 k3 pad1 pool2, batch 8", _VGG, quick=("cpu",)),
+        Case("vgg_b8_fp16", name, 8, "VGG-style block, float16", _VGG, "float16", ("cuda",), ("cuda",)),
+        Case("vgg_b8_bf16", name, 8, "VGG-style block, bfloat16", _VGG, "bfloat16", ("cuda",), ("cuda",)),
+        # Small-batch inference.
+        Case("conv1_b8", name, 8, "LightNet conv1 1->6 32x32 k3 pool2, batch 8, inference", _CONV1,
+             only_modes=_FWD),
+        Case("conv2_b8", name, 8, "LightNet conv2 6->16 15x15 k3 pool2, batch 8, inference", _CONV2,
+             only_modes=_FWD),
+        # Per-call host cost on tiny tensors (CallBench): "stock" is ONE stock call (F.conv2d, or an
+        # nn.Conv2d module call), not the stock composition.
+        Case("call_conv_fn", "call_fn", 1, "per-call cost: lo.conv2d_relu_maxpool2d vs F.conv2d, 1x1x4x4 input, 3x3",
+             _TINY_CONV, quick=("cpu",)),
+        Case("call_conv_module", "call_module", 1,
+             "per-call cost: Conv2dReLUMaxPool2d vs nn.Conv2d module call, 1x1x4x4 input, 3x3", _TINY_CONV),
+    )
 
     @staticmethod
     def stock(x, w, b, stride, padding, dilation, pool_k, pool_s):
@@ -184,10 +217,45 @@ class ConvReLUMaxPoolBench(FunctionalOpBench):
         return 3 * flops, float(fwd + bwd)
 
 
+_FC1 = LinearShape(576, 120)                        # LightNet fc1
+_FC2 = LinearShape(120, 84)                         # LightNet fc2
+_BIG_LINEAR = LinearShape(1024, 4096)
+_SQUARE_4K = LinearShape(4096, 4096)                # a large layer at few rows: weight-bandwidth bound
+_TINY_LINEAR = LinearShape(4, 4)                    # 1x4 input, 4 -> 4
+
+
 class LinearReLUBench(FunctionalOpBench):
-    """linear_relu on a :class:`~lightnet_ops.bench.cases.LinearShape`, (batch, in_features) input."""
+    """linear_relu on a :class:`~lightnet_ops.bench.problems.LinearShape`, (batch, in_features) input."""
 
     name = "linear"
+    fused_op = "linear_relu"
+    cases = (
+        Case("linear_576x120_b256", name, 256, "linear_relu 576->120 (LightNet fc1), batch 256", _FC1,
+             quick=("cpu", "cuda")),
+        Case("linear_1024x4096_b4096", name, 4096, "linear_relu 1024->4096, batch 4096", _BIG_LINEAR),
+        Case("linear_1024x4096_b4096_fp16", name, 4096, "linear_relu 1024->4096, batch 4096, float16", _BIG_LINEAR,
+             "float16", ("cuda",)),
+        Case("linear_1024x4096_b4096_bf16", name, 4096, "linear_relu 1024->4096, batch 4096, bfloat16",
+             _BIG_LINEAR, "bfloat16", ("cuda",), ("cuda",)),
+        # Small-batch inference: LightNet's fc1 / fc2 and a large layer at few rows.
+        Case("linear_576x120_b1", name, 1, "linear_relu 576->120 (LightNet fc1), batch 1, inference", _FC1,
+             only_modes=_FWD),
+        Case("linear_576x120_b8", name, 8, "linear_relu 576->120 (LightNet fc1), batch 8, inference", _FC1,
+             only_modes=_FWD),
+        Case("linear_120x84_b1", name, 1, "linear_relu 120->84 (LightNet fc2), batch 1, inference", _FC2,
+             only_modes=_FWD),
+        Case("linear_120x84_b8", name, 8, "linear_relu 120->84 (LightNet fc2), batch 8, inference", _FC2,
+             only_modes=_FWD),
+        Case("linear_4096x4096_b1", name, 1, "linear_relu 4096->4096, batch 1, inference", _SQUARE_4K,
+             only_modes=_FWD),
+        Case("linear_4096x4096_b8", name, 8, "linear_relu 4096->4096, batch 8, inference", _SQUARE_4K,
+             only_modes=_FWD),
+        # Per-call host cost on tiny tensors (CallBench): one F.linear / nn.Linear call as "stock".
+        Case("call_linear_fn", "call_fn", 1, "per-call cost: lo.linear_relu vs F.linear, 1x4 input, 4->4",
+             _TINY_LINEAR),
+        Case("call_linear_module", "call_module", 1, "per-call cost: LinearReLU vs nn.Linear module call, 1x4 input",
+             _TINY_LINEAR),
+    )
 
     @staticmethod
     def stock(x, w, b):
@@ -355,7 +423,7 @@ class ModelBench(OpBench):
     zero_grad, forward, cross-entropy, backward, SGD step).
 
     stock_model() builds the stock model; fused_model(backend) the fused one (loads its state dict).
-    input_shape: one sample's shape; classes: label range of the cross-entropy targets."""
+    input_shape: one sample's shape; classes: label range of the cross-entropy targets; cases: its cases."""
 
     name: str
     stock_model: Callable[[], torch.nn.Module]
@@ -363,6 +431,7 @@ class ModelBench(OpBench):
     input_shape: tuple
     classes: int
     modes: tuple = ("fwd", "step")
+    cases: tuple = ()
 
     def supports(self, case: Case, impl: str, mode: str) -> bool:
         """Every backend and peer; ONNX Runtime for float32 inference."""
@@ -427,13 +496,23 @@ class ModelBench(OpBench):
         return Runner(step, params + [x], forward_with_grad)
 
 
+_LIGHTNET = "LightNet 1x32x32 -> 10: inference forward / SGD training step"
 #: Every benchmarked op by the name cases use (Case.op).
 OPS: dict[str, OpBench] = {
     op.name: op
     for op in (
         ConvReLUMaxPoolBench(),
         LinearReLUBench(),
-        ModelBench("lightnet", lo.StockLightNet, lambda backend: lo.LightNet(backend=backend), (1, 32, 32), 10),
+        ModelBench("lightnet", lo.StockLightNet, lambda backend: lo.LightNet(backend=backend), (1, 32, 32), 10,
+                   cases=(
+                       Case("lightnet_b64", "lightnet", 64, f"{_LIGHTNET}, batch 64", quick=("cpu",)),
+                       Case("lightnet_b256", "lightnet", 256, f"{_LIGHTNET}, batch 256", quick=("cuda",)),
+                       # Small-batch inference.
+                       Case("lightnet_b1", "lightnet", 1, "LightNet 1x32x32 -> 10, batch 1, inference",
+                            only_modes=_FWD, quick=("cpu",)),
+                       Case("lightnet_b8", "lightnet", 8, "LightNet 1x32x32 -> 10, batch 8, inference",
+                            only_modes=_FWD),
+                   )),
         CallBench("call_fn", modules=False),
         CallBench("call_module", modules=True),
     )
