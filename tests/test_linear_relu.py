@@ -282,6 +282,21 @@ def test_cpu_gemm_paths_and_instruction_sets(monkeypatch, gemm, isa, case):
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("rows, forward_gemm", [(1, "blas"), (8, "blas"), (63, "blas"), (64, "native")])
+def test_cpu_gemm_rule_by_rows(rows, forward_gemm):
+    # The rule (use_native_gemm): the forward packs W^T per call, so it takes BLAS below 64 rows;
+    # the backward's GEMMs take the native kernel from 4 rows (float32, AVX-512 CPUs).
+    if expected_isa("avx512") != "avx512":
+        pytest.skip("the native GEMM is chosen on AVX-512 CPUs only")
+    x, w, b = (torch.randn(rows, 96, requires_grad=True), torch.randn(40, 96, requires_grad=True),
+               torch.randn(40, requires_grad=True))
+    lo.linear_relu(x, w, b, backend="cpu").sum().backward()
+    forward, backward = (parse_run(r) for r in torch.ops.lightnet_ops._cpu_linear_last_run())
+    assert forward["gemm"] == forward_gemm, forward
+    assert backward["gemm"] == ("native" if rows >= 4 else "blas"), backward
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(m=st.integers(0, 20), k=st.integers(0, 40), n=st.integers(1, 70), bias=st.booleans(),
        isa=st.sampled_from(["avx2", "avx512"]))

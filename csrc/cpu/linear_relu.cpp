@@ -120,16 +120,18 @@ void native_gemm(const cpu::GemmArgs<T>& g, cpu::Isa isa, bool parallel) {
 }
 
 // Whether linear_relu's GEMMs use native_gemm instead of BLAS: on AVX-512, for float32 problems
-// of at least kNativeMinRows rows and up to 2^27 multiply-adds, where it outruns MKL (no call
-// overhead, bias and ReLU in registers); larger problems need BLAS's cache blocking; below 4 rows
-// packing W^T costs more than the product itself (BLAS's GEMV is 2-4x faster at one row); other
-// CPUs / dtypes were not measured. LIGHTNET_OPS_CPU_GEMM=native|blas overrides the choice (tests
+// of at least `min_rows` rows and up to 2^27 multiply-adds, where it outruns MKL (no call
+// overhead, bias and ReLU in registers); larger problems need BLAS's cache blocking; other CPUs /
+// dtypes were not measured. The forward packs W^T on every call, which costs more than a product
+// of fewer than kNativeMinForwardRows rows; the backward's GEMMs gain from 4 rows on
+// (benchmarks/results/NOTES.md). LIGHTNET_OPS_CPU_GEMM=native|blas overrides the choice (tests
 // cover both, and float64).
-constexpr int64_t kNativeMinRows = 4;
+constexpr int64_t kNativeMinForwardRows = 64;
+constexpr int64_t kNativeMinBackwardRows = 4;
 
-bool use_native_gemm(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, int64_t K) {
+bool use_native_gemm(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, int64_t K, int64_t min_rows) {
   if (const int forced = cpu::env_choice("LIGHTNET_OPS_CPU_GEMM", "native", "blas"); forced >= 0) return forced == 1;
-  return input.scalar_type() == at::kFloat && isa == cpu::Isa::kAvx512 && M >= kNativeMinRows &&
+  return input.scalar_type() == at::kFloat && isa == cpu::Isa::kAvx512 && M >= min_rows &&
          M * N * K <= (int64_t(1) << 27);
 }
 
@@ -199,7 +201,7 @@ at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight, co
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
   const cpu::Isa isa = cpu::cpu_isa();
-  const bool native = use_native_gemm(input, isa, M, N, K);
+  const bool native = use_native_gemm(input, isa, M, N, K, kNativeMinForwardRows);
   last_forward = LinearRun{native, isa, false};
   if (native) {
     // out = relu(X @ W^T + bias), the bias and ReLU applied in registers.
@@ -252,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at
                             macs <= kMaxSideBySideMacs && at::get_num_threads() >= 2 && !at::in_parallel_region();
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
   const cpu::Isa isa = cpu::cpu_isa();
-  const bool native = use_native_gemm(input, isa, M, N, K);
+  const bool native = use_native_gemm(input, isa, M, N, K, kNativeMinBackwardRows);
   last_backward = LinearRun{native, isa, side_by_side};
   if (native) {
     const at::Tensor x = input.contiguous(), w = weight.contiguous();
