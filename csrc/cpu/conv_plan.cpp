@@ -49,8 +49,9 @@ bool use_direct(const ConvPoolShape& s, int64_t elem_size) {
   const double recompute =
       double(s.pool_kh * s.pool_kw) / double(std::min(s.pool_kh, s.pool_sh) * std::min(s.pool_kw, s.pool_sw));
   // Its vectors run along conv-output rows: under 8 columns most lanes idle, which oneDNN beats
-  // from 16 input channels on (tiny images of a network's last stages).
-  if (s.Q < 8 && s.C >= 16) return false;
+  // from 16 input channels on (tiny images of a network's last stages), or from 256 output
+  // channels when there are fewer samples than threads (the direct kernel runs a sample per thread).
+  if (s.Q < 8 && (s.C >= 16 || (s.N < at::get_num_threads() && s.K >= 256))) return false;
   return double(s.C * s.R * s.S) * recompute <= 256.0 && pack_bytes <= (1 << 20);
 }
 
