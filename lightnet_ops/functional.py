@@ -15,7 +15,7 @@ from . import backend_registry as registry
 from ._shapes import IntPair, pair
 from .ops import conv2d_relu_maxpool2d as conv_op
 from .ops import linear_relu as linear_op
-from .autograd import conv_function, forward_ad_active, linear_function
+from .autograd import forward_ad_active, function_for
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -138,7 +138,7 @@ def conv2d_relu_maxpool2d_normalized(
                                 pool_padding, ceil_mode)
         impl = registry.resolve(backend, input)
     if _needs_function(impl, input, weight, bias):
-        out, _ = conv_function(_tangents_possible()).apply(
+        out, _ = function_for(conv_op.NAME, _tangents_possible()).apply(
             input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, impl.name, pool_padding,
             ceil_mode
         )
@@ -198,5 +198,5 @@ def linear_relu(
 def _linear_relu_2d(impl: registry.Backend, input: torch.Tensor, weight: torch.Tensor,
                     bias: Optional[torch.Tensor]) -> torch.Tensor:
     if _needs_function(impl, input, weight, bias):
-        return linear_function(_tangents_possible()).apply(input, weight, bias, impl.name)
+        return function_for(linear_op.NAME, _tangents_possible()).apply(input, weight, bias, impl.name)
     return impl.kernels(linear_op.NAME).forward(input, weight, bias)
