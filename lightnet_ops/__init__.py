@@ -2,19 +2,21 @@
 
 Layers, top to bottom: modules (nn.Module) -> functional -> autograd (hand-written backward)
 -> backends (cpu | cuda | triton | reference) -> torch.ops.lightnet_ops.* -> kernels.
+
+Each op's public names (its function, nn.Module and autograd.Function, e.g. ``conv2d_relu_maxpool2d``,
+``Conv2dReLUMaxPool2d``, ``Conv2dReLUMaxPool2dFunction``) come from its module ``lightnet_ops/api/<op>.py``
+and are bound here, in ``lightnet_ops.functional`` and in ``lightnet_ops.modules`` by ``api.export``.
 """
 
 from __future__ import annotations
 
 from . import _ops  # noqa: F401  (loads the compiled extension if it is built; warns if it cannot)
+from . import api, functional, modules  # noqa: F401  (functional / modules: lightnet_ops.functional.*, ...)
 from ._ops import ExtensionWarning
-from .autograd import Conv2dReLUMaxPool2dFunction, LinearReLUFunction
 from .backend_registry import BackendUnavailableError, ReferenceFallbackWarning
 from .backend_registry import available_backends as backends
-from .functional import conv2d_relu_maxpool2d, linear_relu
 from .fuse import FusedChain, fuse
 from .models import LightNet, StockLightNet
-from .modules import Conv2dReLUMaxPool2d, LinearReLU
 
 __version__ = "0.1.0"
 
@@ -23,17 +25,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
-    "Conv2dReLUMaxPool2d",
-    "Conv2dReLUMaxPool2dFunction",
     "ExtensionWarning",
     "FusedChain",
-    "LinearReLU",
     "LightNet",
-    "LinearReLUFunction",
     "ReferenceFallbackWarning",
     "StockLightNet",
     "backends",
-    "conv2d_relu_maxpool2d",
     "fuse",
-    "linear_relu",
 ]
+# Every op's function, nn.Module and autograd.Function (and whatever else its API module lists).
+__all__ += api.export(globals(), "all")

@@ -9,6 +9,27 @@ import torch
 
 
 @dataclass(frozen=True)
+class AutogradSpec:
+    """How the op's Python autograd.Function (built by lightnet_ops/autograd.py, used by the Python
+    backends and under torch.func) is called and what it keeps; the rest follows from the schemas.
+
+    ``apply`` takes the forward schema's arguments with ``backend`` (a resolved backend name) at
+    index ``backend_at``, in place of the ``len(forward_fixed)`` arguments there, which the Function
+    passes to the forward op as ``forward_fixed``. The leading tensors, one per backward output, are
+    the differentiable inputs; the other arguments but ``backend`` are the non-tensor ``params``. The
+    first forward output carries the gradient; further outputs are non-differentiable. Backward calls
+    the backward op (``reference_backward`` under ``create_graph=True``) as ``(grad_output, *saved,
+    *params before backend, output_mask, *params after it)``: the backward schema must read so (the
+    factory checks the names); ``reference_jvp`` is called as ``(*saved, *input tangents, *params)``."""
+
+    function_name: str                # the class name; graph nodes read "<function_name>Backward"
+    backend_at: int                   # index of `backend` among apply's arguments
+    saved_inputs: tuple[int, ...]     # apply's arguments kept for backward and jvp, in this order...
+    saved_outputs: tuple[int, ...]    # ...then these forward outputs (an argmax, a ReLU gate)
+    forward_fixed: tuple = ()         # forward-op arguments apply does not take (conv: need_argmax=True)
+
+
+@dataclass(frozen=True)
 class OpContract:
     """One fused op. Schemas are written without the op name, as ``torch.library.custom_op`` takes
     them; the extension declares ``lightnet_ops::<name>`` and ``lightnet_ops::<name>_backward`` with
@@ -26,6 +47,7 @@ class OpContract:
     # sample_args(dtype, generator) -> the forward's arguments for a small problem, the inputs the
     # op-independent tests (tests/test_contracts.py, tests/test_autograd_modes.py) run every op on.
     sample_args: Callable[[torch.dtype, Optional[torch.Generator]], tuple]
+    autograd: AutogradSpec           # the Python autograd.Function's calling convention
 
     @property
     def backward_name(self) -> str:

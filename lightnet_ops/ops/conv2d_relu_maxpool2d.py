@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._contract import OpContract, check_same, empty_placeholder, fail, grads_fake, relu_passes_grad, sum_defined
+from ._contract import (AutogradSpec, OpContract, check_same, empty_placeholder, fail, grads_fake, relu_passes_grad,
+                        sum_defined)
 
 NAME = "conv2d_relu_maxpool2d"
 # Returns (output (N, K, PH, PW), argmax uint8 (N, K, PH, PW), or an empty uint8 [0] when need_argmax is false).
@@ -336,5 +337,10 @@ def sample_args(dtype: torch.dtype = torch.float32, generator: Optional[torch.Ge
     return randn(2, 3, 9, 9), randn(4, 3, 3, 3), randn(4), [2, 2], [1, 1], [1, 1], [2, 2], [1, 1], True
 
 
+# apply(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, backend[, pool_padding,
+# ceil_mode]) -> (output, argmax): the Function always asks for the argmax, and keeps it for backward.
+AUTOGRAD = AutogradSpec("Conv2dReLUMaxPool2dFunction", backend_at=8, saved_inputs=(0, 1), saved_outputs=(1,),
+                        forward_fixed=(True,))
+
 CONTRACT = OpContract(NAME, SCHEMA, BACKWARD_SCHEMA, fake, backward_fake, reference, reference_backward, reference_jvp,
-                      sample_args)
+                      sample_args, AUTOGRAD)

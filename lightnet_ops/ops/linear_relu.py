@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._contract import OpContract, check_same, empty_placeholder, fail, grads_fake, relu_passes_grad, sum_defined
+from ._contract import (AutogradSpec, OpContract, check_same, empty_placeholder, fail, grads_fake, relu_passes_grad,
+                        sum_defined)
 
 NAME = "linear_relu"
 # input (M, in_features) -> output (M, out_features).
@@ -121,5 +122,8 @@ def sample_args(dtype: torch.dtype = torch.float32, generator: Optional[torch.Ge
     return randn(5, 7), randn(3, 7), randn(3)
 
 
+# apply(input, weight, bias, backend) -> output; the output is the ReLU gate backward needs.
+AUTOGRAD = AutogradSpec("LinearReLUFunction", backend_at=3, saved_inputs=(0, 1), saved_outputs=(0,))
+
 CONTRACT = OpContract(NAME, SCHEMA, BACKWARD_SCHEMA, fake, backward_fake, reference, reference_backward, reference_jvp,
-                      sample_args)
+                      sample_args, AUTOGRAD)

@@ -1,0 +1,108 @@
+"""Public API of the fused linear op: ``linear_relu`` (functional), ``LinearReLU`` (nn.Module) and
+``LinearReLUFunction`` (its autograd.Function, built from the contract)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import backend_registry as registry
+from ..autograd import function_for
+from ..ops import linear_relu as linear_op
+from ._common import _autocast, _needs_function, _refuse_scripting, _reset_like_stock, _tangents_possible, _tensors_on
+
+__all__ = ["linear_relu", "LinearReLU", "LinearReLUFunction"]
+
+#: ``apply(input, weight, bias, backend)`` returns the output (M, out_features), for 2-D input.
+LinearReLUFunction: type[torch.autograd.Function] = function_for(linear_op.NAME, forward_ad=True)
+
+
+def linear_relu(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``F.relu(F.linear(input, weight, bias))`` in one op.
+
+    Args:
+        input: (*, in_features).
+        weight: (out_features, in_features).
+        bias: (out_features) or None.
+        backend: "auto", "cpu", "cuda", "triton" or "reference".
+
+    Returns:
+        (*, out_features).
+    """
+    if isinstance(input, torch.Tensor):
+        if torch._C._is_any_autocast_enabled():
+            input, weight, bias = _autocast(input, weight, bias)
+        impl = registry.cached(backend, input)
+        # The common case, checked by the extension's op itself (see conv2d_relu_maxpool2d_normalized).
+        if impl is not None and impl.records_autograd and input.dim() == 2 and _tensors_on(input.device, weight, bias) \
+                and (bias is None or bias.dim() != 0):
+            return _linear_relu_2d(impl, input, weight, bias)
+    if isinstance(bias, torch.Tensor) and bias.dim() == 0 and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        bias = bias.expand(weight.shape[0])  # F.linear broadcasts a 0-d bias
+    linear_op.check_linear(input, weight, bias)
+    impl = registry.resolve(backend, input)
+    if input.dim() == 2:  # no reshapes (each would add a view node to the graph)
+        return _linear_relu_2d(impl, input, weight, bias)
+    lead = input.shape[:-1]
+    x2d = input.reshape(math.prod(lead), input.shape[-1])  # explicit rows: in_features may be 0
+    return _linear_relu_2d(impl, x2d, weight, bias).reshape(*lead, weight.shape[0])
+
+
+def _linear_relu_2d(impl: registry.Backend, input: torch.Tensor, weight: torch.Tensor,
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if _needs_function(impl, input, weight, bias):
+        return function_for(linear_op.NAME, _tangents_possible()).apply(input, weight, bias, impl.name)
+    return impl.kernels(linear_op.NAME).forward(input, weight, bias)
+
+
+class LinearReLU(nn.Module):
+    """Linear -> ReLU as one fused op. Input (*, in_features).
+
+    Parameters, their shapes and their default initialisation match nn.Linear exactly (same
+    random-number consumption), so a seeded module gets stock's weights and state dicts load either way."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.backend = backend
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _reset_like_stock(self.weight, self.bias)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return linear_relu(input, self.weight, self.bias, backend=self.backend)
+
+    # torch.jit.script calls this on every submodule before compiling: fail with a clear message.
+    __prepare_scriptable__ = _refuse_scripting
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
