@@ -253,14 +253,16 @@ def test_fuzz_against_reference(backend, m, k, n, bias):
 
 
 def assert_gemm_ran(gemm: str, isa: str) -> None:
-    """The last forward and backward (_cpu_linear_last_run) ran this GEMM on this instruction set."""
+    """The last forward and backward (_cpu_linear_last_run) ran this GEMM on this instruction set
+    (the dot-product GEMM is a forward kernel: forced, the backward keeps its own rule)."""
     forward, backward = (parse_run(r) for r in torch.ops.lightnet_ops._cpu_linear_last_run())
     assert (forward["gemm"], forward["isa"]) == (gemm, isa), forward
-    assert (backward["gemm"], backward["isa"]) == (gemm, isa), backward
+    backward_gemms = ("native", "blas") if gemm == "dot" else (gemm,)
+    assert backward["gemm"] in backward_gemms and backward["isa"] == isa, backward
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
-@pytest.mark.parametrize("gemm", ["native", "blas"])
+@pytest.mark.parametrize("gemm", ["native", "dot", "blas"])
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
 def test_cpu_gemm_paths_and_instruction_sets(monkeypatch, gemm, isa, case):
@@ -282,13 +284,16 @@ def test_cpu_gemm_paths_and_instruction_sets(monkeypatch, gemm, isa, case):
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
-@pytest.mark.parametrize("rows, forward_gemm", [(1, "blas"), (8, "blas"), (63, "blas"), (64, "native")])
-def test_cpu_gemm_rule_by_rows(rows, forward_gemm):
-    # The rule (use_native_gemm): the forward packs W^T per call, so it takes BLAS below 64 rows;
-    # the backward's GEMMs take the native kernel from 4 rows (float32, AVX-512 CPUs).
+@pytest.mark.parametrize("rows, depth, forward_gemm", [
+    (1, 96, "dot"), (3, 96, "dot"), (4, 96, "blas"), (8, 576, "dot"), (18, 576, "dot"), (19, 576, "blas"),
+    (63, 4096, "dot"), (64, 96, "native")])
+def test_cpu_gemm_rule_by_rows(rows, depth, forward_gemm):
+    # The rule (forward_gemm / use_native_gemm_backward, float32 on AVX-512 CPUs): the forward's
+    # blocked kernel packs W^T per call, so below 64 rows the forward takes the dot-product kernel
+    # where K >= 32 * rows and BLAS elsewhere; the backward's GEMMs take the blocked kernel from 4 rows.
     if expected_isa("avx512") != "avx512":
-        pytest.skip("the native GEMM is chosen on AVX-512 CPUs only")
-    x, w, b = (torch.randn(rows, 96, requires_grad=True), torch.randn(40, 96, requires_grad=True),
+        pytest.skip("the project's GEMMs are chosen on AVX-512 CPUs only")
+    x, w, b = (torch.randn(rows, depth, requires_grad=True), torch.randn(40, depth, requires_grad=True),
                torch.randn(40, requires_grad=True))
     lo.linear_relu(x, w, b, backend="cpu").sum().backward()
     forward, backward = (parse_run(r) for r in torch.ops.lightnet_ops._cpu_linear_last_run())
@@ -299,24 +304,27 @@ def test_cpu_gemm_rule_by_rows(rows, forward_gemm):
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(m=st.integers(0, 20), k=st.integers(0, 40), n=st.integers(1, 70), bias=st.booleans(),
-       isa=st.sampled_from(["avx2", "avx512"]))
-def test_fuzz_native_gemm_against_float64_reference(m, k, n, bias, isa):
-    # Every tile shape and edge of the native GEMM (row tails 1..7, partial column vectors,
-    # transposition tails, empty reductions), float64 at float64 precision.
+       isa=st.sampled_from(["avx2", "avx512"]), gemm=st.sampled_from(["native", "dot"]))
+def test_fuzz_project_gemms_against_float64_reference(m, k, n, bias, isa, gemm):
+    # Every tile shape and edge of the project's GEMMs (row tails 1..7, partial column vectors,
+    # transposition tails, dot-product tiles of 1..4 rows x 1..4 columns, partial last vectors of
+    # the reduction, empty reductions), float64 at float64 precision.
     case = ("fuzz", (m, k), n, bias)
     _, (x, w, b) = make_inputs(case, torch.float64, "cpu")
     want = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend="reference"), (x, w, b))
-    with env_vars(LIGHTNET_OPS_CPU_GEMM="native", LIGHTNET_OPS_CPU_ISA=isa):
+    with env_vars(LIGHTNET_OPS_CPU_GEMM=gemm, LIGHTNET_OPS_CPU_ISA=isa):
         got = outputs_and_grads(lambda *t: lo.linear_relu(*t, backend="cpu"), (x, w, b))
-    assert_gemm_ran("native", expected_isa(isa))
+    assert_gemm_ran(gemm, expected_isa(isa))
     for g, s_ in zip(got, want):
         torch.testing.assert_close(g, s_, rtol=1e-10, atol=1e-10)
 
 
-def test_cpu_native_gemm_is_bitwise_deterministic_across_thread_counts(monkeypatch):
-    # Each output element of the native GEMM is one multiply-add chain in a fixed order, whichever
-    # thread computes its column block: every result is bitwise the same for any thread count.
-    monkeypatch.setenv("LIGHTNET_OPS_CPU_GEMM", "native")
+@pytest.mark.parametrize("gemm", ["native", "dot"])
+def test_cpu_project_gemms_are_bitwise_deterministic_across_thread_counts(monkeypatch, gemm):
+    # Each output element of the project's GEMMs is computed in a fixed order (one multiply-add
+    # chain, or lane chains and a fixed lane tree), whichever thread computes its column block:
+    # every result is bitwise the same for any thread count.
+    monkeypatch.setenv("LIGHTNET_OPS_CPU_GEMM", gemm)
     torch.manual_seed(4)
     x, w, b, out_grad = torch.randn(70, 300), torch.randn(150, 300) / 17, torch.randn(150), torch.randn(70, 150)
     outs = results_per_thread_count(lambda: torch.ops.lightnet_ops.linear_relu(x, w, b), (1, 2, 3))

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -64,15 +65,20 @@ void check_cpu_dtype(const at::Tensor& t, const char* op) {
 // What the last linear_relu forward / backward on this thread ran (the `_cpu_linear_last_run`
 // debug op): the GEMM (native or BLAS), the instruction set, and for the backward whether the two
 // GEMMs ran side by side.
+// The GEMM kinds: BLAS (at::mm), the register-blocked tiles ("native"), the few-row dot products.
+enum class Gemm { kBlas, kNative, kDot };
+
+const char* gemm_name(Gemm gemm) { return gemm == Gemm::kNative ? "native" : gemm == Gemm::kDot ? "dot" : "blas"; }
+
 struct LinearRun {
-  bool native = false;
+  Gemm gemm = Gemm::kBlas;
   cpu::Isa isa = cpu::Isa::kDefault;
   bool side_by_side = false;
 };
 thread_local std::optional<LinearRun> last_forward, last_backward;
 
 std::string describe(const LinearRun& run, bool backward) {
-  std::string out = std::string("gemm=") + (run.native ? "native" : "blas") + " isa=" + cpu::isa_name(run.isa);
+  std::string out = std::string("gemm=") + gemm_name(run.gemm) + " isa=" + cpu::isa_name(run.isa);
   if (backward) out += std::string(" side_by_side=") + (run.side_by_side ? "1" : "0");
   return out;
 }
@@ -95,20 +101,27 @@ struct GemmKernel {
 };
 
 template <typename T>
-GemmKernel<T> gemm_kernel(cpu::Isa isa) {
+GemmKernel<T> gemm_kernel(cpu::Isa isa, Gemm gemm) {
+  const bool dot = gemm == Gemm::kDot;
 #if LIGHTNET_OPS_X86_DISPATCH
-  if (isa == cpu::Isa::kAvx512)
+  if (isa == cpu::Isa::kAvx512) {
+    if (dot) return {&cpu::isa_avx512::gemm_dot_column_blocks<T>, cpu::isa_avx512::kDotCols};
     return {&cpu::isa_avx512::gemm_column_blocks<T>, cpu::isa_avx512::gemm_block_columns<T>()};
-  if (isa == cpu::Isa::kAvx2) return {&cpu::isa_avx2::gemm_column_blocks<T>, cpu::isa_avx2::gemm_block_columns<T>()};
+  }
+  if (isa == cpu::Isa::kAvx2) {
+    if (dot) return {&cpu::isa_avx2::gemm_dot_column_blocks<T>, cpu::isa_avx2::kDotCols};
+    return {&cpu::isa_avx2::gemm_column_blocks<T>, cpu::isa_avx2::gemm_block_columns<T>()};
+  }
 #endif
+  if (dot) return {&cpu::isa_default::gemm_dot_column_blocks<T>, cpu::isa_default::kDotCols};
   return {&cpu::isa_default::gemm_column_blocks<T>, cpu::isa_default::gemm_block_columns<T>()};
 }
 
 // The GEMM on the calling thread (parallel = false) or split by column blocks across the threads,
 // at least about 2^18 multiply-adds per task (below that, waking a thread costs what it saves).
 template <typename T>
-void native_gemm(const cpu::GemmArgs<T>& g, cpu::Isa isa, bool parallel) {
-  const GemmKernel<T> kernel = gemm_kernel<T>(isa);
+void native_gemm(const cpu::GemmArgs<T>& g, cpu::Isa isa, bool parallel, Gemm gemm = Gemm::kNative) {
+  const GemmKernel<T> kernel = gemm_kernel<T>(isa, gemm);
   const int64_t blocks = (g.N + kernel.block_columns - 1) / kernel.block_columns;
   if (!parallel) {
     kernel.run(g, 0, blocks);
@@ -119,20 +132,44 @@ void native_gemm(const cpu::GemmArgs<T>& g, cpu::Isa isa, bool parallel) {
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { kernel.run(g, b0, b1); });
 }
 
-// Whether linear_relu's GEMMs use native_gemm instead of BLAS: on AVX-512, for float32 problems
-// of at least `min_rows` rows and up to 2^27 multiply-adds, where it outruns MKL (no call
-// overhead, bias and ReLU in registers); larger problems need BLAS's cache blocking; other CPUs /
-// dtypes were not measured. The forward packs W^T on every call, which costs more than a product
-// of fewer than kNativeMinForwardRows rows; the backward's GEMMs gain from 4 rows on
-// (benchmarks/results/NOTES.md). LIGHTNET_OPS_CPU_GEMM=native|blas overrides the choice (tests
-// cover both, and float64).
+// Which GEMM linear_relu's products use. On AVX-512, for float32 problems up to 2^27
+// multiply-adds, the project's kernels outrun MKL (no call overhead, bias and ReLU in registers);
+// larger problems need BLAS's cache blocking; other CPUs / dtypes were not measured. The blocked
+// kernel packs W^T per forward call, which costs more than a product of fewer than
+// kNativeMinForwardRows rows. Below that, the dot-product kernel reads W in place and wins where
+// each dot product is long enough to repay its lane reduction (K >= kDotMinDepthPerRow * M); the
+// rest go to BLAS. The backward's GEMMs (no W^T to pack) take the blocked kernel from
+// kNativeMinBackwardRows rows (benchmarks/results/NOTES.md has the grids).
+// LIGHTNET_OPS_CPU_GEMM=native|dot|blas overrides the choice (dot: the forward only; tests cover
+// each, and float64).
 constexpr int64_t kNativeMinForwardRows = 64;
 constexpr int64_t kNativeMinBackwardRows = 4;
+constexpr int64_t kDotMinDepthPerRow = 32;
 
-bool use_native_gemm(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, int64_t K, int64_t min_rows) {
-  if (const int forced = cpu::env_choice("LIGHTNET_OPS_CPU_GEMM", "native", "blas"); forced >= 0) return forced == 1;
-  return input.scalar_type() == at::kFloat && isa == cpu::Isa::kAvx512 && M >= min_rows &&
-         M * N * K <= (int64_t(1) << 27);
+std::optional<Gemm> forced_gemm(bool forward) {
+  const char* env = std::getenv("LIGHTNET_OPS_CPU_GEMM");
+  if (env == nullptr) return std::nullopt;
+  const std::string v(env);
+  if (v == "native") return Gemm::kNative;
+  if (v == "blas") return Gemm::kBlas;
+  if (v == "dot") return forward ? std::optional<Gemm>(Gemm::kDot) : std::nullopt;
+  return std::nullopt;
+}
+
+bool project_gemm_pays(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, int64_t K) {
+  return input.scalar_type() == at::kFloat && isa == cpu::Isa::kAvx512 && M * N * K <= (int64_t(1) << 27);
+}
+
+Gemm forward_gemm(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, int64_t K) {
+  if (const auto forced = forced_gemm(true)) return *forced;
+  if (!project_gemm_pays(input, isa, M, N, K)) return Gemm::kBlas;
+  if (M >= kNativeMinForwardRows) return Gemm::kNative;
+  return K >= kDotMinDepthPerRow * M ? Gemm::kDot : Gemm::kBlas;
+}
+
+bool use_native_gemm_backward(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, int64_t K) {
+  if (const auto forced = forced_gemm(false)) return *forced == Gemm::kNative;
+  return project_gemm_pays(input, isa, M, N, K) && M >= kNativeMinBackwardRows;
 }
 
 // out[i, :] = relu(out[i, :] + bias) in place; bias may be null.
@@ -201,9 +238,9 @@ at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight, co
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
   const cpu::Isa isa = cpu::cpu_isa();
-  const bool native = use_native_gemm(input, isa, M, N, K, kNativeMinForwardRows);
-  last_forward = LinearRun{native, isa, false};
-  if (native) {
+  const Gemm gemm = forward_gemm(input, isa, M, N, K);
+  last_forward = LinearRun{gemm, isa, false};
+  if (gemm != Gemm::kBlas) {
     // out = relu(X @ W^T + bias), the bias and ReLU applied in registers.
     const at::Tensor x = input.contiguous(), w = weight.contiguous();
     at::Tensor out = at::empty({M, N}, input.options());
@@ -211,7 +248,7 @@ at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight, co
       native_gemm<scalar_t>({x.const_data_ptr<scalar_t>(), K, 1, w.const_data_ptr<scalar_t>(), K, true,
                              out.mutable_data_ptr<scalar_t>(), N, M, N, K,
                              has_bias ? b.const_data_ptr<scalar_t>() : nullptr, true},
-                            isa, true);
+                            isa, true, gemm);
     });
     return out;
   }
@@ -254,8 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at
                             macs <= kMaxSideBySideMacs && at::get_num_threads() >= 2 && !at::in_parallel_region();
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
   const cpu::Isa isa = cpu::cpu_isa();
-  const bool native = use_native_gemm(input, isa, M, N, K, kNativeMinBackwardRows);
-  last_backward = LinearRun{native, isa, side_by_side};
+  const bool native = use_native_gemm_backward(input, isa, M, N, K);
+  last_backward = LinearRun{native ? Gemm::kNative : Gemm::kBlas, isa, side_by_side};
   if (native) {
     const at::Tensor x = input.contiguous(), w = weight.contiguous();
     if (output_mask[0]) grad_input = at::empty({M, K}, input.options());

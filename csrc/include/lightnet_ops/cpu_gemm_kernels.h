@@ -138,3 +138,117 @@ void gemm_column_blocks(const GemmArgs<T>& g, int64_t jb0, int64_t jb1) {
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Few-row form, C = epilogue(A @ W^T) with W row-major (N x K) and A's rows contiguous, for
+// products of a few rows: each C element is a dot product of two contiguous rows, so W is read in
+// place (the blocked kernel above would pack W^T per call, which costs more than a few-row product
+// itself). A tile of kDotRows rows of A x kDotCols rows of W keeps kDotRows x kDotCols vector
+// accumulators over k, each reduced by a fixed lane tree at the end: a result does not depend on
+// the tiling or the thread that computes it.
+constexpr int kDotRows = 4;
+constexpr int kDotCols = 4;
+
+// The V lanes of v summed as a balanced tree in a fixed order: lane l + width is added to lane l
+// for width = V/2, V/4, ..., 1 (whole-vector rotate-and-add steps under GCC).
+template <typename T>
+LIGHTNET_OPS_INLINE T tree_sum(typename Vec<T>::vec v) {
+  constexpr int V = Vec<T>::kWidth;
+#if defined(__GNUC__) && !defined(__clang__)
+  LIGHTNET_OPS_UNROLL
+  for (int width = V / 2; width >= 1; width /= 2) {
+    typename Vec<T>::ivec rotate;
+    LIGHTNET_OPS_UNROLL
+    for (int l = 0; l < V; ++l) rotate[l] = (l + width) % V;
+    v += __builtin_shuffle(v, rotate);
+  }
+  return v[0];
+#else
+  T lanes[V];
+  std::memcpy(lanes, &v, sizeof(lanes));
+  for (int width = V / 2; width >= 1; width /= 2)
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  return lanes[0];
+#endif
+}
+
+template <typename T, int RM, int RN>
+LIGHTNET_OPS_INLINE void dot_tile(const T* a, int64_t lda, const T* w, int64_t ldw, int64_t K, T* c, int64_t ldc,
+                                  const T* bias, bool relu) {
+  using G = Vec<T>;
+  using vec = typename G::vec;
+  constexpr int V = G::kWidth;
+  vec acc[RM][RN];
+  LIGHTNET_OPS_UNROLL
+  for (int i = 0; i < RM; ++i)
+    LIGHTNET_OPS_UNROLL
+    for (int j = 0; j < RN; ++j) acc[i][j] = vec{};
+  const auto step = [&](const vec* wv, auto load_a) {
+    LIGHTNET_OPS_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      const vec av = load_a(i);
+      LIGHTNET_OPS_UNROLL
+      for (int j = 0; j < RN; ++j) acc[i][j] += av * wv[j];
+    }
+  };
+  const int64_t k_full = K / V * V;
+  for (int64_t k = 0; k < k_full; k += V) {
+    vec wv[RN];
+    LIGHTNET_OPS_UNROLL
+    for (int j = 0; j < RN; ++j) wv[j] = G::load(w + j * ldw + k);
+    step(wv, [&](int i) { return G::load(a + i * lda + k); });
+  }
+  if (const int64_t tail = K - k_full; tail > 0) {
+    // The last partial vector, zero-padded on both sides (the padding lanes add 0 * 0).
+    const auto load_tail = [&](const T* p) {
+      T buf[V] = {};
+      copy_row<V>(buf, p + k_full, tail);
+      return G::load(buf);
+    };
+    vec wv[RN];
+    LIGHTNET_OPS_UNROLL
+    for (int j = 0; j < RN; ++j) wv[j] = load_tail(w + j * ldw);
+    step(wv, [&](int i) { return load_tail(a + i * lda); });
+  }
+  LIGHTNET_OPS_UNROLL
+  for (int i = 0; i < RM; ++i) {
+    LIGHTNET_OPS_UNROLL
+    for (int j = 0; j < RN; ++j) {
+      T s = tree_sum<T>(acc[i][j]);
+      if (bias != nullptr) s += bias[j];
+      if (relu && !(s > T(0) || s != s)) s = T(0);  // stock's relu: NaN stays NaN
+      c[i * ldc + j] = s;
+    }
+  }
+}
+
+// Rows [i0, i0 + rows) x one column block of `cols` (<= kDotCols) columns: the tile compiled for
+// exactly that many rows and columns (tails get their own instantiations instead of padding).
+template <typename T, int RM = kDotRows, int RN = kDotCols>
+void dot_block(int rows, int cols, const T* a, int64_t lda, const T* w, int64_t ldw, int64_t K, T* c, int64_t ldc,
+               const T* bias, bool relu) {
+  if constexpr (RM > 1) {
+    if (rows < RM) return dot_block<T, RM - 1, RN>(rows, cols, a, lda, w, ldw, K, c, ldc, bias, relu);
+  }
+  if constexpr (RN > 1) {
+    if (cols < RN) return dot_block<T, RM, RN - 1>(rows, cols, a, lda, w, ldw, K, c, ldc, bias, relu);
+  }
+  dot_tile<T, RM, RN>(a, lda, w, ldw, K, c, ldc, bias, relu);
+}
+
+// Column blocks [jb0, jb1) (kDotCols columns each) of C = epilogue(A @ W^T), every row, on the
+// calling thread: W's rows of a block stay in cache while A's few rows pass them. Needs
+// g.b_transposed (B = W^T with W row-major, ldb its row stride) and A's rows contiguous (a_col 1).
+template <typename T>
+void gemm_dot_column_blocks(const GemmArgs<T>& g, int64_t jb0, int64_t jb1) {
+  for (int64_t jb = jb0; jb < jb1; ++jb) {
+    const int64_t j0 = jb * kDotCols;
+    const int cols = static_cast<int>(std::min<int64_t>(kDotCols, g.N - j0));
+    const T* bias = g.bias != nullptr ? g.bias + j0 : nullptr;
+    for (int64_t i0 = 0; i0 < g.M; i0 += kDotRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kDotRows, g.M - i0));
+      dot_block<T>(rows, cols, g.a + i0 * g.a_row, g.a_row, g.b + j0 * g.ldb, g.ldb, g.K, g.c + i0 * g.ldc + j0,
+                   g.ldc, bias, g.relu);
+    }
+  }
+}
