@@ -6,10 +6,14 @@ the same default initialisation, so state dicts load either way and seeded const
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_state
 
+from . import backend_registry as registry
 from .modules import Conv2dReLUMaxPool2d, LinearReLU
 
 
@@ -54,6 +58,61 @@ class LightNet(nn.Module):
         self.fc3 = nn.Linear(84, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = self._one_call_args(x)
+        if args is not None:
+            # The same ops in the same order, called from C++ (csrc/convnet.cpp): a small batch spends
+            # most of its time in the Python between the layers.
+            return torch.ops.lightnet_ops.convnet_forward(x, *args)
         x = self.conv2(self.conv1(x))
         x = torch.flatten(x, -3)
         return self.fc3(self.fc2(self.fc1(x)))
+
+    def _one_call_args(self, x: torch.Tensor) -> Optional[tuple]:
+        """convnet_forward's arguments after the input, or None where forward must run layer by layer.
+        One call is taken for a batched plain CPU tensor, every submodule still the class __init__
+        made with no hooks and its parameters on the input's device, the fused ones on the
+        extension's cpu kernels (which record their own autograd), and nothing that must see the
+        per-layer Python (autocast casts, torch function modes, torch.func transforms, tracing,
+        TorchDynamo). Parameters are read from _parameters: Module.__getattr__ costs more per
+        access than a small layer's kernel."""
+        if type(x) is not torch.Tensor or x.dim() != 4 or x.device.type != "cpu":
+            return None
+        if (torch._C._is_any_autocast_enabled() or torch._C._is_torch_function_mode_enabled()
+                or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None
+                or torch.compiler.is_compiling()):
+            return None
+        if (_module_state._global_forward_pre_hooks or _module_state._global_forward_hooks
+                or _module_state._global_backward_pre_hooks or _module_state._global_backward_hooks):
+            return None
+        modules = self._modules
+        device = x.device
+        weights, biases = [], []
+        for name, cls in _LIGHTNET_LAYERS:
+            m = modules.get(name)
+            if type(m) is not cls or m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks \
+                    or m._backward_hooks:
+                return None
+            if cls is not nn.Linear:
+                impl = registry.cached(m.backend, x) or registry.resolve(m.backend, x)
+                if not impl.records_autograd:
+                    return None
+            params = m._parameters
+            weight, bias = params["weight"], params["bias"]
+            if weight is None or weight.device != device or (bias is not None and bias.device != device):
+                return None
+            weights.append(weight)
+            biases.append(bias)
+        conv1, conv2 = modules["conv1"], modules["conv2"]
+        if type(conv1.ceil_mode) is not bool or type(conv2.ceil_mode) is not bool:
+            return None
+        return weights[:2], biases[:2], _stage_params(conv1) + _stage_params(conv2), weights[2:], biases[2:]
+
+
+def _stage_params(conv: Conv2dReLUMaxPool2d) -> list[int]:
+    """A conv stage's parameters as convnet_forward takes them (13 ints)."""
+    return [*conv.stride, *conv.padding, *conv.dilation, *conv.pool_kernel_size, *conv.pool_stride, *conv.pool_padding,
+            int(conv.ceil_mode)]
+
+
+_LIGHTNET_LAYERS = (("conv1", Conv2dReLUMaxPool2d), ("conv2", Conv2dReLUMaxPool2d), ("fc1", LinearReLU),
+                    ("fc2", LinearReLU), ("fc3", nn.Linear))

@@ -142,3 +142,105 @@ def test_batch_size_zero():
     net = lo.LightNet()
     y = net(torch.randn(0, 1, 32, 32))
     assert y.shape == (0, 10)
+
+
+# ---- forward in one call (convnet_forward) -----------------------------------------------------
+
+needs_extension = pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+
+
+def _layer_by_layer(net: lo.LightNet) -> lo.LightNet:
+    """The same module, made to run forward layer by layer (a hook on a child rules out one call)."""
+    net.conv1.register_forward_pre_hook(lambda m, args: None)
+    return net
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_one_call_forward_equals_layer_by_layer(dtype, batch):
+    # convnet_forward calls the same ops with the same arguments: outputs, gradients and the
+    # autograd graph's fused nodes are those of the layer-by-layer forward, bit for bit.
+    one = _seeded(lo.LightNet, 5, backend="cpu").to(dtype)
+    layers = _layer_by_layer(_seeded(lo.LightNet, 5, backend="cpu").to(dtype))
+    x = torch.randn(batch, 1, 32, 32, dtype=dtype)
+    assert one._one_call_args(x) is not None and layers._one_call_args(x) is None
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = one(x1), layers(x2)
+    assert torch.equal(y1, y2)
+    names = autograd_node_names(y1)
+    assert ran_fused_backwards(names) and names == autograd_node_names(y2), names
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    assert torch.equal(x1.grad, x2.grad)
+    for (n, p1), (_, p2) in zip(one.named_parameters(), layers.named_parameters()):
+        assert torch.equal(p1.grad, p2.grad), n
+    with torch.no_grad():
+        assert torch.equal(one(x), layers(x))
+
+
+@needs_extension
+def test_one_call_forward_matches_stock_in_float64_with_second_derivatives_and_tangents():
+    stock = _seeded(lo.StockLightNet, 6).double()
+    fused = _seeded(lo.LightNet, 6, backend="cpu").double()
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64, requires_grad=True)
+    assert fused._one_call_args(x) is not None
+    torch.testing.assert_close(fused(x), stock(x), rtol=1e-10, atol=1e-12)
+    # double backward through the one-call forward (the C++ ops' differentiable backward)
+    (gf,) = torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
+    (gs,) = torch.autograd.grad(stock(x).square().sum(), x, create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(gf.sum(), x)[0], torch.autograd.grad(gs.sum(), x)[0],
+                               rtol=1e-9, atol=1e-11)
+    # forward-mode AD (the C++ ops' tangents)
+    import torch.autograd.forward_ad as fwAD
+    t = torch.randn_like(x)
+    with fwAD.dual_level():
+        out_f = fwAD.unpack_dual(fused(fwAD.make_dual(x.detach(), t))).tangent
+        out_s = fwAD.unpack_dual(stock(fwAD.make_dual(x.detach(), t))).tangent
+    torch.testing.assert_close(out_f, out_s, rtol=1e-9, atol=1e-11)
+
+
+@needs_extension
+def test_one_call_forward_only_where_nothing_needs_the_layers():
+    net = lo.LightNet(backend="cpu")
+    x = torch.randn(2, 1, 32, 32)
+    assert net._one_call_args(x) is not None
+    assert net._one_call_args(x[0]) is None                                   # unbatched: the modules' path
+    assert net._one_call_args(x.double()) is not None                        # the ops check dtypes themselves
+    assert lo.LightNet(backend="reference")._one_call_args(x) is None        # Python backends record their own autograd
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net._one_call_args(x) is None
+    hooked = lo.LightNet(backend="cpu")
+    hooked.fc3.register_forward_hook(lambda m, args, out: out * 2)
+    assert hooked._one_call_args(x) is None
+    stock = _seeded(lo.StockLightNet, 2)
+    fused = _seeded(lo.LightNet, 2, backend="cpu")
+    fused.fc3.register_forward_hook(lambda m, args, out: out * 2)
+    torch.testing.assert_close(fused(x), stock(x) * 2, rtol=1e-5, atol=1e-6)  # the hook ran
+    replaced = lo.LightNet(backend="cpu")
+    replaced.fc2 = nn.Sequential(nn.Linear(120, 84), nn.ReLU())
+    assert replaced._one_call_args(x) is None
+    on_meta = lo.LightNet(backend="cpu")
+    on_meta.fc1.to("meta")
+    assert on_meta._one_call_args(x) is None
+    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+    try:
+        assert net._one_call_args(x) is None
+    finally:
+        handle.remove()
+    assert net._one_call_args(x) is not None
+    # torch.func transforms and tracing see the per-layer Python
+    seen = []
+    torch.func.vmap(lambda s: seen.append(net._one_call_args(s.unsqueeze(0))) or s)(x)
+    assert seen == [None]
+
+
+@needs_extension
+def test_one_call_forward_errors_like_the_layers():
+    net = lo.LightNet(backend="cpu")
+    x = torch.randn(2, 1, 28, 28)  # 28x28 flattens to 400 features, fc1 expects 576
+    with pytest.raises(ValueError, match="input has 400 features but weight expects 576"):
+        net(x)
+    with pytest.raises(ValueError, match="input has 400 features but weight expects 576"):
+        _layer_by_layer(net)(x)
