@@ -50,6 +50,17 @@ def _tensors_on(device: torch.device, weight, bias) -> bool:
         bias is None or (isinstance(bias, torch.Tensor) and bias.device == device))
 
 
+def _weight_and_bias(module: nn.Module, cls: type) -> tuple:
+    """(weight, bias) of a module, read from its _parameters when it is exactly `cls` with both
+    registered there (Module.__getattr__ costs more per read than a tiny layer's kernel); otherwise
+    (a subclass, a parametrization, weight_norm's computed attribute) through attribute access."""
+    if type(module) is cls:
+        params = module._parameters
+        if "weight" in params and "bias" in params:
+            return params["weight"], params["bias"]
+    return module.weight, module.bias
+
+
 def _reset_like_stock(weight: nn.Parameter, bias: Optional[nn.Parameter]) -> None:
     # Same calls, in the same order, as nn.Conv2d.reset_parameters / nn.Linear.reset_parameters.
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))

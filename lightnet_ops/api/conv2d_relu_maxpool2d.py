@@ -14,7 +14,7 @@ from .._shapes import IntPair, pair
 from ..autograd import function_for
 from ..ops import conv2d_relu_maxpool2d as conv_op
 from ._common import _autocast, _needs_function, _needs_grad, _refuse_scripting, _reset_like_stock, \
-    _tangents_possible, _tensors_on
+    _tangents_possible, _tensors_on, _weight_and_bias
 
 __all__ = ["conv2d_relu_maxpool2d", "conv2d_relu_maxpool2d_normalized", "Conv2dReLUMaxPool2d",
            "Conv2dReLUMaxPool2dFunction"]
@@ -181,8 +181,9 @@ class Conv2dReLUMaxPool2d(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # The parameters were normalised to pairs in __init__: skip the functional API's normalisation.
+        weight, bias = _weight_and_bias(self, Conv2dReLUMaxPool2d)
         return conv2d_relu_maxpool2d_normalized(
-            input, self.weight, self.bias, self.stride, self.padding, self.dilation,
+            input, weight, bias, self.stride, self.padding, self.dilation,
             self.pool_kernel_size, self.pool_stride, self.pool_padding, self.ceil_mode, self.backend,
         )
 

@@ -12,7 +12,8 @@ from torch import nn
 from .. import backend_registry as registry
 from ..autograd import function_for
 from ..ops import linear_relu as linear_op
-from ._common import _autocast, _needs_function, _refuse_scripting, _reset_like_stock, _tangents_possible, _tensors_on
+from ._common import _autocast, _needs_function, _refuse_scripting, _reset_like_stock, _tangents_possible, _tensors_on, \
+    _weight_and_bias
 
 __all__ = ["linear_relu", "LinearReLU", "LinearReLUFunction"]
 
@@ -96,7 +97,8 @@ class LinearReLU(nn.Module):
         _reset_like_stock(self.weight, self.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return linear_relu(input, self.weight, self.bias, backend=self.backend)
+        weight, bias = _weight_and_bias(self, LinearReLU)
+        return linear_relu(input, weight, bias, backend=self.backend)
 
     # torch.jit.script calls this on every submodule before compiling: fail with a clear message.
     __prepare_scriptable__ = _refuse_scripting
