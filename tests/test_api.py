@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from torch import nn
 
 import lightnet_ops as lo
 
@@ -154,3 +155,34 @@ def test_python_functions_still_run_the_extension_backends():
     g = torch.randn_like(ref)
     for got, want in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("make, call", [
+    (lambda: lo.Conv2dReLUMaxPool2d(2, 3, 3, backend="cpu" if "cpu" in lo.backends() else "reference"),
+     lambda m, x, w, b: lo.conv2d_relu_maxpool2d(x, w, b, pool_kernel_size=2, backend="reference")),
+    (lambda: lo.LinearReLU(8, 5, backend="cpu" if "cpu" in lo.backends() else "reference"),
+     lambda m, x, w, b: lo.linear_relu(x, w, b, backend="reference")),
+], ids=["conv", "linear"])
+def test_modules_use_parametrized_and_hook_computed_weights(make, call):
+    # The modules read weight and bias from _parameters only when nothing computes them: a
+    # parametrization (its own subclass) and the old weight_norm (a pre-hook-set attribute) must be followed.
+    import warnings
+    from torch.nn.utils import parametrize
+    torch.manual_seed(0)
+    m = make()
+    x = torch.randn(2, 2, 6, 6) if isinstance(m, lo.Conv2dReLUMaxPool2d) else torch.randn(4, 8)
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(m, "weight", Double())
+    torch.testing.assert_close(m(x), call(m, x, m.weight, m.bias))
+    assert torch.allclose(m.weight, 2 * m.parametrizations.weight.original)
+    m2 = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.nn.utils.weight_norm(m2)
+    m2.weight_g.data.mul_(3)  # the computed weight differs from the stored direction
+    out = m2(x)
+    torch.testing.assert_close(out, call(m2, x, m2.weight, m2.bias))
