@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from .. import backend_registry as registry
 from ..autograd import function_for
+from ..fuse_spec import LINEAR, RELU, Link, Pattern, TensorOf, adopt_parameters
 from ..ops import linear_relu as linear_op
 from ._common import _autocast, _needs_function, _refuse_scripting, _reset_like_stock, _tangents_possible, _tensors_on
 
@@ -106,3 +107,24 @@ class LinearReLU(nn.Module):
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
+
+
+# --------------------------------------------------------------------------------------------
+# Model swapping (lo.fuse, the compile backend): the chain of stock ops this op replaces
+
+
+def _fused_module(links: Sequence[Link], backend: str) -> nn.Module:
+    m = links[0].module
+    fused = LinearReLU(m.in_features, m.out_features, bias=m.bias is not None, backend=backend, device="meta")
+    return adopt_parameters(fused, m, LINEAR.parameters)
+
+
+def _call_args(links: Sequence[Link], tensor: TensorOf) -> tuple:
+    return (tensor(links[0], "weight"), tensor(links[0], "bias"))
+
+
+#: The chain ``lo.fuse`` and the ``lightnet_ops`` compile backend replace with this op (``lightnet_ops.fuse``
+#: collects it): Linear -> ReLU.
+FUSE_PATTERNS: tuple[Pattern, ...] = (
+    Pattern(linear_op.NAME, (LINEAR, RELU), LinearReLU, _fused_module, linear_relu, _call_args),
+)
