@@ -4,8 +4,9 @@ nn.Module and its autograd.Function, listed in the module's ``__all__``.
 Nothing else names them: ``lightnet_ops.functional`` re-exports the functions, ``lightnet_ops.modules``
 the nn.Modules, and the package every name, through :func:`export`. Modules are found like the op
 contracts (every module here whose name does not start with ``_``, in name order; each name in the
-order of its ``__all__``), so adding an op's API is adding its module. The module also declares
-``FUSE_PATTERNS``, the chains of stock ops ``lightnet_ops.fuse`` replaces with the op."""
+order of its ``__all__``), so adding an op's API is adding its module. The module also declares how the
+library's generic tools use the op: ``FUSE_PATTERNS`` (the chains ``lightnet_ops.fuse`` replaces with it)
+and ``BENCH`` (its benchmark entry, which ``lightnet_ops.bench.ops`` collects)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import math
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from ..fuse_spec import BATCH_NORM2D, CONV2D, MAX_POOL2D, RELU, Link, Pattern, S
 from ..ops import conv2d_relu_maxpool2d as conv_op
 from ._common import _autocast, _needs_function, _needs_grad, _refuse_scripting, _reset_like_stock, \
     _tangents_possible, _tensors_on
+
+if TYPE_CHECKING:
+    from ..bench.problems import Case
 
 __all__ = ["conv2d_relu_maxpool2d", "conv2d_relu_maxpool2d_normalized", "Conv2dReLUMaxPool2d",
            "Conv2dReLUMaxPool2dFunction"]
@@ -411,3 +415,94 @@ FUSE_PATTERNS: tuple[Pattern, ...] = (
     Pattern("conv2d_bn_relu_maxpool2d", (CONV2D, BATCH_NORM2D, RELU, MAX_POOL2D), Conv2dBNReLUMaxPool2d,
             _bn_fused_module, conv2d_bn_relu_maxpool2d, _bn_call_args, _call_kwargs, _bn_stand_ins),
 )
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmark (lightnet_ops.bench): the cases, the stock composition, seeded inputs, compulsory work
+
+
+class ConvReLUMaxPoolBench:
+    """conv2d_relu_maxpool2d on a :class:`~lightnet_ops.bench.problems.ConvShape` (NCHW input).
+
+    ``lightnet_ops.bench.ops`` mixes this plain class into its ``FunctionalOpBench`` (whose helpers
+    ``uniform`` and ``element_size`` it uses); importing the op does not import the harness."""
+
+    name = "conv"
+
+    def make_cases(self) -> tuple:
+        from ..bench.problems import Case, ConvShape  # the harness's records, only when benchmarking
+
+        name, fwd = self.name, ("fwd",)
+        conv1 = ConvShape(1, 6, 32, 32, 3)  # LightNet conv1: 1->6, 32x32, k3, pool2
+        conv2 = ConvShape(6, 16, 15, 15, 3)  # LightNet conv2: 6->16, 15x15, k3, pool2
+        vgg = ConvShape(64, 64, 56, 56, 3, padding=1)  # VGG-style block: 64->64, 56x56, k3 pad1, pool2
+        # Per-call host cost: problems so small that one call is all argument handling and dispatch.
+        tiny = ConvShape(1, 1, 4, 4, 3)  # 1x1x4x4 input, 3x3 filter -> 2x2 -> pool -> 1x1
+        return (
+            Case("conv1_b1", name, 1, "LightNet conv1 1->6 32x32 k3 pool2, batch 1", conv1),
+            Case("conv1_b64", name, 64, "LightNet conv1 1->6 32x32 k3 pool2, batch 64", conv1, quick=("cpu",)),
+            Case("conv1_b256", name, 256, "LightNet conv1 1->6 32x32 k3 pool2, batch 256", conv1, quick=("cuda",)),
+            Case("conv2_b1", name, 1, "LightNet conv2 6->16 15x15 k3 pool2, batch 1", conv2),
+            Case("conv2_b64", name, 64, "LightNet conv2 6->16 15x15 k3 pool2, batch 64", conv2, quick=("cpu",)),
+            Case("conv2_b256", name, 256, "LightNet conv2 6->16 15x15 k3 pool2, batch 256", conv2, quick=("cuda",)),
+            Case("vgg_b8", name, 8, "VGG-style block 64->64 56x56 k3 pad1 pool2, batch 8", vgg, quick=("cpu",)),
+            Case("vgg_b8_fp16", name, 8, "VGG-style block, float16", vgg, "float16", ("cuda",), ("cuda",)),
+            Case("vgg_b8_bf16", name, 8, "VGG-style block, bfloat16", vgg, "bfloat16", ("cuda",), ("cuda",)),
+            # Small-batch inference.
+            Case("conv1_b8", name, 8, "LightNet conv1 1->6 32x32 k3 pool2, batch 8, inference", conv1,
+                 only_modes=fwd),
+            Case("conv2_b8", name, 8, "LightNet conv2 6->16 15x15 k3 pool2, batch 8, inference", conv2,
+                 only_modes=fwd),
+            # Per-call host cost on tiny tensors (CallBench): "stock" is ONE stock call (F.conv2d, or an
+            # nn.Conv2d module call), not the stock composition.
+            Case("call_conv_fn", "call_fn", 1,
+                 "per-call cost: lo.conv2d_relu_maxpool2d vs F.conv2d, 1x1x4x4 input, 3x3", tiny, quick=("cpu",)),
+            Case("call_conv_module", "call_module", 1,
+                 "per-call cost: Conv2dReLUMaxPool2d vs nn.Conv2d module call, 1x1x4x4 input, 3x3", tiny),
+        )
+
+    @staticmethod
+    def stock(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: IntPair, padding: IntPair,
+              dilation: IntPair, pool_k: IntPair, pool_s: IntPair) -> torch.Tensor:
+        return F.max_pool2d(F.relu(F.conv2d(x, w, b, stride, padding, dilation)), pool_k, pool_s)
+
+    def inputs(self, case: Case, device: torch.device, dtype: torch.dtype) -> tuple[tuple, tuple, tuple]:
+        s = case.shape
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(case.batch, s.in_channels, s.height, s.width, generator=g).to(device, dtype)
+        bound = 1.0 / math.sqrt(s.in_channels * s.kernel ** 2)
+        w = self.uniform((s.out_channels, s.in_channels, s.kernel, s.kernel), bound, g).to(device, dtype)
+        b = self.uniform((s.out_channels,), bound, g).to(device, dtype)
+        args = ((s.stride,) * 2, (s.padding,) * 2, (s.dilation,) * 2, (s.pool_kernel,) * 2, (s.pool_stride,) * 2)
+        PH, PW = s.pool_out
+        return (x, w, b), args, (case.batch, s.out_channels, PH, PW)
+
+    def cost(self, case: Case, mode: str) -> tuple[Optional[float], Optional[float]]:
+        s, N = case.shape, case.batch
+        e = self.element_size(case)
+        (P, Q), (PH, PW) = s.conv_out, s.pool_out
+        x, w, b = N * s.in_channels * s.height * s.width, s.out_channels * s.in_channels * s.kernel ** 2, s.out_channels
+        out = N * s.out_channels * PH * PW
+        flops = 2.0 * N * s.out_channels * P * Q * s.in_channels * s.kernel ** 2
+        if mode == "fwd":
+            return flops, float(e * (x + w + b + out))
+        # forward writes out + argmax (1 B); backward reads grad_out, argmax, x, w, writes the three grads
+        fwd = e * (x + w + b + out) + out
+        bwd = e * (out + x + w) + out + e * (x + w + b)
+        return 3 * flops, float(fwd + bwd)
+
+    #: The chain's first stock op, which the per-call cases time one call of.
+    first_op = staticmethod(F.conv2d)
+
+    def first_module(self, case: Case) -> nn.Module:
+        s = case.shape
+        return nn.Conv2d(s.in_channels, s.out_channels, s.kernel, s.stride, s.padding, s.dilation)
+
+    def fused_module(self, case: Case, backend: str) -> nn.Module:
+        s = case.shape
+        return Conv2dReLUMaxPool2d(s.in_channels, s.out_channels, s.kernel, s.stride, s.padding, s.dilation,
+                                   pool_kernel_size=s.pool_kernel, pool_stride=s.pool_stride, backend=backend)
+
+
+#: How ``lightnet_ops.bench`` times this op (``bench.ops.OPS`` collects it).
+BENCH = ConvReLUMaxPoolBench
