@@ -1,5 +1,9 @@
 """Public API of the fused conv op: ``conv2d_relu_maxpool2d`` (functional), ``Conv2dReLUMaxPool2d``
-(nn.Module) and ``Conv2dReLUMaxPool2dFunction`` (its autograd.Function, built from the contract)."""
+(nn.Module) and ``Conv2dReLUMaxPool2dFunction`` (its autograd.Function, built from the contract).
+
+Also how the generic tools use it: ``FUSE_PATTERNS`` (Conv2d -> ReLU -> MaxPool2d, and Conv2d ->
+BatchNorm2d -> ReLU -> MaxPool2d with the eval-mode BatchNorm folded in, :class:`Conv2dBNReLUMaxPool2d`)
+for ``lightnet_ops.fuse``, and ``BENCH`` for ``lightnet_ops.bench``."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Public API of the fused linear op: ``linear_relu`` (functional), ``LinearReLU`` (nn.Module) and
-``LinearReLUFunction`` (its autograd.Function, built from the contract)."""
+``LinearReLUFunction`` (its autograd.Function, built from the contract).
+
+Also how the generic tools use it: ``FUSE_PATTERNS`` (Linear -> ReLU) for ``lightnet_ops.fuse``, and
+``BENCH`` for ``lightnet_ops.bench``."""
 
 from __future__ import annotations
 
