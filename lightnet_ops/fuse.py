@@ -9,8 +9,11 @@ What is fused is one table, :data:`PATTERNS`: each :class:`Pattern` names its ch
 (:class:`OpSpec`: the module class, the functions / Tensor methods that spell the op in a graph,
 and how to read its arguments), how to build the fused module from the matched modules, and the
 ``lightnet_ops.functional`` call that replaces the chain in a graph. Both passes below, and the
-``torch.compile`` backend (compile_backend.py, through :func:`fuse_graph`), iterate this table;
-a new fusion is one more entry.
+``torch.compile`` backend (compile_backend.py, through :func:`fuse_graph`), iterate this table.
+Each op declares its own patterns, as ``FUSE_PATTERNS`` in its API module ``lightnet_ops/api/<op>.py``
+(built from the blocks in fuse_spec.py), and the table collects them, longest chain first: a new
+fusion is one more entry there, with no edit here. The conv op's module also holds the BatchNorm
+composition (:class:`Conv2dBNReLUMaxPool2d` and its helpers, importable from here too).
 
 Two passes:
 
@@ -67,7 +70,6 @@ from __future__ import annotations
 import collections
 import copy
 import functools
-import inspect
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -75,27 +77,27 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import functional as LF
-from ._shapes import MAX_POOL_WINDOW, pair
+from . import api
 from .backend_registry import BACKEND_NAMES
-from .modules import Conv2dReLUMaxPool2d, LinearReLU
+from .fuse_spec import Link, OpSpec, Pattern, Skip, bind
+
+# Importable from here as well: the pattern building blocks (fuse_spec.py) and the conv op's BatchNorm composition.
+from .api.conv2d_relu_maxpool2d import Conv2dBNReLUMaxPool2d, FoldedBatchNorm2d  # noqa: F401
+from .api.conv2d_relu_maxpool2d import conv2d_bn_relu_maxpool2d, fold_conv_bn  # noqa: F401
+from .fuse_spec import BATCH_NORM2D, CONV2D, LINEAR, MAX_POOL2D, POOL_SUPPORT, RELU  # noqa: F401
+from .fuse_spec import PoolSupport, TensorOf  # noqa: F401
 
 __all__ = ["PATTERNS", "FusedChain", "Link", "OpSpec", "Pattern", "fuse", "fuse_graph", "summary"]
-
-CONV_KIND = "conv2d_relu_maxpool2d"
-CONV_BN_KIND = "conv2d_bn_relu_maxpool2d"
-LINEAR_KIND = "linear_relu"
 
 
 @dataclass(frozen=True)
 class FusedChain:
     """One chain that was fused (or, in ``skipped_chains``, left alone and why).
 
-    kind: "conv2d_relu_maxpool2d" or "linear_relu".
+    kind: the pattern's kind ("conv2d_relu_maxpool2d", "conv2d_bn_relu_maxpool2d", "linear_relu", ...).
     names: the original modules' qualified names (module pass) or graph node names (graph pass).
     where: "module" (nn.Sequential children swapped) or "graph" (torch.fx / TorchDynamo graph).
     reason: why a candidate was skipped; empty for fused chains.
@@ -118,507 +120,29 @@ class FusedChain:
         return f"{self.kind}: {chain} ({self.where}){timed}" + (f" skipped: {self.reason}" if self.reason else "")
 
 
-class _Skip(Exception):
-    """A candidate chain that the fused op cannot compute exactly; the message says why."""
 
-
-# --------------------------------------------------------------------------------------------
-# Argument normalisation (signatures of the stock functions, to bind node args/kwargs)
-
-
-def _conv_sig(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: ANN001, ANN202
-    pass
-
-
-def _pool_sig(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,  # noqa: ANN001, ANN202
-              return_indices=False):
-    pass
-
-
-def _linear_sig(input, weight, bias=None):  # noqa: ANN001, ANN202
-    pass
-
-
-def _relu_sig(input, inplace=False):  # noqa: ANN001, ANN202
-    pass
-
-
-def _batch_norm_sig(input, running_mean, running_var, weight=None, bias=None, training=False,  # noqa: ANN001, ANN202
-                    momentum=0.1, eps=1e-5):
-    pass
-
-
-def _input_sig(input):  # noqa: ANN001, ANN202
-    pass
-
-
-def _bind(sig_fn: Callable, args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
-    try:
-        bound = inspect.signature(sig_fn).bind(*args, **kwargs)
-    except TypeError:
-        return None
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
-def _int_pair(value: Any, name: str) -> tuple[int, int]:
-    try:
-        return tuple(pair(value, name))  # type: ignore[return-value]
-    except (TypeError, ValueError) as e:
-        raise _Skip(str(e)) from None
-
-
-def _conv_params(stride: Any, padding: Any, dilation: Any, groups: Any, kernel_size: Optional[tuple[int, int]],
-                 padding_mode: str = "zeros") -> dict[str, tuple[int, int]]:
-    """{"stride", "padding", "dilation"} as int pairs, or _Skip."""
-    if groups != 1:
-        raise _Skip(f"conv groups={groups} (the fused op needs groups=1)")
-    if padding_mode != "zeros":
-        raise _Skip(f"conv padding_mode={padding_mode!r} (the fused op pads with zeros)")
-    stride_ = _int_pair(stride, "stride")
-    dilation_ = _int_pair(dilation, "dilation")
-    if isinstance(padding, str):
-        if padding == "valid":
-            pads = (0, 0)
-        elif padding != "same" or kernel_size is None:
-            raise _Skip(f"conv padding={padding!r} with unknown kernel size")
-        else:
-            halves = []
-            for d, k in zip(dilation_, kernel_size):
-                total = d * (k - 1)
-                if total % 2:
-                    raise _Skip("conv padding='same' is asymmetric for this kernel")
-                halves.append(total // 2)
-            pads = (halves[0], halves[1])
-    else:
-        pads = _int_pair(padding, "padding")
-    return {"stride": stride_, "padding": pads, "dilation": dilation_}
-
-
-@dataclass(frozen=True)
-class PoolSupport:
-    """Which max_pool2d arguments beyond a floor-mode, unpadded window the fused op computes exactly.
-
-    A chain whose pool needs an unsupported one is skipped with the reason; a supported one is passed to
-    the fused module / functional call as ``pool_padding=`` / ``ceil_mode=`` (only when it is not the
-    default, so calls of a fused op without those arguments stay valid).
-    """
-
-    padding: bool = False
-    ceil_mode: bool = False
-
-
-#: What the pool of the fused conv op supports (one line to change when the op gains an argument).
-POOL_SUPPORT = PoolSupport(padding=True, ceil_mode=True)
-
-
-def _pool_params(kernel_size: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: Any,
-                 return_indices: Any) -> dict[str, Any]:
-    """{"kernel_size", "stride", "padding"} as int pairs and "ceil_mode" (bool), or _Skip."""
-    k = _int_pair(kernel_size, "pool kernel_size")
-    default_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)  # [] in aten
-    s = k if default_stride else _int_pair(stride, "pool stride")
-    pad = _int_pair(padding, "pool padding")
-    if pad != (0, 0) and not POOL_SUPPORT.padding:
-        raise _Skip(f"pool padding={padding} (the fused op pools without padding)")
-    if _int_pair(dilation, "pool dilation") != (1, 1):
-        raise _Skip(f"pool dilation={dilation}")
-    if not isinstance(ceil_mode, bool):
-        raise _Skip(f"pool ceil_mode={ceil_mode!r} is not a constant bool")
-    if ceil_mode and not POOL_SUPPORT.ceil_mode:
-        raise _Skip("pool ceil_mode=True (the fused op pools in floor mode)")
-    if return_indices is not False:
-        raise _Skip("pool return_indices=True")
-    if k[0] * k[1] > MAX_POOL_WINDOW:
-        raise _Skip(f"pool window {k} has more than {MAX_POOL_WINDOW} elements")
-    return {"kernel_size": k, "stride": s, "padding": pad, "ceil_mode": ceil_mode}
-
-
-def _pool_kwargs(pool: dict[str, Any]) -> dict[str, Any]:
-    """The fused op's keyword arguments for a pool's padding / ceil mode, only where not the default."""
-    kwargs: dict[str, Any] = {}
-    if pool["padding"] != (0, 0):
-        kwargs["pool_padding"] = pool["padding"]
-    if pool["ceil_mode"]:
-        kwargs["ceil_mode"] = True
-    return kwargs
-
-
-def _no_params(_: Any) -> dict[str, Any]:
-    return {}
-
-
-def _conv_module_params(conv: nn.Conv2d) -> dict[str, Any]:
-    return _conv_params(conv.stride, conv.padding, conv.dilation, conv.groups, tuple(conv.kernel_size),
-                        conv.padding_mode)
-
-
-def _conv_call_params(args: dict[str, Any]) -> dict[str, Any]:
-    kernel = None
-    if isinstance(args["padding"], str):  # 'same' needs the kernel size: from the weight's example value
-        w = args["weight"]
-        val = w.meta.get("val", w.meta.get("example_value")) if isinstance(w, fx.Node) else None
-        if isinstance(val, torch.Tensor) and val.dim() == 4:
-            kernel = tuple(int(v) for v in val.shape[2:])
-    return _conv_params(args["stride"], args["padding"], args["dilation"], args["groups"], kernel)
-
-
-def _pool_module_params(pool: nn.MaxPool2d) -> dict[str, Any]:
-    return _pool_params(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
-                        pool.return_indices)
-
-
-def _pool_call_params(args: dict[str, Any]) -> dict[str, Any]:
-    return _pool_params(args["kernel_size"], args["stride"], args["padding"], args["dilation"], args["ceil_mode"],
-                        args["return_indices"])
-
-
-def _batch_norm_module_params(bn: nn.BatchNorm2d) -> dict[str, Any]:
-    if bn.training:
-        raise _Skip("BatchNorm2d in training mode normalises with batch statistics, which cannot be folded "
-                    "(fuse the model in eval mode: model.eval())")
-    if bn.running_mean is None or bn.running_var is None:
-        raise _Skip("BatchNorm2d without running statistics (track_running_stats=False) normalises with batch "
-                    "statistics, which cannot be folded")
-    return {"eps": float(bn.eps)}
-
-
-def _batch_norm_call_params(args: dict[str, Any]) -> dict[str, Any]:
-    if args["training"] is not False:
-        raise _Skip(f"batch_norm(training={args['training']}) normalises with batch statistics, which cannot be "
-                    "folded")
-    if args["running_mean"] is None or args["running_var"] is None:
-        raise _Skip("batch_norm without running statistics cannot be folded")
-    if not isinstance(args["eps"], (int, float)) or isinstance(args["eps"], bool):
-        raise _Skip(f"batch_norm eps={args['eps']!r} is not a constant number")
-    return {"eps": float(args["eps"])}
-
-
-# --------------------------------------------------------------------------------------------
-# The table: stock ops, and the chains of them that a fused op replaces
-
-
-@dataclass(frozen=True)
-class OpSpec:
-    """One stock op a chain can contain, as a module and as a graph call.
-
-    name: short name used in messages ("conv2d", "relu", ...).
-    module_type: the nn.Module class (instances must keep its ``forward``; subclasses that override
-        it compute something else and do not match).
-    functions: ``call_function`` targets that spell the op in an fx graph (F.conv2d, torch.conv2d...).
-    methods: ``call_method`` names (Tensor.relu -> "relu"), called with the input only.
-    signature: a function with the stock signature, to bind a call's args/kwargs by name (default:
-        the input only).
-    module_params: normalised arguments of a module instance (dict); raises _Skip when the fused
-        op cannot compute this instance exactly.
-    call_params: the same from a bound functional call.
-    parameters: names of the module's tensors that the fused module adopts (must be nn.Parameters).
-    optional: those of ``parameters`` that may be None (a conv without bias, a non-affine BatchNorm).
-    """
-
-    name: str
-    module_type: type
-    functions: frozenset = frozenset()
-    methods: frozenset = frozenset()
-    signature: Callable = _input_sig
-    module_params: Callable[[nn.Module], dict[str, Any]] = _no_params
-    call_params: Callable[[dict[str, Any]], dict[str, Any]] = _no_params
-    parameters: tuple[str, ...] = ()
-    optional: tuple[str, ...] = ("bias",)
-
-
-CONV2D = OpSpec("conv2d", nn.Conv2d, frozenset({F.conv2d, torch.conv2d}), signature=_conv_sig,
-                module_params=_conv_module_params, call_params=_conv_call_params, parameters=("weight", "bias"))
-RELU = OpSpec("relu", nn.ReLU, frozenset({F.relu, F.relu_, torch.relu, torch.relu_}), frozenset({"relu", "relu_"}),
-              signature=_relu_sig)
-MAX_POOL2D = OpSpec("max_pool2d", nn.MaxPool2d, frozenset({F.max_pool2d, torch.max_pool2d}), signature=_pool_sig,
-                    module_params=_pool_module_params, call_params=_pool_call_params)
-LINEAR = OpSpec("linear", nn.Linear, frozenset({F.linear}), signature=_linear_sig, parameters=("weight", "bias"))
-# Only F.batch_norm: torch.batch_norm orders its arguments differently (and TorchDynamo records F.batch_norm).
-BATCH_NORM2D = OpSpec("batch_norm2d", nn.BatchNorm2d, frozenset({F.batch_norm}), signature=_batch_norm_sig,
-                      module_params=_batch_norm_module_params, call_params=_batch_norm_call_params,
-                      parameters=("weight", "bias"), optional=("weight", "bias"))
-
-
-@dataclass
-class Link:
-    """One matched op of a chain.
-
-    op: its OpSpec. name: qualified module name (module pass) or graph node name (graph pass).
-    module: the matched module (module pass, and ``call_module`` nodes), else None.
-    node: the graph node (graph pass), else None. input: the node it reads (graph pass).
-    args: the bound arguments of a ``call_function`` node ({} otherwise).
-    params: the normalised arguments (``op.module_params`` / ``op.call_params``).
-    """
-
-    op: OpSpec
-    name: str
-    module: Optional[nn.Module] = None
-    node: Optional[fx.Node] = None
-    input: Any = None
-    args: dict[str, Any] = field(default_factory=dict)
-    params: dict[str, Any] = field(default_factory=dict)
-
-
-#: tensor(link, "weight") -> the graph value of a matched op's tensor argument (None for a missing bias)
-TensorOf = Callable[[Link, str], Any]
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """One fusion: a chain of stock ops and what replaces it.
-
-    kind: the name reported in FusedChain.kind.
-    chain: the ops, in data-flow order; each reads the previous one's output.
-    fused_module: the class build_module returns (torch.fx traces keep it as a leaf).
-    build_module(links, backend): the fused nn.Module, adopting the first link's module's Parameters
-        (used when the chain starts with a module: the module pass, and ``call_module`` nodes).
-    function: the ``lightnet_ops.functional`` op that replaces the chain in a graph.
-    call_args(links, tensor): its arguments after the input (the call also gets ``backend=``);
-        ``tensor`` gives the graph value of a matched op's weight/bias, whether module or function.
-        Raises _Skip where the chain has no functional form (e.g. it needs a module's train/eval mode).
-    call_kwargs(links): keyword arguments of that call besides ``backend``.
-    stand_ins(links, fused): for each link after the first, the module that takes the place of its
-        module (None: ``nn.Identity`` in a Sequential; in a graph the module is left where it is). A
-        stand-in keeps a module's tensors under its name (state_dict keys unchanged) when the fused
-        module folds it in; a graph chain whose stand-in link is a module called from more than one
-        place is not swapped.
-    """
-
-    kind: str
-    chain: tuple[OpSpec, ...]
-    fused_module: type
-    build_module: Callable[[Sequence[Link], str], nn.Module]
-    function: Callable
-    call_args: Callable[[Sequence[Link], TensorOf], tuple]
-    call_kwargs: Callable[[Sequence[Link]], dict[str, Any]] = lambda links: {}
-    stand_ins: Callable[[Sequence[Link], nn.Module], Sequence[Optional[nn.Module]]] = \
-        lambda links, fused: [None] * (len(links) - 1)
-
-
-def _adopt_parameters(fused: nn.Module, module: nn.Module, names: Sequence[str]) -> nn.Module:
-    """Give `fused` (built on meta) `module`'s own Parameters and training flag."""
-    for name in names:
-        value = getattr(module, name)
-        if value is not None:
-            setattr(fused, name, value)
-    fused.train(module.training)
-    return fused
-
-
-def _conv_relu_pool_module(links: Sequence[Link], backend: str) -> nn.Module:
-    conv, _, pool = links
-    m = conv.module
-    p, q = conv.params, pool.params
-    fused = Conv2dReLUMaxPool2d(  # on meta: no allocation, no RNG use
-        m.in_channels, m.out_channels, tuple(m.kernel_size), p["stride"], p["padding"], p["dilation"],
-        bias=m.bias is not None, pool_kernel_size=q["kernel_size"], pool_stride=q["stride"], backend=backend,
-        device="meta", **_pool_kwargs(q),
-    )
-    return _adopt_parameters(fused, m, CONV2D.parameters)
-
-
-def _conv_relu_pool_kwargs(links: Sequence[Link]) -> dict[str, Any]:
-    return _pool_kwargs(links[-1].params)
-
-
-def _conv_relu_pool_args(links: Sequence[Link], tensor: TensorOf) -> tuple:
-    conv, _, pool = links
-    p, q = conv.params, pool.params
-    return (tensor(conv, "weight"), tensor(conv, "bias"), p["stride"], p["padding"], p["dilation"],
-            q["kernel_size"], q["stride"])
-
-
-def _linear_relu_module(links: Sequence[Link], backend: str) -> nn.Module:
-    m = links[0].module
-    fused = LinearReLU(m.in_features, m.out_features, bias=m.bias is not None, backend=backend, device="meta")
-    return _adopt_parameters(fused, m, LINEAR.parameters)
-
-
-def _linear_relu_args(links: Sequence[Link], tensor: TensorOf) -> tuple:
-    return (tensor(links[0], "weight"), tensor(links[0], "bias"))
-
-
-# --------------------------------------------------------------------------------------------
-# BatchNorm folded into the conv (eval mode): Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d
-
-
-def fold_conv_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], running_mean: torch.Tensor,
-                 running_var: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of the conv that computes ``batch_norm(conv2d(x, weight, bias))`` with running
-    statistics (eval mode): the arithmetic of ``torch.nn.utils.fusion.fuse_conv_bn_weights``,
-    differentiable in every argument.
-
-    Args:
-        weight: conv weight (K, C, R, S). bias: (K) or None.
-        running_mean, running_var: (K). bn_weight, bn_bias: (K) or None (non-affine BatchNorm).
-        eps: the BatchNorm's eps.
-
-    Returns:
-        (weight (K, C, R, S), bias (K)) in the conv weight's dtype.
-    """
-    if bias is None:
-        bias = torch.zeros_like(running_mean)
-    if bn_weight is None:
-        bn_weight = torch.ones_like(running_mean)
-    if bn_bias is None:
-        bn_bias = torch.zeros_like(running_mean)
-    var_rsqrt = torch.rsqrt(running_var + eps)
-    w = (weight * (bn_weight * var_rsqrt).reshape(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype)
-    b = ((bias - running_mean) * var_rsqrt * bn_weight + bn_bias).to(weight.dtype)
-    return w, b
-
-
-def conv2d_bn_relu_maxpool2d(
-    input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], running_mean: torch.Tensor,
-    running_var: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor], eps: float,
-    stride: Any = 1, padding: Any = 0, dilation: Any = 1, pool_kernel_size: Any = 2, pool_stride: Any = None,
-    *, backend: str = "auto", **pool: Any,
-) -> torch.Tensor:
-    """``max_pool2d(relu(batch_norm(conv2d(input, weight, bias), running_mean, running_var, bn_weight,
-    bn_bias, training=False, eps=eps)))`` as the fused conv op with the BatchNorm folded into its weight
-    and bias (:func:`fold_conv_bn`, per call). Input (N, C, H, W) or (C, H, W); returns (N, K, PH, PW).
-    ``pool`` takes the fused op's further pool arguments (see :data:`POOL_SUPPORT`)."""
-    w, b = fold_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
-    return LF.conv2d_relu_maxpool2d(input, w, b, stride, padding, dilation, pool_kernel_size, pool_stride,
-                                    backend=backend, **pool)
-
-
-class FoldedBatchNorm2d(nn.BatchNorm2d):
-    """Stand-in for a BatchNorm2d folded into the :class:`Conv2dBNReLUMaxPool2d` before it.
-
-    It holds the BatchNorm's own Parameters and buffers under the BatchNorm's name, so state_dict keys,
-    checkpoints and ``isinstance(m, nn.BatchNorm2d)`` loops (freezing BN, resetting statistics) work as
-    before; its forward passes the input through, because the fused module applies the BatchNorm.
-    Input (N, K, H, W); output the same tensor.
-    """
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return input
-
-    @classmethod
-    def adopt(cls, bn: nn.BatchNorm2d) -> FoldedBatchNorm2d:
-        """A stand-in sharing `bn`'s tensors (the same objects), settings and training flag."""
-        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
-        for name in ("weight", "bias"):
-            new._parameters[name] = bn._parameters.get(name)
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            new._buffers[name] = bn._buffers.get(name)
-        new.train(bn.training)
-        return new
-
-
-_FOLD_SOURCES = ("weight", "bias", "running_mean", "running_var", "bn_weight", "bn_bias")
-
-
-class Conv2dBNReLUMaxPool2d(Conv2dReLUMaxPool2d):
-    """Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d as one fused op, the BatchNorm folded into the conv.
-
-    Built by :func:`fuse` from an eval-mode chain. It holds the conv's Parameters (``weight``,
-    ``bias``) under the conv's name; the BatchNorm's tensors stay in a :class:`FoldedBatchNorm2d`
-    under the BatchNorm's name (``self.bn`` refers to it without owning it). So the state_dict keys
-    are the original model's, and a checkpoint loads either way.
-
-    While that BatchNorm is in eval mode, forward runs the fused op with the folded weight and bias
-    (non-persistent buffers ``folded_weight`` / ``folded_bias``, folded at fuse time and folded again
-    whenever a source tensor changes: an optimizer step, ``load_state_dict``, ``.to()``). When
-    gradients are needed the fold is recomputed in the autograd graph on each call, so the conv and
-    BatchNorm parameters get their exact gradients. After ``.train()`` (the BatchNorm in training
-    mode) forward is the stock chain, Conv2d -> BatchNorm2d (batch statistics, running-statistics
-    updates) -> ReLU -> MaxPool2d, on the original tensors: training never updates a folded copy.
-    Input (N, C, H, W) or (C, H, W).
-    """
-
-    def __init__(self, conv: nn.Conv2d, bn: FoldedBatchNorm2d, conv_params: dict[str, Any],
-                 pool_params: dict[str, Any], *, backend: str = "auto") -> None:
-        p, q = conv_params, pool_params
-        super().__init__(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), p["stride"], p["padding"],
-                         p["dilation"], bias=conv.bias is not None, pool_kernel_size=q["kernel_size"],
-                         pool_stride=q["stride"], backend=backend, device="meta", **_pool_kwargs(q))
-        self._pool_extra = _pool_kwargs(q)
-        self._stock_pool = {"padding": q["padding"], "ceil_mode": q["ceil_mode"]}
-        _adopt_parameters(self, conv, CONV2D.parameters)
-        self.__dict__["bn"] = bn  # not a submodule: its tensors keep the BatchNorm's state_dict keys
-        self.register_buffer("folded_weight", None, persistent=False)
-        self.register_buffer("folded_bias", None, persistent=False)
-        self._folded_from: Optional[tuple] = None
-        self.refold()
-
-    def _sources(self) -> tuple[Optional[torch.Tensor], ...]:
-        bn = self.bn
-        return (self.weight, self.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
-
-    def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return fold_conv_bn(*self._sources(), self.bn.eps)
-
-    def _source_key(self) -> Optional[tuple]:
-        try:  # inference tensors have no version counter: no caching then
-            return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
-                         for t in self._sources()) + (self.bn.eps,)
-        except RuntimeError:
-            return None
-
-    def refold(self) -> None:
-        """Fold the BatchNorm into ``folded_weight`` / ``folded_bias`` now (forward does it when needed)."""
-        with torch.no_grad(), torch.inference_mode(False):
-            self.folded_weight, self.folded_bias = self._fold()
-        self._folded_from = self._source_key()
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        bn = self.bn
-        if bn.training:  # batch statistics: the stock chain, on the original tensors
-            y = F.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation)
-            y = nn.BatchNorm2d.forward(bn, y)
-            return F.max_pool2d(F.relu(y), self.pool_kernel_size, self.pool_stride, **self._stock_pool)
-        sources = self._sources()
-        if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)) \
-                or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            w, b = self._fold()  # in the autograd (or traced) graph
-        else:
-            key = self._source_key()
-            if key is None or key != self._folded_from:
-                self.refold()
-            w, b = self.folded_weight, self.folded_bias
-        return LF.conv2d_relu_maxpool2d(input, w, b, self.stride, self.padding, self.dilation,
-                                        self.pool_kernel_size, self.pool_stride, backend=self.backend,
-                                        **self._pool_extra)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", batch_norm folded"
-
-
-def _conv_bn_relu_pool_module(links: Sequence[Link], backend: str) -> nn.Module:
-    conv, bn, _, pool = links
-    return Conv2dBNReLUMaxPool2d(conv.module, FoldedBatchNorm2d.adopt(bn.module), conv.params, pool.params,
-                                 backend=backend)
-
-
-def _conv_bn_stand_ins(links: Sequence[Link], fused: nn.Module) -> list[Optional[nn.Module]]:
-    return [fused.bn, None, None]
-
-
-def _conv_bn_relu_pool_args(links: Sequence[Link], tensor: TensorOf) -> tuple:
-    conv, bn, _, pool = links
-    if bn.module is not None:  # checked before any graph edit
-        raise _Skip(f"{bn.name} is a BatchNorm2d module called from more than one place (or its conv is): a "
-                    "fused call could not follow its train/eval mode")
-    p, q = conv.params, pool.params
-    return (tensor(conv, "weight"), tensor(conv, "bias"), tensor(bn, "running_mean"), tensor(bn, "running_var"),
-            tensor(bn, "weight"), tensor(bn, "bias"), bn.params["eps"], p["stride"], p["padding"], p["dilation"],
-            q["kernel_size"], q["stride"])
-
-
-
-#: Every fusion, tried in this order at each position (a longer chain that starts with the same op
-#: as a shorter one goes first); the first pattern whose chain matches decides (fused or skipped).
-PATTERNS: tuple[Pattern, ...] = (
-    Pattern(CONV_BN_KIND, (CONV2D, BATCH_NORM2D, RELU, MAX_POOL2D), Conv2dBNReLUMaxPool2d, _conv_bn_relu_pool_module,
-            conv2d_bn_relu_maxpool2d, _conv_bn_relu_pool_args, _conv_relu_pool_kwargs, _conv_bn_stand_ins),
-    Pattern(CONV_KIND, (CONV2D, RELU, MAX_POOL2D), Conv2dReLUMaxPool2d, _conv_relu_pool_module,
-            LF.conv2d_relu_maxpool2d, _conv_relu_pool_args, _conv_relu_pool_kwargs),
-    Pattern(LINEAR_KIND, (LINEAR, RELU), LinearReLU, _linear_relu_module, LF.linear_relu, _linear_relu_args),
-)
+def _collect_patterns() -> tuple[Pattern, ...]:
+    """Every op API module's ``FUSE_PATTERNS`` (``api.MODULES``, in name order), longest chain first.
+
+    At each position the first pattern whose chain matches decides (fused or skipped), so a longer chain
+    that starts with the same op as a shorter one must be tried first: sorting by chain length (stable,
+    so equal lengths keep the modules' order) gives that whichever module declares which pattern."""
+    found: list[Pattern] = []
+    for module in api.MODULES.values():
+        for pattern in getattr(module, "FUSE_PATTERNS", ()):
+            if not isinstance(pattern, Pattern):
+                raise TypeError(f"{module.__name__}.FUSE_PATTERNS must hold fuse_spec.Pattern objects, got "
+                                f"{type(pattern).__name__}")
+            found.append(pattern)
+    kinds = [p.kind for p in found]
+    if len(set(kinds)) != len(kinds):
+        raise TypeError(f"two fuse patterns share a kind: {sorted(k for k in set(kinds) if kinds.count(k) > 1)}")
+    return tuple(sorted(found, key=lambda p: -len(p.chain)))
+
+
+#: Every fusion, in the order tried at each position (see _collect_patterns); the first pattern whose chain
+#: matches decides (fused or skipped).
+PATTERNS: tuple[Pattern, ...] = _collect_patterns()
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,28 +166,28 @@ def _hook_names(module: nn.Module) -> list[str]:
 
 
 def _check_module(op: OpSpec, name: str, module: nn.Module) -> None:
-    """_Skip unless `module` is a plain instance the fused module can stand in for: no hooks, no
+    """Skip unless `module` is a plain instance the fused module can stand in for: no hooks, no
     parametrizations, its tensors real nn.Parameters (old-style weight_norm / prune turn the weight
     into a computed attribute), initialised."""
     if parametrize.is_parametrized(module):
         tensors = ", ".join(f"{t} by {'/'.join(type(p).__name__ for p in plist)}"
                             for t, plist in module.parametrizations.items())
-        raise _Skip(f"{name} is parametrized ({tensors}); the fused module would bypass the parametrization")
+        raise Skip(f"{name} is parametrized ({tensors}); the fused module would bypass the parametrization")
     hooks = _hook_names(module)
     if hooks:
-        raise _Skip(f"{name} has hooks ({', '.join(hooks)}); a module with hooks must run as itself")
+        raise Skip(f"{name} has hooks ({', '.join(hooks)}); a module with hooks must run as itself")
     for tensor_name in op.parameters:
         value = getattr(module, tensor_name, None)
         if value is None and tensor_name in op.optional:
             continue
         if isinstance(value, nn.parameter.UninitializedParameter):
-            raise _Skip(f"lazy {op.name} is not initialised yet")
+            raise Skip(f"lazy {op.name} is not initialised yet")
         if not isinstance(value, nn.Parameter) or module._parameters.get(tensor_name) is not value:
-            raise _Skip(f"{name}.{tensor_name} is not an nn.Parameter of the module ({type(value).__name__})")
+            raise Skip(f"{name}.{tensor_name} is not an nn.Parameter of the module ({type(value).__name__})")
 
 
 def _resolve(links: Sequence[Link]) -> None:
-    """Fill each link's params (module checks first); raises _Skip with the first problem found."""
+    """Fill each link's params (module checks first); raises Skip with the first problem found."""
     for link in links:
         if link.module is not None:
             _check_module(link.op, link.name, link.module)
@@ -762,7 +286,7 @@ class _Guard:
     def check(self, pattern: Pattern, links: Sequence[Link], gm: Optional[fx.GraphModule], backend: str,
               new_module: Optional[nn.Module]) -> Optional[tuple[float, float]]:
         """(fused, stock) seconds of this chain at the shape its first module saw, or None where it cannot
-        be timed (a functional first op, several shapes, a value only known at run time); raises _Skip
+        be timed (a functional first op, several shapes, a value only known at run time); raises Skip
         when fused / stock > ratio."""
         first = links[0]
         shapes = self.seen.get(id(first.module)) if first.module is not None else None
@@ -808,7 +332,7 @@ class _NotTimed(Exception):
     pass
 
 
-class _SlowerSkip(_Skip):
+class _SlowerSkip(Skip):
     def __init__(self, message: str, times: tuple[float, float]) -> None:
         super().__init__(message)
         self.times = times
@@ -870,7 +394,7 @@ def _fuse_sequentials(root: nn.Module, backend: str, fused: list[FusedChain], sk
                     _resolve(links)
                     new = pattern.build_module(links, backend)
                     times = guard.check(pattern, links, None, backend, new) if guard is not None else None
-                except _Skip as e:
+                except Skip as e:
                     skipped.append(FusedChain(pattern.kind, tuple(names[i:i + n]), "module", str(e),
                                               times=getattr(e, "times", None)))
                     break
@@ -900,7 +424,7 @@ def _match_node(gm: fx.GraphModule, op: OpSpec, node: fx.Node) -> Optional[Link]
     """A Link if `node` spells `op` (module, function or method call), else None. Arguments are
     not checked here (see _resolve)."""
     if node.op == "call_function" and node.target in op.functions:
-        args = _bind(op.signature, node.args, node.kwargs)
+        args = bind(op.signature, node.args, node.kwargs)
         return None if args is None else Link(op, node.name, node=node, input=args["input"], args=args)
     if node.op == "call_method" and node.target in op.methods and len(node.args) == 1 and not node.kwargs:
         return Link(op, node.name, node=node, input=node.args[0])
@@ -997,7 +521,7 @@ def _fuse_graph(gm: fx.GraphModule, backend: str, use_modules: bool, journal: _J
                 break
             try:
                 if shared:
-                    raise _Skip(shared)
+                    raise Skip(shared)
                 _resolve(links)
                 # the module form adopts the modules of the first op and of every op with tensors (a
                 # BatchNorm): each must be a module called from this one place
@@ -1006,7 +530,7 @@ def _fuse_graph(gm: fx.GraphModule, backend: str, use_modules: bool, journal: _J
                 new_module = pattern.build_module(links, backend) if swap else None
                 times = guard.check(pattern, links, gm, backend, new_module) if guard is not None else None
                 _rewrite(gm, pattern, links, backend, swap, journal, new_module)
-            except _Skip as e:
+            except Skip as e:
                 skipped.append(FusedChain(pattern.kind, names, "graph", str(e), modules, getattr(e, "times", None)))
             else:
                 fused.append(FusedChain(pattern.kind, names, "graph", modules=modules, times=times))

@@ -1277,12 +1277,13 @@ def test_speed_guard_run_leaves_state_and_rng_alone():
 
 def test_pool_support_flags_drive_the_skip(monkeypatch):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1, ceil_mode=True))
-    monkeypatch.setattr(fuse_mod, "POOL_SUPPORT", fuse_mod.PoolSupport())
+    spec = importlib.import_module("lightnet_ops.fuse_spec")  # the max_pool2d OpSpec reads the flags there
+    monkeypatch.setattr(spec, "POOL_SUPPORT", spec.PoolSupport())
     assert "padding" in lo.fuse(model).skipped_chains[0].reason
-    monkeypatch.setattr(fuse_mod, "POOL_SUPPORT", fuse_mod.PoolSupport(padding=True))
+    monkeypatch.setattr(spec, "POOL_SUPPORT", spec.PoolSupport(padding=True))
     assert "ceil_mode=True" in lo.fuse(model).skipped_chains[0].reason
     # with both flags the chain is taken, and the fused op gets the pool's padding and ceil mode
-    monkeypatch.setattr(fuse_mod, "POOL_SUPPORT", fuse_mod.PoolSupport(padding=True, ceil_mode=True))
+    monkeypatch.setattr(spec, "POOL_SUPPORT", spec.PoolSupport(padding=True, ceil_mode=True))
     link = fuse_mod.Link(fuse_mod.MAX_POOL2D, "2", module=model[2])
     fuse_mod._resolve([link])
-    assert fuse_mod._pool_kwargs(link.params) == {"pool_padding": (1, 1), "ceil_mode": True}
+    assert spec.pool_kwargs(link.params) == {"pool_padding": (1, 1), "ceil_mode": True}

@@ -4,7 +4,9 @@ nn.Module and its autograd.Function, listed in the module's ``__all__``.
 Nothing else names them: ``lightnet_ops.functional`` re-exports the functions, ``lightnet_ops.modules``
 the nn.Modules, and the package every name, through :func:`export`. Modules are found like the op
 contracts (every module here whose name does not start with ``_``, in name order; each name in the
-order of its ``__all__``), so adding an op's API is adding its module."""
+order of its ``__all__``), so adding an op's API is adding its module. The module also declares how the
+library's generic tools use the op: ``FUSE_PATTERNS`` (the chains ``lightnet_ops.fuse`` replaces with it)
+and ``BENCH`` (its benchmark entry, which ``lightnet_ops.bench.ops`` collects)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ from torch import nn
 Kind = Literal["function", "module", "all"]
 
 
+#: Every op's API module by its name (the op's), in name order; ``lightnet_ops.fuse`` reads their ``FUSE_PATTERNS``.
+MODULES: dict[str, ModuleType] = {}
+
+
 def _discover() -> dict[str, Any]:
     """name -> object of every op API module's ``__all__``; a name two modules claim is an error."""
     exports: dict[str, Any] = {}
@@ -26,6 +32,7 @@ def _discover() -> dict[str, Any]:
         if info.name.startswith("_"):
             continue
         module: ModuleType = importlib.import_module(f"{__name__}.{info.name}")
+        MODULES[info.name] = module
         names = getattr(module, "__all__", None)
         if not names:
             raise TypeError(f"{module.__name__} must list its public names in __all__")

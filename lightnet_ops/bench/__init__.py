@@ -20,7 +20,8 @@ Modes:
 
 Modules:
   ``problems``     what a case is (Case, ConvShape, LinearShape)
-  ``ops``          how each op is set up for every implementation, and its cases (OPS, build_runner, Runner)
+  ``ops``          how each op is set up for every implementation, and its cases (OPS, build_runner, Runner);
+                   a fused op's own part (cases, stock composition, inputs, cost) is its API module's BENCH
   ``cases``        the cases collected from OPS (CASES, select_cases, benchmark_matrix)
   ``timing``       block timer, warm-up, statistics, copy bandwidth (FULL / QUICK settings)
   ``memory``       saved-for-backward bytes and peak allocated bytes of one call

@@ -3,15 +3,16 @@ implementation (a lightnet_ops backend, the ``stock`` composition, ``torch.compi
 whole-model inference ONNX Runtime's CPU provider when it is installed) for a case and a mode, plus
 the op's compulsory work (FLOPs, bytes) for the roofline columns, and declares the op's cases.
 
-Adding an op to the benchmark is one entry in :data:`OPS` with its ``cases`` and ``fused_op`` (the
-contract's name): ``cases.CASES`` collects the cases, and ``benchmarks/bench_ops.py`` times them.
+An op's own entry is declared with the op: the ``BENCH`` class of ``lightnet_ops/api/<op>.py`` (its
+cases, stock composition, seeded inputs and cost; see :class:`FunctionalOpBench`), which :data:`OPS`
+collects, so adding an op needs no edit here. ``cases.CASES`` collects the cases, and
+``benchmarks/bench_ops.py`` times them.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import io
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -20,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import lightnet_ops as lo
+from lightnet_ops import api
 
-from .problems import Case, ConvShape, LinearShape
+from .problems import Case
 
 #: Implementations that are not lightnet_ops backends: stock eager and torch.compile of stock.
 PEERS = ("stock", "compile")
@@ -51,11 +53,6 @@ class Runner:
 def _compile(fn: Callable) -> Callable:
     # dynamic=False: one static graph per shape, as a user with fixed shapes gets.
     return torch.compile(fn, dynamic=False)
-
-
-def _is_conv(shape: Any) -> bool:
-    """Whether a case's shape is a ConvShape."""
-    return isinstance(shape, ConvShape)
 
 
 def _uniform(shape: tuple, bound: float, g: torch.Generator) -> torch.Tensor:
@@ -88,20 +85,36 @@ class OpBench:
 
 
 class FunctionalOpBench(OpBench):
-    """An op called as ``f(x, weight, bias, *args)``: the fused op of a backend against its stock
-    composition and ``torch.compile`` of that composition, in inference (``fwd``) and with the
-    gradients of (x, weight, bias) (``fwd+bwd``).
+    """A fused op called as ``f(x, weight, bias, *args)``: the fused op of a backend
+    (``lightnet_ops.functional.<fused_op>``) against its stock composition and ``torch.compile`` of
+    that composition, in inference (``fwd``) and with the gradients of (x, weight, bias) (``fwd+bwd``).
 
-    Subclasses give `stock` (the composition), `fused(backend)`, `inputs` and `cost`."""
+    What differs per op is declared with the op, as the ``BENCH`` class of its API module
+    (``lightnet_ops/api/<op>.py``): `name`, ``make_cases()``, `stock` (the composition), `inputs`,
+    `cost`, and for the per-call cases (:class:`CallBench`) `first_op`, ``first_module(case)`` and
+    ``fused_module(case, backend)``. :func:`op_bench` mixes that class into this one."""
 
     modes = ("fwd", "fwd+bwd")
+
+    def __init__(self) -> None:
+        self.cases = tuple(self.make_cases())
+
+    def make_cases(self) -> tuple:
+        """The op's cases (its own, and the per-call cases it declares for CallBench)."""
+        return ()
 
     @staticmethod
     def stock(*args: Any) -> torch.Tensor:
         raise NotImplementedError
 
     def fused(self, backend: str) -> Callable[..., torch.Tensor]:
-        raise NotImplementedError
+        """The op's public function with `backend`, called with the stock composition's arguments."""
+        op = getattr(lo.functional, self.fused_op)
+
+        def f(*args, _backend=backend):
+            return op(*args, backend=_backend)
+
+        return f
 
     def inputs(self, case: Case, device: torch.device, dtype: torch.dtype) -> tuple[tuple, tuple, tuple]:
         """((x, weight, bias), fixed trailing arguments, output shape), seeded."""
@@ -110,6 +123,16 @@ class FunctionalOpBench(OpBench):
     def cost(self, case: Case, mode: str) -> tuple[Optional[float], Optional[float]]:
         """(FLOPs, compulsory bytes) of one call: every input read once, every output written once."""
         return None, None
+
+    @staticmethod
+    def uniform(shape: tuple, bound: float, g: torch.Generator) -> torch.Tensor:
+        """nn.Linear / nn.Conv2d style initialisation: U(-bound, bound)."""
+        return _uniform(shape, bound, g)
+
+    @staticmethod
+    def element_size(case: Case) -> int:
+        """Bytes per element of the case's dtype."""
+        return torch.empty((), dtype=DTYPES[case.dtype]).element_size()
 
     def implementation(self, impl: str) -> Callable[..., torch.Tensor]:
         if impl == "stock":
@@ -145,154 +168,20 @@ class FunctionalOpBench(OpBench):
         return Runner(fwd_bwd, list(leaves), forward_with_grad, flops, nbytes)
 
 
-_FWD = ("fwd",)
-_CONV1 = ConvShape(1, 6, 32, 32, 3)                 # LightNet conv1: 1->6, 32x32, k3, pool2
-_CONV2 = ConvShape(6, 16, 15, 15, 3)                # LightNet conv2: 6->16, 15x15, k3, pool2
-_VGG = ConvShape(64, 64, 56, 56, 3, padding=1)      # VGG-style block: 64->64, 56x56, k3 pad1, pool2
-# Per-call host cost: problems so small that one call is all argument handling and dispatch.
-_TINY_CONV = ConvShape(1, 1, 4, 4, 3)               # 1x1x4x4 input, 3x3 filter -> 2x2 -> pool -> 1x1
-
-
-class ConvReLUMaxPoolBench(FunctionalOpBench):
-    """conv2d_relu_maxpool2d on a :class:`~lightnet_ops.bench.problems.ConvShape` (NCHW input)."""
-
-    name = "conv"
-    fused_op = "conv2d_relu_maxpool2d"
-    cases = (
-        Case("conv1_b1", name, 1, "LightNet conv1 1->6 32x32 k3 pool2, batch 1", _CONV1),
-        Case("conv1_b64", name, 64, "LightNet conv1 1->6 32x32 k3 pool2, batch 64", _CONV1, quick=("cpu",)),
-        Case("conv1_b256", name, 256, "LightNet conv1 1->6 32x32 k3 pool2, batch 256", _CONV1, quick=("cuda",)),
-        Case("conv2_b1", name, 1, "LightNet conv2 6->16 15x15 k3 pool2, batch 1", _CONV2),
-        Case("conv2_b64", name, 64, "LightNet conv2 6->16 15x15 k3 pool2, batch 64", _CONV2, quick=("cpu",)),
-        Case("conv2_b256", name, 256, "LightNet conv2 6->16 15x15 k3 pool2, batch 256", _CONV2, quick=("cuda",)),
-        Case("vgg_b8", name, 8, "VGG-style block 64->64 56x56 k3 pad1 pool2, batch 8", _VGG, quick=("cpu",)),
-        Case("vgg_b8_fp16", name, 8, "VGG-style block, float16", _VGG, "float16", ("cuda",), ("cuda",)),
-        Case("vgg_b8_bf16", name, 8, "VGG-style block, bfloat16", _VGG, "bfloat16", ("cuda",), ("cuda",)),
-        # Small-batch inference.
-        Case("conv1_b8", name, 8, "LightNet conv1 1->6 32x32 k3 pool2, batch 8, inference", _CONV1,
-             only_modes=_FWD),
-        Case("conv2_b8", name, 8, "LightNet conv2 6->16 15x15 k3 pool2, batch 8, inference", _CONV2,
-             only_modes=_FWD),
-        # Per-call host cost on tiny tensors (CallBench): "stock" is ONE stock call (F.conv2d, or an
-        # nn.Conv2d module call), not the stock composition.
-        Case("call_conv_fn", "call_fn", 1, "per-call cost: lo.conv2d_relu_maxpool2d vs F.conv2d, 1x1x4x4 input, 3x3",
-             _TINY_CONV, quick=("cpu",)),
-        Case("call_conv_module", "call_module", 1,
-             "per-call cost: Conv2dReLUMaxPool2d vs nn.Conv2d module call, 1x1x4x4 input, 3x3", _TINY_CONV),
-    )
-
-    @staticmethod
-    def stock(x, w, b, stride, padding, dilation, pool_k, pool_s):
-        return F.max_pool2d(F.relu(F.conv2d(x, w, b, stride, padding, dilation)), pool_k, pool_s)
-
-    def fused(self, backend: str) -> Callable[..., torch.Tensor]:
-        def f(x, w, b, stride, padding, dilation, pool_k, pool_s, _backend=backend):
-            return lo.conv2d_relu_maxpool2d(x, w, b, stride, padding, dilation, pool_k, pool_s, backend=_backend)
-
-        return f
-
-    def inputs(self, case: Case, device: torch.device, dtype: torch.dtype) -> tuple[tuple, tuple, tuple]:
-        s = case.shape
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(case.batch, s.in_channels, s.height, s.width, generator=g).to(device, dtype)
-        bound = 1.0 / math.sqrt(s.in_channels * s.kernel ** 2)
-        w = _uniform((s.out_channels, s.in_channels, s.kernel, s.kernel), bound, g).to(device, dtype)
-        b = _uniform((s.out_channels,), bound, g).to(device, dtype)
-        args = ((s.stride,) * 2, (s.padding,) * 2, (s.dilation,) * 2, (s.pool_kernel,) * 2, (s.pool_stride,) * 2)
-        PH, PW = s.pool_out
-        return (x, w, b), args, (case.batch, s.out_channels, PH, PW)
-
-    def cost(self, case: Case, mode: str) -> tuple[Optional[float], Optional[float]]:
-        s, N = case.shape, case.batch
-        e = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
-        (P, Q), (PH, PW) = s.conv_out, s.pool_out
-        x, w, b = N * s.in_channels * s.height * s.width, s.out_channels * s.in_channels * s.kernel ** 2, s.out_channels
-        out = N * s.out_channels * PH * PW
-        flops = 2.0 * N * s.out_channels * P * Q * s.in_channels * s.kernel ** 2
-        if mode == "fwd":
-            return flops, float(e * (x + w + b + out))
-        # forward writes out + argmax (1 B); backward reads grad_out, argmax, x, w, writes the three grads
-        fwd = e * (x + w + b + out) + out
-        bwd = e * (out + x + w) + out + e * (x + w + b)
-        return 3 * flops, float(fwd + bwd)
-
-
-_FC1 = LinearShape(576, 120)                        # LightNet fc1
-_FC2 = LinearShape(120, 84)                         # LightNet fc2
-_BIG_LINEAR = LinearShape(1024, 4096)
-_SQUARE_4K = LinearShape(4096, 4096)                # a large layer at few rows: weight-bandwidth bound
-_TINY_LINEAR = LinearShape(4, 4)                    # 1x4 input, 4 -> 4
-
-
-class LinearReLUBench(FunctionalOpBench):
-    """linear_relu on a :class:`~lightnet_ops.bench.problems.LinearShape`, (batch, in_features) input."""
-
-    name = "linear"
-    fused_op = "linear_relu"
-    cases = (
-        Case("linear_576x120_b256", name, 256, "linear_relu 576->120 (LightNet fc1), batch 256", _FC1,
-             quick=("cpu", "cuda")),
-        Case("linear_1024x4096_b4096", name, 4096, "linear_relu 1024->4096, batch 4096", _BIG_LINEAR),
-        Case("linear_1024x4096_b4096_fp16", name, 4096, "linear_relu 1024->4096, batch 4096, float16", _BIG_LINEAR,
-             "float16", ("cuda",)),
-        Case("linear_1024x4096_b4096_bf16", name, 4096, "linear_relu 1024->4096, batch 4096, bfloat16",
-             _BIG_LINEAR, "bfloat16", ("cuda",), ("cuda",)),
-        # Small-batch inference: LightNet's fc1 / fc2 and a large layer at few rows.
-        Case("linear_576x120_b1", name, 1, "linear_relu 576->120 (LightNet fc1), batch 1, inference", _FC1,
-             only_modes=_FWD),
-        Case("linear_576x120_b8", name, 8, "linear_relu 576->120 (LightNet fc1), batch 8, inference", _FC1,
-             only_modes=_FWD),
-        Case("linear_120x84_b1", name, 1, "linear_relu 120->84 (LightNet fc2), batch 1, inference", _FC2,
-             only_modes=_FWD),
-        Case("linear_120x84_b8", name, 8, "linear_relu 120->84 (LightNet fc2), batch 8, inference", _FC2,
-             only_modes=_FWD),
-        Case("linear_4096x4096_b1", name, 1, "linear_relu 4096->4096, batch 1, inference", _SQUARE_4K,
-             only_modes=_FWD),
-        Case("linear_4096x4096_b8", name, 8, "linear_relu 4096->4096, batch 8, inference", _SQUARE_4K,
-             only_modes=_FWD),
-        # Per-call host cost on tiny tensors (CallBench): one F.linear / nn.Linear call as "stock".
-        Case("call_linear_fn", "call_fn", 1, "per-call cost: lo.linear_relu vs F.linear, 1x4 input, 4->4",
-             _TINY_LINEAR),
-        Case("call_linear_module", "call_module", 1, "per-call cost: LinearReLU vs nn.Linear module call, 1x4 input",
-             _TINY_LINEAR),
-    )
-
-    @staticmethod
-    def stock(x, w, b):
-        return F.relu(F.linear(x, w, b))
-
-    def fused(self, backend: str) -> Callable[..., torch.Tensor]:
-        def f(x, w, b, _backend=backend):
-            return lo.linear_relu(x, w, b, backend=_backend)
-
-        return f
-
-    def inputs(self, case: Case, device: torch.device, dtype: torch.dtype) -> tuple[tuple, tuple, tuple]:
-        fin, fout = case.shape.in_features, case.shape.out_features
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(case.batch, fin, generator=g).to(device, dtype)
-        bound = 1.0 / math.sqrt(fin)
-        w = _uniform((fout, fin), bound, g).to(device, dtype)
-        b = _uniform((fout,), bound, g).to(device, dtype)
-        return (x, w, b), (), (case.batch, fout)
-
-    def cost(self, case: Case, mode: str) -> tuple[Optional[float], Optional[float]]:
-        fin, fout, N = case.shape.in_features, case.shape.out_features, case.batch
-        e = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
-        x, w, b, out = N * fin, fout * fin, fout, N * fout
-        flops = 2.0 * N * fin * fout
-        if mode == "fwd":
-            return flops, float(e * (x + w + b + out))
-        fwd = e * (x + w + b + out)
-        bwd = e * (out + out + x + w) + e * (x + w + b)  # grad_out, saved out, x, w; grads
-        return 3 * flops, float(fwd + bwd)
+def op_bench(fused_op: str, spec: type) -> FunctionalOpBench:
+    """The benchmark entry of `fused_op` (a contract name): `spec`, the ``BENCH`` class of the op's API
+    module, mixed into FunctionalOpBench (the op's module stays free of the harness's imports)."""
+    cls = type(spec.__name__, (spec, FunctionalOpBench), {"fused_op": fused_op, "__doc__": spec.__doc__,
+                                                         "__module__": spec.__module__})
+    return cls()
 
 
 class CallBench(OpBench):
     """Per-call host cost on a tiny problem: one fused call of a backend against ONE stock call, the
     first op of the chain it replaces (``F.conv2d`` / ``F.linear``, or the ``nn.Conv2d`` /
     ``nn.Linear`` module call when `modules`), inference under ``torch.no_grad()``. The case's shape
-    (ConvShape or LinearShape) picks the op; the problem is small enough that the time is argument
+    picks the op (the fused op's entry that declares cases of that shape type: its ``first_op``,
+    ``first_module`` and ``fused_module``); the problem is small enough that the time is argument
     handling, dispatch and output allocation. No torch.compile peer: it would time a graph guard.
 
     Fused functional calls pass only the tensors and ``backend``, as a user calling with the
@@ -306,31 +195,29 @@ class CallBench(OpBench):
     def supports(self, case: Case, impl: str, mode: str) -> bool:
         return impl not in ("compile", ORT) and mode in self.modes
 
+    @staticmethod
+    def op_of(case: Case) -> FunctionalOpBench:
+        """The fused op's entry whose cases have the shape type of `case`."""
+        for bench in OPS.values():
+            if isinstance(bench, FunctionalOpBench) and any(type(c.shape) is type(case.shape) for c in bench.cases):
+                return bench
+        raise ValueError(f"no fused op's entry declares cases of shape {type(case.shape).__name__} ({case.name})")
+
     def stock_module(self, case: Case) -> torch.nn.Module:
         """The stock module of the case's first op (nn.Conv2d / nn.Linear), seeded."""
-        s = case.shape
         torch.manual_seed(0)
-        if _is_conv(s):
-            return torch.nn.Conv2d(s.in_channels, s.out_channels, s.kernel, s.stride, s.padding, s.dilation)
-        return torch.nn.Linear(s.in_features, s.out_features)
+        return self.op_of(case).first_module(case)
 
     def fused_module(self, case: Case, backend: str) -> torch.nn.Module:
         """The fused module of the case (Conv2dReLUMaxPool2d / LinearReLU) with stock_module's weights."""
-        s = case.shape
-        if _is_conv(s):
-            m = lo.Conv2dReLUMaxPool2d(s.in_channels, s.out_channels, s.kernel, s.stride, s.padding, s.dilation,
-                                       pool_kernel_size=s.pool_kernel, pool_stride=s.pool_stride, backend=backend)
-        else:
-            m = lo.LinearReLU(s.in_features, s.out_features, backend=backend)
+        m = self.op_of(case).fused_module(case, backend)
         m.load_state_dict(self.stock_module(case).state_dict())
         return m
 
     def input(self, case: Case, device: torch.device) -> torch.Tensor:
-        """The seeded input: (batch, C, H, W) for a conv, (batch, in_features) for a linear."""
-        s = case.shape
-        g = torch.Generator().manual_seed(0)
-        size = (s.in_channels, s.height, s.width) if _is_conv(s) else (s.in_features,)
-        return torch.randn(case.batch, *size, generator=g).to(device, DTYPES[case.dtype])
+        """The seeded input the op's own cases get: (batch, C, H, W) for a conv, (batch, in_features) for a
+        linear."""
+        return self.op_of(case).inputs(case, device, DTYPES[case.dtype])[0][0]
 
     def runner(self, case: Case, impl: str, mode: str, device: torch.device) -> Runner:
         self._check_mode(case, mode)
@@ -339,7 +226,6 @@ class CallBench(OpBench):
         dtype = DTYPES[case.dtype]
         x = self.input(case, device)
         stock = self.stock_module(case).to(device, dtype)
-        conv = _is_conv(case.shape)
         if self.modules:
             f = stock if impl == "stock" else self.fused_module(case, impl).to(device, dtype)
 
@@ -349,14 +235,15 @@ class CallBench(OpBench):
 
             return Runner(call, [x, *stock.parameters()])
         w, b = stock.weight.detach(), stock.bias.detach()
+        op = self.op_of(case)
         if impl == "stock":
-            op = F.conv2d if conv else F.linear
+            first = op.first_op
 
             def call():
                 with torch.no_grad():
-                    return op(x, w, b)
+                    return first(x, w, b)
         else:
-            fused = lo.conv2d_relu_maxpool2d if conv else lo.linear_relu
+            fused = getattr(lo.functional, op.fused_op)
 
             def call(_backend=impl):
                 with torch.no_grad():
@@ -496,13 +383,14 @@ class ModelBench(OpBench):
         return Runner(step, params + [x], forward_with_grad)
 
 
+_FWD = ("fwd",)
 _LIGHTNET = "LightNet 1x32x32 -> 10: inference forward / SGD training step"
-#: Every benchmarked op by the name cases use (Case.op).
+#: Every benchmarked op by the name cases use (Case.op): each fused op's entry, declared with the op
+#: (``BENCH`` in ``lightnet_ops/api/<op>.py``, in op name order), then the whole model and the per-call cost.
 OPS: dict[str, OpBench] = {
     op.name: op
     for op in (
-        ConvReLUMaxPoolBench(),
-        LinearReLUBench(),
+        *(op_bench(name, module.BENCH) for name, module in api.MODULES.items() if hasattr(module, "BENCH")),
         ModelBench("lightnet", lo.StockLightNet, lambda backend: lo.LightNet(backend=backend), (1, 32, 32), 10,
                    cases=(
                        Case("lightnet_b64", "lightnet", 64, f"{_LIGHTNET}, batch 64", quick=("cpu",)),

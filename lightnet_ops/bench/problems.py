@@ -1,5 +1,6 @@
 """What a benchmark problem is: the Case record and the problem shapes of the fused ops. The cases
-themselves are declared with the op that runs them (``ops.py``) and collected in ``cases.py``."""
+themselves are declared with the op that runs them (a fused op's ``BENCH`` in ``lightnet_ops/api/<op>.py``,
+the whole model and the per-call entries in ``ops.py``) and collected in ``cases.py``."""
 
 from __future__ import annotations
 
