@@ -35,6 +35,8 @@ __all__ = ["conv2d_relu_maxpool2d", "conv2d_relu_maxpool2d_normalized", "Conv2dR
 #: uses to pass through ``setup_context``.)
 Conv2dReLUMaxPool2dFunction: type[torch.autograd.Function] = function_for(conv_op.NAME, forward_ad=True)
 
+_resolved = registry.cached_by_key
+
 
 def _same_padding(input: torch.Tensor, weight: torch.Tensor, stride: list[int],
                   dilation: list[int]) -> tuple[torch.Tensor, list[int]]:
@@ -118,15 +120,17 @@ def conv2d_relu_maxpool2d_normalized(
         elif padding != "same":
             raise ValueError(f"conv2d_relu_maxpool2d: invalid padding string {padding!r}, should be one of "
                              "{'valid', 'same'}")
-    impl = registry.cached(backend, input)
+    device = input.device
+    impl = _resolved((backend, device, input.dtype)) if type(backend) is str else None
     # The extension's ops check their own arguments in C++ (same exception types and messages,
     # csrc/<op>.cpp); Python checks only what they cannot see or never run.
-    if impl is None or not impl.records_autograd or not _tensors_on(input.device, weight, bias) \
+    if impl is None or not impl.records_autograd or not _tensors_on(device, weight, bias) \
             or isinstance(padding, str):
         conv_op.check_conv_pool(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride,
                                 pool_padding, ceil_mode)
         impl = registry.resolve(backend, input)
-    if _needs_function(impl, input, weight, bias):
+    if (torch._C._are_functorch_transforms_active() if impl.records_autograd
+            else _needs_function(impl, input, weight, bias)):
         out, _ = function_for(conv_op.NAME, _tangents_possible()).apply(
             input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, impl.name, pool_padding,
             ceil_mode
@@ -135,7 +139,7 @@ def conv2d_relu_maxpool2d_normalized(
         # need_argmax: whether backward may follow. A torch.jit.trace graph must not depend on the
         # grad mode it was traced in (its check re-traces under no_grad), so tracing always asks for it.
         need_argmax = _needs_grad(input, weight, bias) or torch.jit.is_tracing()
-        out, _ = impl.kernels(conv_op.NAME).forward(input, weight, bias, stride, padding, dilation, pool_kernel_size,
+        out, _ = impl.ops[conv_op.NAME].forward(input, weight, bias, stride, padding, dilation, pool_kernel_size,
                                                     pool_stride, need_argmax, pool_padding, ceil_mode)
     return out.squeeze(0) if unbatched else out
 

@@ -28,6 +28,8 @@ __all__ = ["linear_relu", "LinearReLU", "LinearReLUFunction"]
 #: ``apply(input, weight, bias, backend)`` returns the output (M, out_features), for 2-D input.
 LinearReLUFunction: type[torch.autograd.Function] = function_for(linear_op.NAME, forward_ad=True)
 
+_resolved = registry.cached_by_key
+
 
 def linear_relu(
     input: torch.Tensor,
@@ -50,11 +52,13 @@ def linear_relu(
     if isinstance(input, torch.Tensor):
         if torch._C._is_any_autocast_enabled():
             input, weight, bias = _autocast(input, weight, bias)
-        impl = registry.cached(backend, input)
-        # The common case, checked by the extension's op itself (see conv2d_relu_maxpool2d_normalized).
-        if impl is not None and impl.records_autograd and input.dim() == 2 and _tensors_on(input.device, weight, bias) \
-                and (bias is None or bias.dim() != 0):
-            return _linear_relu_2d(impl, input, weight, bias)
+        device = input.device
+        impl = _resolved((backend, device, input.dtype)) if type(backend) is str else None
+        # The common case, checked by the extension's op itself (see conv2d_relu_maxpool2d_normalized);
+        # this backend records its own autograd, so only a torch.func transform needs the Function.
+        if impl is not None and impl.records_autograd and input.dim() == 2 and _tensors_on(device, weight, bias) \
+                and (bias is None or bias.dim() != 0) and not torch._C._are_functorch_transforms_active():
+            return impl.ops[linear_op.NAME].forward(input, weight, bias)
     if isinstance(bias, torch.Tensor) and bias.dim() == 0 and isinstance(weight, torch.Tensor) and weight.dim() == 2:
         bias = bias.expand(weight.shape[0])  # F.linear broadcasts a 0-d bias
     linear_op.check_linear(input, weight, bias)
