@@ -244,3 +244,25 @@ def test_one_call_forward_errors_like_the_layers():
         net(x)
     with pytest.raises(ValueError, match="input has 400 features but weight expects 576"):
         _layer_by_layer(net)(x)
+
+
+@needs_extension
+def test_convnet_forward_passes_opcheck():
+    net = _seeded(lo.LightNet, 8, backend="cpu").double()
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64, requires_grad=True)
+    args = (x, *net._one_call_args(x))
+    torch.library.opcheck(torch.ops.lightnet_ops.convnet_forward.default, args)
+
+
+@needs_extension
+def test_convnet_forward_rejects_malformed_stacks():
+    net = lo.LightNet(backend="cpu")
+    x = torch.randn(2, 1, 32, 32)
+    conv_w, conv_b, params, lin_w, lin_b = net._one_call_args(x)
+    op = torch.ops.lightnet_ops.convnet_forward
+    with pytest.raises(ValueError, match="13 parameters per conv stage"):
+        op(x, conv_w, conv_b, params[:-1], lin_w, lin_b)
+    with pytest.raises(ValueError, match="at least one linear stage"):
+        op(x, conv_w, conv_b, params, [], [])
+    with pytest.raises(ValueError, match="expected 4-D"):
+        op(x[0], conv_w, conv_b, params, lin_w, lin_b)
