@@ -998,3 +998,24 @@ def test_module_matches_nn_conv2d_init_and_state_dict():
     no_bias = lo.Conv2dReLUMaxPool2d(3, 8, 3, bias=False)
     assert no_bias.bias is None and "bias=False" in repr(no_bias)
     assert lo.Conv2dReLUMaxPool2d(2, 4, 3, dtype=torch.float64).weight.dtype == torch.float64
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("case, forward_path, backward_path", [
+    # Conv output of 4 columns, 128 x 16 planes: oneDNN's batched forward, the direct backward.
+    (Case("q4_many_planes", 128, 3, 7, 7, 16, (5, 5), stride=2, padding=2, tiny=False), "aten-conv", "direct"),
+    (Case("q4_few_planes", 8, 3, 7, 7, 16, (5, 5), stride=2, padding=2), "direct", "direct"),
+    # 3 x 7 x 7 taps x overlapping 3/2 pool: direct only on a few planes of few channels.
+    (Case("k7_two_planes", 2, 3, 14, 14, 8, (7, 7), pool=3, pool_stride=2), "direct", "direct"),
+    (Case("k7_many_planes", 16, 3, 14, 14, 8, (7, 7), pool=3, pool_stride=2), "aten-conv", "aten"),
+    (Case("k7_many_channels", 2, 16, 14, 14, 2, (7, 7), pool=3, pool_stride=2), "aten-conv", "aten"),
+])
+def test_cpu_direct_rule(case, forward_path, backward_path):
+    # use_direct (csrc/cpu/conv_plan.cpp): the forward and backward plans of shapes on each side of
+    # its thresholds, then the forward's parity on the path it plans.
+    x = torch.randn(case.N, case.C, case.H, case.W)
+    w = torch.randn(case.K, case.C, *case.kernel)
+    forward, backward = cpu_conv_plan(x, w, case_params(case))
+    backward_kind = "direct" if backward["path"] == "direct" else "aten"  # the ATen backward: scatter or dense
+    assert (forward["path"], backward_kind) == (forward_path, backward_path), (forward, backward)
+    check_cpu_parity_float64_and_float32(case, f"rule/{case.name}")

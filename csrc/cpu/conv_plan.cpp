@@ -39,10 +39,12 @@ bool winograd_geometry(const ConvPoolShape& s) {
          s.pool_kh == 2 && s.pool_kw == 2 && s.pool_sh == 2 && s.pool_sw == 2;
 }
 
-// Direct kernels or the ATen path. The direct kernel spends C*R*S*KB multiply-adds per vector
-// load but has no cache blocking over its packed input (about the padded input per sample) and
-// recomputes overlapping pool windows (area / stride area times); oneDNN wins at large C*R*S.
-bool use_direct(const ConvPoolShape& s, int64_t elem_size) {
+// Direct kernels or the ATen path, for the forward or the backward. The direct kernel spends
+// C*R*S*KB multiply-adds per vector load but has no cache blocking over its packed input (about the
+// padded input per sample) and recomputes overlapping pool windows (area / stride area times);
+// oneDNN wins at large C*R*S, except with few input channels on a few (sample, output channel)
+// planes, where the direct kernel's lower per-call cost pays for longer reductions.
+bool use_direct(const ConvPoolShape& s, int64_t elem_size, bool forward) {
   if (!direct_packing_fits(s)) return false;  // even when forced: see direct_packing_fits
   if (const int forced = env_choice("LIGHTNET_OPS_CPU_CONV_PATH", "direct", "aten"); forced >= 0) return forced == 1;
   const int64_t pack_bytes = s.C * (s.H + 2 * s.pad_h + 16) * (s.W + 2 * s.pad_w) * elem_size;
@@ -52,7 +54,11 @@ bool use_direct(const ConvPoolShape& s, int64_t elem_size) {
   // from 16 input channels on (tiny images of a network's last stages), or from 256 output
   // channels when there are fewer samples than threads (the direct kernel runs a sample per thread).
   if (s.Q < 8 && (s.C >= 16 || (s.N < at::get_num_threads() && s.K >= 256))) return false;
-  return double(s.C * s.R * s.S) * recompute <= 256.0 && pack_bytes <= (1 << 20);
+  // The forward on at most 5 columns: oneDNN's batched convolution wins from 512 planes on (the
+  // direct backward still wins there).
+  if (forward && s.Q <= 5 && s.N * s.K >= 512) return false;
+  const double max_work = s.C < 16 && s.N * s.K <= 32 ? 1024.0 : 256.0;
+  return double(s.C * s.R * s.S) * recompute <= max_work && pack_bytes <= (1 << 20);
 }
 
 // Direct path's Winograd F(2x2, 3x3) variants (forward from 3 input channels, grad_input from 4):
@@ -159,7 +165,7 @@ ConvForwardPlan plan_forward(const ConvPoolShape& s, const at::Tensor& input, co
   p.isa = cpu_isa();
   // The direct kernel multiplies the conv padding's zeros by the weights, where ATen skips those
   // taps: non-finite weights take the ATen path, whose output is stock's.
-  if (use_direct(s, elem) && tensor_is_finite(weight, p.isa)) {
+  if (use_direct(s, elem, true) && tensor_is_finite(weight, p.isa)) {
     p.path = use_direct_winograd(s, "LIGHTNET_OPS_CPU_DIRECT_FORWARD", 3) ? ConvForward::kDirectWinograd
                                                                           : ConvForward::kDirect;
     p.channel_block = forward_channel_block(p.isa);
@@ -175,7 +181,7 @@ ConvBackwardPlan plan_backward(const ConvPoolShape& s, const at::Tensor* grad_ou
   const int64_t elem = input.element_size();
   ConvBackwardPlan p;
   p.isa = cpu_isa();
-  const bool direct = use_direct(s, elem);
+  const bool direct = use_direct(s, elem, false);
   // The sparse paths multiply only the elements a selected conv position reads, where stock's dense
   // backward also multiplies the rest by zero: a non-finite weight (input) would give NaN across
   // stock's grad_input (grad_weight) only, so such operands take the dense path. The scatter
