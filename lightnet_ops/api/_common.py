@@ -15,7 +15,12 @@ from ..autograd import forward_ad_active
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # a loop, not any(<generator>): this runs on every call
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def _autocast(input: torch.Tensor, *tensors: Optional[torch.Tensor]) -> tuple:

@@ -138,7 +138,7 @@ def conv2d_relu_maxpool2d_normalized(
     else:
         # need_argmax: whether backward may follow. A torch.jit.trace graph must not depend on the
         # grad mode it was traced in (its check re-traces under no_grad), so tracing always asks for it.
-        need_argmax = _needs_grad(input, weight, bias) or torch.jit.is_tracing()
+        need_argmax = _needs_grad(input, weight, bias) or torch._C._get_tracing_state() is not None
         out, _ = impl.ops[conv_op.NAME].forward(input, weight, bias, stride, padding, dilation, pool_kernel_size,
                                                     pool_stride, need_argmax, pool_padding, ceil_mode)
     return out.squeeze(0) if unbatched else out
