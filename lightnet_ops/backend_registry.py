@@ -209,13 +209,9 @@ def refresh() -> None:
     _RESOLVED.clear()
 
 
-#: resolve()'s earlier answer for a (name, device, dtype) key, or None: the per-call fast path.
-cached_by_key = _RESOLVED.get
-
-
-def cached(backend: str, tensor: torch.Tensor) -> Backend | None:
+def cached(backend: str, device: torch.device, dtype: torch.dtype) -> Backend | None:
     """resolve()'s earlier answer for this (name, device, dtype), or None if there is none yet."""
-    return _RESOLVED.get((backend, tensor.device, tensor.dtype)) if type(backend) is str else None
+    return _RESOLVED.get((backend, device, dtype)) if type(backend) is str else None
 
 
 def resolve(backend: str, tensor: torch.Tensor) -> Backend:

@@ -93,8 +93,7 @@ class LightNet(nn.Module):
                     or m._backward_hooks:
                 return None
             if cls is not nn.Linear:
-                impl = registry.cached(m.backend, x) or registry.resolve(m.backend, x)
-                if not impl.records_autograd:
+                if not registry.resolve(m.backend, x).records_autograd:
                     return None
             params = m._parameters
             weight, bias = params["weight"], params["bias"]

@@ -66,6 +66,16 @@ def _weight_and_bias(module: nn.Module, cls: type) -> tuple:
     return module.weight, module.bias
 
 
+def _add_weight_and_bias(module: nn.Module, weight_shape: tuple, bias: bool, factory: dict) -> None:
+    """Registers `weight` (uninitialised, weight_shape) and `bias` (weight_shape[0], or None) in the order
+    nn.Conv2d / nn.Linear do, so parameter lists and state dicts match stock's."""
+    module.weight = nn.Parameter(torch.empty(weight_shape, **factory))
+    if bias:
+        module.bias = nn.Parameter(torch.empty(weight_shape[0], **factory))
+    else:
+        module.register_parameter("bias", None)
+
+
 def _reset_like_stock(weight: nn.Parameter, bias: Optional[nn.Parameter]) -> None:
     # Same calls, in the same order, as nn.Conv2d.reset_parameters / nn.Linear.reset_parameters.
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))

@@ -20,8 +20,8 @@ from ..autograd import function_for
 from ..fuse_spec import BATCH_NORM2D, CONV2D, MAX_POOL2D, RELU, Link, Pattern, Skip, TensorOf, adopt_parameters, \
     pool_kwargs
 from ..ops import conv2d_relu_maxpool2d as conv_op
-from ._common import _autocast, _needs_function, _needs_grad, _refuse_scripting, _reset_like_stock, \
-    _tangents_possible, _tensors_on, _weight_and_bias
+from ._common import _add_weight_and_bias, _autocast, _needs_function, _needs_grad, _refuse_scripting, \
+    _reset_like_stock, _tangents_possible, _tensors_on, _weight_and_bias
 
 if TYPE_CHECKING:
     from ..bench.problems import Case
@@ -34,8 +34,6 @@ __all__ = ["conv2d_relu_maxpool2d", "conv2d_relu_maxpool2d_normalized", "Conv2dR
 #: (The argmax is an output, not hidden state, because torch.func transforms need every tensor that backward
 #: uses to pass through ``setup_context``.)
 Conv2dReLUMaxPool2dFunction: type[torch.autograd.Function] = function_for(conv_op.NAME, forward_ad=True)
-
-_resolved = registry.cached_by_key
 
 
 def _same_padding(input: torch.Tensor, weight: torch.Tensor, stride: list[int],
@@ -121,7 +119,7 @@ def conv2d_relu_maxpool2d_normalized(
             raise ValueError(f"conv2d_relu_maxpool2d: invalid padding string {padding!r}, should be one of "
                              "{'valid', 'same'}")
     device = input.device
-    impl = _resolved((backend, device, input.dtype)) if type(backend) is str else None
+    impl = registry.cached(backend, device, input.dtype)
     # The extension's ops check their own arguments in C++ (same exception types and messages,
     # csrc/<op>.cpp); Python checks only what they cannot see or never run.
     if impl is None or not impl.records_autograd or not _tensors_on(device, weight, bias) \
@@ -129,8 +127,7 @@ def conv2d_relu_maxpool2d_normalized(
         conv_op.check_conv_pool(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride,
                                 pool_padding, ceil_mode)
         impl = registry.resolve(backend, input)
-    if (torch._C._are_functorch_transforms_active() if impl.records_autograd
-            else _needs_function(impl, input, weight, bias)):
+    if _needs_function(impl, input, weight, bias):
         out, _ = function_for(conv_op.NAME, _tangents_possible()).apply(
             input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, impl.name, pool_padding,
             ceil_mode
@@ -139,7 +136,7 @@ def conv2d_relu_maxpool2d_normalized(
         # need_argmax: whether backward may follow. A torch.jit.trace graph must not depend on the
         # grad mode it was traced in (its check re-traces under no_grad), so tracing always asks for it.
         need_argmax = _needs_grad(input, weight, bias) or torch._C._get_tracing_state() is not None
-        out, _ = impl.ops[conv_op.NAME].forward(input, weight, bias, stride, padding, dilation, pool_kernel_size,
+        out, _ = impl.kernels(conv_op.NAME).forward(input, weight, bias, stride, padding, dilation, pool_kernel_size,
                                                     pool_stride, need_argmax, pool_padding, ceil_mode)
     return out.squeeze(0) if unbatched else out
 
@@ -183,11 +180,7 @@ class Conv2dReLUMaxPool2d(nn.Module):
         self.pool_padding = tuple(pair(pool_padding, "pool_padding"))
         self.ceil_mode = bool(ceil_mode)
         self.backend = backend
-        self.weight = nn.Parameter(torch.empty((out_channels, in_channels, *self.kernel_size), **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
+        _add_weight_and_bias(self, (out_channels, in_channels, *self.kernel_size), bias, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -17,8 +17,8 @@ from .. import backend_registry as registry
 from ..autograd import function_for
 from ..fuse_spec import LINEAR, RELU, Link, Pattern, TensorOf, adopt_parameters
 from ..ops import linear_relu as linear_op
-from ._common import _autocast, _needs_function, _refuse_scripting, _reset_like_stock, _tangents_possible, _tensors_on, \
-    _weight_and_bias
+from ._common import _add_weight_and_bias, _autocast, _needs_function, _refuse_scripting, _reset_like_stock, \
+    _tangents_possible, _tensors_on, _weight_and_bias
 
 if TYPE_CHECKING:
     from ..bench.problems import Case
@@ -27,8 +27,6 @@ __all__ = ["linear_relu", "LinearReLU", "LinearReLUFunction"]
 
 #: ``apply(input, weight, bias, backend)`` returns the output (M, out_features), for 2-D input.
 LinearReLUFunction: type[torch.autograd.Function] = function_for(linear_op.NAME, forward_ad=True)
-
-_resolved = registry.cached_by_key
 
 
 def linear_relu(
@@ -53,12 +51,11 @@ def linear_relu(
         if torch._C._is_any_autocast_enabled():
             input, weight, bias = _autocast(input, weight, bias)
         device = input.device
-        impl = _resolved((backend, device, input.dtype)) if type(backend) is str else None
-        # The common case, checked by the extension's op itself (see conv2d_relu_maxpool2d_normalized);
-        # this backend records its own autograd, so only a torch.func transform needs the Function.
+        impl = registry.cached(backend, device, input.dtype)
+        # The common case, checked by the extension's op itself (see conv2d_relu_maxpool2d_normalized).
         if impl is not None and impl.records_autograd and input.dim() == 2 and _tensors_on(device, weight, bias) \
-                and (bias is None or bias.dim() != 0) and not torch._C._are_functorch_transforms_active():
-            return impl.ops[linear_op.NAME].forward(input, weight, bias)
+                and (bias is None or bias.dim() != 0):
+            return _linear_relu_2d(impl, input, weight, bias)
     if isinstance(bias, torch.Tensor) and bias.dim() == 0 and isinstance(weight, torch.Tensor) and weight.dim() == 2:
         bias = bias.expand(weight.shape[0])  # F.linear broadcasts a 0-d bias
     linear_op.check_linear(input, weight, bias)
@@ -98,11 +95,7 @@ class LinearReLU(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.backend = backend
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
+        _add_weight_and_bias(self, (out_features, in_features), bias, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
