@@ -75,7 +75,7 @@ class LightNet(nn.Module):
         per-layer Python (autocast casts, torch function modes, torch.func transforms, tracing,
         TorchDynamo). Parameters are read from _parameters: Module.__getattr__ costs more per
         access than a small layer's kernel."""
-        if type(x) is not torch.Tensor or x.dim() != 4 or x.device.type != "cpu":
+        if type(x) is not torch.Tensor or not x.is_cpu or x.dim() != 4:
             return None
         if (torch._C._is_any_autocast_enabled() or torch._C._is_torch_function_mode_enabled()
                 or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None
@@ -85,19 +85,21 @@ class LightNet(nn.Module):
                 or _module_state._global_backward_pre_hooks or _module_state._global_backward_hooks):
             return None
         modules = self._modules
-        device = x.device
         weights, biases = [], []
+        checked_backend = None  # the fused layers' backend, once it is known to take this path
         for name, cls in _LIGHTNET_LAYERS:
             m = modules.get(name)
             if type(m) is not cls or m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks \
                     or m._backward_hooks:
                 return None
-            if cls is not nn.Linear:
+            if cls is not nn.Linear and m.backend != checked_backend:
                 if not registry.resolve(m.backend, x).records_autograd:
                     return None
+                checked_backend = m.backend
             params = m._parameters
             weight, bias = params["weight"], params["bias"]
-            if weight is None or weight.device != device or (bias is not None and bias.device != device):
+            # (x is a CPU tensor: is_cpu is the cheap form of "on the input's device")
+            if weight is None or not weight.is_cpu or (bias is not None and not bias.is_cpu):
                 return None
             weights.append(weight)
             biases.append(bias)

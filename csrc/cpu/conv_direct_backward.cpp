@@ -144,7 +144,8 @@ void direct_backward_launch(const ConvPoolShape& s, const ConvBackwardPlan& plan
                             at::Tensor& grad_bias, ConvBackwardRun& run) {
   const Isa isa = plan.isa;
   const bool span_weight = mask[1] && plan.weight_grad == WeightGrad::kSpan;
-  const Direct d = make_direct(s, plan.channel_block);
+  const std::shared_ptr<const Direct> geometry = cached_direct(s, plan.channel_block);
+  const Direct& d = *geometry;
   std::vector<T> wpk(d.Kpad * d.CRS);
   pack_weight<T>(d, weight.const_data_ptr<T>(), nullptr, wpk.data(), nullptr);
   // Empty (the direct grad_input) unless the Winograd one is planned and its weights are finite.

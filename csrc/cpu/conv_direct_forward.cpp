@@ -31,12 +31,15 @@ template <typename T>
 using FwdFn = void (*)(const DirectFwdArgs<T>&, int64_t, int64_t);
 
 // The direct forward and its Winograd variant for this instruction set and channel block (the
-// plan's: 8 on AVX-512, else 4).
+// plan's: 8 or 6 on AVX-512, else 4).
 template <typename T>
 std::pair<FwdFn<T>, FwdFn<T>> forward_kernels(Isa isa, int64_t KB) {
 #if LIGHTNET_OPS_X86_DISPATCH
   if (isa == Isa::kAvx512 && KB == 8) {
     return {&isa_avx512::direct_forward_range<T, 8>, &isa_avx512::direct_winograd_forward_range<T, 8>};
+  }
+  if (isa == Isa::kAvx512 && KB == 6) {
+    return {&isa_avx512::direct_forward_range<T, 6>, &isa_avx512::direct_winograd_forward_range<T, 6>};
   }
   if (isa == Isa::kAvx2 && KB == 4) {
     return {&isa_avx2::direct_forward_range<T, 4>, &isa_avx2::direct_winograd_forward_range<T, 4>};
@@ -51,7 +54,8 @@ ConvForwardRun direct_forward_launch(const ConvPoolShape& s, const ConvForwardPl
                                      const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out,
                                      at::Tensor& argmax, bool need_argmax) {
   ConvForwardRun run{plan, plan.path, 0};
-  const Direct d = make_direct(s, plan.channel_block);
+  const std::shared_ptr<const Direct> geometry = cached_direct(s, plan.channel_block);
+  const Direct& d = *geometry;
   std::vector<T> wpk(d.Kpad * d.CRS), bpk(d.Kpad);
   pack_weight<T>(d, weight.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr, wpk.data(),
                  bpk.data());

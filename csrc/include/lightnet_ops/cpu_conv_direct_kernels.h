@@ -102,8 +102,9 @@ LIGHTNET_OPS_INLINE void store_pooled_sample(const DirectFwdArgs<T>& a, int64_t 
   }
 }
 
-// Forward for samples [n0, n1).
-template <typename T, int V, int KB>
+// Forward for samples [n0, n1). Argmax: whether a.argmax is set (then the window offset of every
+// maximum is tracked; inference leaves that work out at compile time).
+template <typename T, int V, int KB, bool Argmax>
 LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, int64_t n1) {
   using S = Simd<T, V>;
   using vec = typename S::vec;
@@ -111,7 +112,7 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
   const Direct& d = *a.d;
   std::vector<T> zbuf(d.pack_elems());
   Scratch<T> obuf(d.K * d.Fpad);              // output in the packed position layout
-  std::vector<uint8_t> abuf(d.K * d.Fpad);    // argmax likewise
+  std::vector<uint8_t> abuf(Argmax ? d.K * d.Fpad : 0);  // argmax likewise
   T* Z = zbuf.data();
   const int64_t CHW = d.C * d.H * d.W;
   for (int64_t n = n0; n < n1; ++n) {
@@ -139,7 +140,7 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
             LIGHTNET_OPS_UNROLL
             for (int q = 0; q < KB; ++q) {
               best[q] = acc[q];
-              arg[q] = S::isplat(0);
+              if constexpr (Argmax) arg[q] = S::isplat(0);
             }
           } else {
             const ivec off = S::isplat(w);
@@ -147,7 +148,7 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
             for (int q = 0; q < KB; ++q) {
               const ivec take = S::pool_takes(acc[q], best[q]);
               best[q] = S::select(take, acc[q], best[q]);
-              arg[q] = S::iselect(take, off, arg[q]);
+              if constexpr (Argmax) arg[q] = S::iselect(take, off, arg[q]);
             }
           }
         }
@@ -156,7 +157,7 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
           const int64_t k = kb * KB + q;
           if (k >= d.K) break;
           S::store(obuf.data() + k * d.Fpad + f0, S::relu(best[q]));
-          if (a.argmax) {
+          if constexpr (Argmax) {
             const auto bytes = S::to_bytes(S::iselect(S::relu_passes(best[q]), arg[q], S::isplat(kArgmaxReluZero)));
             std::memcpy(abuf.data() + k * d.Fpad + f0, &bytes, V);
           }
@@ -176,7 +177,7 @@ LIGHTNET_OPS_INLINE void direct_forward(const DirectFwdArgs<T>& a, int64_t n0, i
 // whose four values go straight into bias, max-pool, ReLU and argmax. A sample whose transformed
 // input or conv values are not all finite is recomputed by direct_forward (the transforms place
 // NaNs and infinities differently, and can overflow where a direct sum would not).
-template <typename T, int V, int KB>
+template <typename T, int V, int KB, bool Argmax>
 LIGHTNET_OPS_INLINE void direct_winograd_forward(const DirectFwdArgs<T>& a, int64_t n0, int64_t n1) {
   using S = Simd<T, V>;
   using vec = typename S::vec;
@@ -186,7 +187,7 @@ LIGHTNET_OPS_INLINE void direct_winograd_forward(const DirectFwdArgs<T>& a, int6
   Scratch<T> vbuf(d.C * 16 * V);                // transformed input tiles of one vector of positions
   Scratch<T> mbuf(d.K * 16 * V);                // and their products with the transformed weights
   Scratch<T> obuf(d.K * d.Fpad);
-  std::vector<uint8_t> abuf(d.K * d.Fpad);
+  std::vector<uint8_t> abuf(Argmax ? d.K * d.Fpad : 0);
   T* Z = zbuf.data();
   const int64_t CHW = d.C * d.H * d.W;
   // Offset in Z of input tile element (i, j) of channel c (add f): phase plane (i % 2, j % 2),
@@ -255,9 +256,9 @@ LIGHTNET_OPS_INLINE void direct_winograd_forward(const DirectFwdArgs<T>& a, int6
         for (int xi = 0; xi < 16; ++xi) m[xi] = S::load(mbuf.data() + (k * 16 + xi) * V);
         vec best;
         ivec arg;
-        winograd_output_pool_tile<T, V>(m, S::splat(a.bias ? a.bias[k] : T(0)), check, best, arg);
+        winograd_output_pool_tile<T, V, Argmax>(m, S::splat(a.bias ? a.bias[k] : T(0)), check, best, arg);
         S::store(obuf.data() + k * d.Fpad + f0, S::relu(best));
-        if (a.argmax) {
+        if constexpr (Argmax) {
           const auto bytes = S::to_bytes(S::iselect(S::relu_passes(best), arg, S::isplat(kArgmaxReluZero)));
           std::memcpy(abuf.data() + k * d.Fpad + f0, &bytes, V);
         }
@@ -267,7 +268,7 @@ LIGHTNET_OPS_INLINE void direct_winograd_forward(const DirectFwdArgs<T>& a, int6
     // that only they read sends the sample to the direct kernel too, which is merely slower.)
     if (S::hsum(check) != T(0)) {
       if (a.fallback_samples) a.fallback_samples->fetch_add(1, std::memory_order_relaxed);
-      direct_forward<T, V, KB>(a, n, n + 1);
+      direct_forward<T, V, KB, Argmax>(a, n, n + 1);
       continue;
     }
     store_pooled_sample(a, n, obuf.data(), abuf.data());
@@ -583,11 +584,19 @@ LIGHTNET_OPS_INLINE void direct_backward(const DirectBwdArgs<T>& a, int64_t n0, 
 // Entry points for this instruction set (instantiated by the including .cpp).
 template <typename T, int KB>
 void direct_forward_range(const DirectFwdArgs<T>& a, int64_t n0, int64_t n1) {
-  direct_forward<T, kLanes<T>, KB>(a, n0, n1);
+  if (a.argmax) {
+    direct_forward<T, kLanes<T>, KB, true>(a, n0, n1);
+  } else {
+    direct_forward<T, kLanes<T>, KB, false>(a, n0, n1);
+  }
 }
 template <typename T, int KB>
 void direct_winograd_forward_range(const DirectFwdArgs<T>& a, int64_t n0, int64_t n1) {
-  direct_winograd_forward<T, kLanes<T>, KB>(a, n0, n1);
+  if (a.argmax) {
+    direct_winograd_forward<T, kLanes<T>, KB, true>(a, n0, n1);
+  } else {
+    direct_winograd_forward<T, kLanes<T>, KB, false>(a, n0, n1);
+  }
 }
 template <typename T, int KB>
 void direct_backward_range(const DirectBwdArgs<T>& a, int64_t n0, int64_t n1, T* gw, T* gb) {

@@ -9,8 +9,8 @@
 // Winograd F(2x2, 3x3) output transform of one 2x2 output tile, fused with the pool: the
 // products m (4x4, row-major) go through A^T m A, plus the bias b, to the window's four conv
 // values, whose maximum (stock's rule: first maximum, NaN wins) and its window offset come back in
-// best / arg (before ReLU). check turns NaN once a conv value is not finite.
-template <typename T, int V>
+// best / arg (before ReLU; arg only when Argmax). check turns NaN once a conv value is not finite.
+template <typename T, int V, bool Argmax = true>
 LIGHTNET_OPS_INLINE void winograd_output_pool_tile(const typename Simd<T, V>::vec* m, typename Simd<T, V>::vec b,
                                                    typename Simd<T, V>::vec& check, typename Simd<T, V>::vec& best,
                                                    typename Simd<T, V>::ivec& arg) {
@@ -31,12 +31,12 @@ LIGHTNET_OPS_INLINE void winograd_output_pool_tile(const typename Simd<T, V>::ve
   }
   check += (y[0] - y[0]) + (y[1] - y[1]) + (y[2] - y[2]) + (y[3] - y[3]);
   best = y[0];
-  arg = S::isplat(0);
+  if constexpr (Argmax) arg = S::isplat(0);
   LIGHTNET_OPS_UNROLL
   for (int q = 1; q < 4; ++q) {
     const ivec take = S::pool_takes(y[q], best);
     best = S::select(take, y[q], best);
-    arg = S::iselect(take, S::isplat(q), arg);
+    if constexpr (Argmax) arg = S::iselect(take, S::isplat(q), arg);
   }
 }
 
