@@ -5,6 +5,7 @@ then memory, and the ratios against the peers measured in the same group."""
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from typing import Callable
 
@@ -15,6 +16,14 @@ from .memory import peak_bytes, saved_activation_bytes
 from .ops import ORT, Runner, build_runner
 from .report import fmt_ratio, fmt_time, short_error
 from .timing import BlockTimer, Settings, summary, warm_up
+
+
+#: Pause before each block of a group that has ONNX Runtime in it. After a run, ONNX Runtime's
+#: intra-op pool keeps a thread spinning for about 20 ms and OpenMP's workers for up to about 10 ms
+#: (per-thread CPU time, LightNet batch 8 on 2 threads): without the pause that thread takes a core
+#: from the next implementation's block (LightNet batch 8 on the cpu backend timed 100 us after
+#: ONNX Runtime blocks instead of 64 us alone).
+THREAD_POOL_SETTLE_S = 0.03
 
 
 def measure_group(case: Case, mode: str, impls: list[str], device: torch.device, threads: int,
@@ -45,9 +54,12 @@ def measure_group(case: Case, mode: str, impls: list[str], device: torch.device,
     round_s = sum(number * rows[impl]["per_call_estimate_s"] for impl, (_, _, number) in live.items()) or 1.0
     samples = int(min(settings.max_samples, max(settings.min_samples, settings.budget_s // round_s)))
     times: dict[str, list[float]] = {impl: [] for impl in live}
+    settle_s = THREAD_POOL_SETTLE_S if ORT in live else 0.0
     for _ in range(samples):
         for impl, (_, timer, number) in list(live.items()):
             try:
+                if settle_s:
+                    time.sleep(settle_s)
                 times[impl].append(timer(number))
             except Exception as e:  # noqa: BLE001
                 rows[impl]["error"] = short_error(e)
