@@ -12,6 +12,8 @@
 #include <tuple>
 #include <vector>
 
+#include "lightnet_ops/convnet.h"
+
 TORCH_LIBRARY_FRAGMENT(lightnet_ops, m) {
   // conv_params: 13 ints per conv stage: stride, padding, dilation, pool_kernel_size, pool_stride,
   // pool_padding (pairs) and ceil_mode (0/1). Every linear stage but the last is linear_relu.
@@ -34,6 +36,8 @@ bool needs_grad(const at::Tensor& input, const at::Tensor& weight, const std::op
   return at::GradMode::is_enabled() &&
          (input.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->requires_grad()));
 }
+
+}  // namespace
 
 at::Tensor convnet_forward(const at::Tensor& input, at::TensorList conv_weights,
                            const c10::List<std::optional<at::Tensor>>& conv_biases, at::IntArrayRef conv_params,
@@ -63,7 +67,6 @@ at::Tensor convnet_forward(const at::Tensor& input, at::TensorList conv_weights,
   return at::linear(x, linear_weights[linears - 1], linear_biases.get(linears - 1));
 }
 
-}  // namespace
 }  // namespace lightnet_ops
 
 TORCH_LIBRARY_IMPL(lightnet_ops, CompositeImplicitAutograd, m) {

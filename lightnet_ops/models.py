@@ -6,6 +6,7 @@ the same default initialisation, so state dicts load either way and seeded const
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -62,7 +63,7 @@ class LightNet(nn.Module):
         if args is not None:
             # The same ops in the same order, called from C++ (csrc/convnet.cpp): a small batch spends
             # most of its time in the Python between the layers.
-            return torch.ops.lightnet_ops.convnet_forward(x, *args)
+            return _convnet_forward()(x, *args)
         x = self.conv2(self.conv1(x))
         x = torch.flatten(x, -3)
         return self.fc3(self.fc2(self.fc1(x)))
@@ -98,8 +99,10 @@ class LightNet(nn.Module):
                 checked_backend = m.backend
             params = m._parameters
             weight, bias = params["weight"], params["bias"]
-            # (x is a CPU tensor: is_cpu is the cheap form of "on the input's device")
-            if weight is None or not weight.is_cpu or (bias is not None and not bias.is_cpu):
+            # Plain parameters only (a subclass may define __torch_function__, which the one call
+            # does not consult); x is a CPU tensor, so is_cpu is the cheap "on the input's device".
+            if type(weight) not in _PLAIN or not weight.is_cpu or (
+                    bias is not None and (type(bias) not in _PLAIN or not bias.is_cpu)):
                 return None
             weights.append(weight)
             biases.append(bias)
@@ -107,6 +110,16 @@ class LightNet(nn.Module):
         if type(conv1.ceil_mode) is not bool or type(conv2.ceil_mode) is not bool:
             return None
         return weights[:2], biases[:2], _stage_params(conv1) + _stage_params(conv2), weights[2:], biases[2:]
+
+
+_PLAIN = (nn.Parameter, torch.Tensor)
+
+
+def _convnet_forward():
+    """The extension module's direct entry to convnet_forward (csrc/ops.cpp: the same kernel without
+    torch.ops' boxed call), or the op where the module lacks it."""
+    return getattr(sys.modules.get(f"{__package__}._C"), "convnet_forward", None) or \
+        torch.ops.lightnet_ops.convnet_forward
 
 
 def _stage_params(conv: Conv2dReLUMaxPool2d) -> list[int]:

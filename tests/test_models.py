@@ -254,15 +254,67 @@ def test_convnet_forward_passes_opcheck():
     torch.library.opcheck(torch.ops.lightnet_ops.convnet_forward.default, args)
 
 
+def _direct_entry():
+    from lightnet_ops import _C
+
+    return _C.convnet_forward
+
+
 @needs_extension
-def test_convnet_forward_rejects_malformed_stacks():
+@pytest.mark.parametrize("entry", ["op", "direct"])
+def test_convnet_forward_rejects_malformed_stacks(entry):
     net = lo.LightNet(backend="cpu")
     x = torch.randn(2, 1, 32, 32)
     conv_w, conv_b, params, lin_w, lin_b = net._one_call_args(x)
-    op = torch.ops.lightnet_ops.convnet_forward
+    op = torch.ops.lightnet_ops.convnet_forward if entry == "op" else _direct_entry()
     with pytest.raises(ValueError, match="13 parameters per conv stage"):
         op(x, conv_w, conv_b, params[:-1], lin_w, lin_b)
     with pytest.raises(ValueError, match="at least one linear stage"):
         op(x, conv_w, conv_b, params, [], [])
     with pytest.raises(ValueError, match="expected 4-D"):
         op(x[0], conv_w, conv_b, params, lin_w, lin_b)
+
+
+@needs_extension
+def test_direct_entry_is_the_op_without_the_boxed_call():
+    # LightNet's forward calls the extension module's entry (csrc/ops.cpp), which runs the op's
+    # kernel: the same result and autograd graph as torch.ops, bit for bit; its own argument
+    # errors are TypeErrors that name the argument.
+    from lightnet_ops import models
+
+    direct = _direct_entry()
+    assert models._convnet_forward() is direct
+    net = _seeded(lo.LightNet, 9, backend="cpu").double()
+    x = torch.randn(3, 1, 32, 32, dtype=torch.float64, requires_grad=True)
+    args = net._one_call_args(x)
+    y1, y2 = direct(x, *args), torch.ops.lightnet_ops.convnet_forward(x, *args)
+    assert torch.equal(y1, y2) and autograd_node_names(y1) == autograd_node_names(y2)
+    g1 = torch.autograd.grad(y1.sum(), [x, *net.parameters()])
+    g2 = torch.autograd.grad(y2.sum(), [x, *net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    conv_w, conv_b, params, lin_w, lin_b = args
+    with pytest.raises(TypeError, match="each conv weight must be a Tensor, got str"):
+        direct(x, ["w", conv_w[1]], conv_b, params, lin_w, lin_b)
+    with pytest.raises(TypeError, match="conv_params must hold ints, got float"):
+        direct(x, conv_w, conv_b, [1.0, *params[1:]], lin_w, lin_b)
+    with pytest.raises(TypeError, match="linear_biases must be a list or tuple"):
+        direct(x, conv_w, conv_b, params, lin_w, None)
+    with pytest.raises(TypeError, match="input must be a Tensor, got NoneType"):
+        direct(None, conv_w, conv_b, params, lin_w, lin_b)
+
+
+@needs_extension
+def test_one_call_forward_takes_plain_parameters_only():
+    # A Parameter subclass may define __torch_function__, which the direct entry does not consult:
+    # such a model runs layer by layer (where torch.ops and the functional layer honour it).
+    class TaggedParameter(nn.Parameter):
+        pass
+
+    net = lo.LightNet(backend="cpu")
+    x = torch.randn(2, 1, 32, 32)
+    assert net._one_call_args(x) is not None
+    net.fc2.weight = TaggedParameter(net.fc2.weight.detach().clone())
+    assert net._one_call_args(x) is None
+    stock = lo.StockLightNet()
+    stock.load_state_dict(net.state_dict())
+    torch.testing.assert_close(net(x), stock(x), rtol=1e-5, atol=1e-6)
