@@ -284,21 +284,25 @@ def test_cpu_gemm_paths_and_instruction_sets(monkeypatch, gemm, isa, case):
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
-@pytest.mark.parametrize("rows, depth, forward_gemm", [
-    (1, 96, "dot"), (3, 96, "dot"), (4, 96, "blas"), (8, 576, "dot"), (18, 576, "dot"), (19, 576, "blas"),
-    (63, 4096, "dot"), (64, 96, "native")])
-def test_cpu_gemm_rule_by_rows(rows, depth, forward_gemm):
+@pytest.mark.parametrize("rows, depth, cols, forward_gemm, backward_gemm", [
+    (1, 96, 40, "dot", "blas"), (3, 96, 40, "dot", "blas"), (4, 96, 40, "blas", "native"), (8, 576, 40, "dot", "native"),
+    (18, 576, 40, "dot", "native"), (19, 576, 40, "blas", "native"), (63, 4096, 40, "dot", "blas"),
+    (64, 96, 40, "native", "native"), (1, 96, 769, "blas", "blas"), (1, 96, 768, "dot", "blas"),
+    (4, 96, 769, "blas", "blas"), (128, 512, 64, "native", "blas"), (128, 513, 64, "blas", "blas")])
+def test_cpu_gemm_rule_by_rows(rows, depth, cols, forward_gemm, backward_gemm):
     # The rule (forward_gemm / use_native_gemm_backward, float32 on AVX-512 CPUs): the forward's
     # blocked kernel packs W^T per call, so below 64 rows the forward takes the dot-product kernel
-    # where K >= 32 * rows and BLAS elsewhere; the backward's GEMMs take the blocked kernel from 4 rows.
+    # where K >= 32 * rows and N <= 8 * K, BLAS elsewhere; from 64 rows the blocked kernel up to
+    # 2^22 multiply-adds. The backward's GEMMs take the blocked kernel from 4 rows up to 2^21
+    # multiply-adds with N <= 8 * K. BLAS everywhere else.
     if expected_isa("avx512") != "avx512":
         pytest.skip("the project's GEMMs are chosen on AVX-512 CPUs only")
-    x, w, b = (torch.randn(rows, depth, requires_grad=True), torch.randn(40, depth, requires_grad=True),
-               torch.randn(40, requires_grad=True))
+    x, w, b = (torch.randn(rows, depth, requires_grad=True), torch.randn(cols, depth, requires_grad=True),
+               torch.randn(cols, requires_grad=True))
     lo.linear_relu(x, w, b, backend="cpu").sum().backward()
     forward, backward = (parse_run(r) for r in torch.ops.lightnet_ops._cpu_linear_last_run())
     assert forward["gemm"] == forward_gemm, forward
-    assert backward["gemm"] == ("native" if rows >= 4 else "blas"), backward
+    assert backward["gemm"] == backward_gemm, backward
 
 
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")

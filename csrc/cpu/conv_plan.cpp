@@ -94,11 +94,16 @@ bool use_aten_winograd(const ConvPoolShape& s, int64_t elem_size) {
 }
 
 // ATen path's backward by the scatter kernels: vectorised over input channels, so at least a
-// 64-byte vector of them.
-bool use_scatter_backward(const ConvPoolShape& s, int64_t elem_size) {
+// 64-byte vector of them. Their grad_input runs one sample per thread, so a single sample's
+// grad_input takes ATen's dense backward, which splits the sample across the threads (batch 1,
+// 512 -> 256 channels, 64x64, 1x1 filter, 3/2 pool, 2 threads: 1.72x stock dense, 0.66x
+// scatter; benchmarks/results/NOTES.md). The rule leaves the thread count out so that results do
+// not depend on it.
+bool use_scatter_backward(const ConvPoolShape& s, int64_t elem_size, bool input_grad) {
   if (const int forced = env_choice("LIGHTNET_OPS_CPU_ATEN_BACKWARD", "scatter", "dense"); forced >= 0) {
     return forced == 1;
   }
+  if (input_grad && s.N == 1) return false;
   return s.C * elem_size >= 64;
 }
 
@@ -185,7 +190,7 @@ ConvBackwardPlan plan_backward(const ConvPoolShape& s, const at::Tensor* grad_ou
   // grad_input also adds its spans' zero lanes into neighbouring positions: a non-finite
   // grad_output takes the dense path too.
   const bool sparse =
-      (direct || (use_scatter_backward(s, elem) &&
+      (direct || (use_scatter_backward(s, elem, mask[0]) &&
                   (!mask[0] || grad_output == nullptr || tensor_is_finite(grad_output->contiguous(), p.isa)))) &&
       (!mask[0] || tensor_is_finite(weight, p.isa)) && (!mask[1] || tensor_is_finite(input, p.isa));
   if (!sparse) {

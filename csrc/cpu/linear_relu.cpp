@@ -132,19 +132,30 @@ void native_gemm(const cpu::GemmArgs<T>& g, cpu::Isa isa, bool parallel, Gemm ge
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { kernel.run(g, b0, b1); });
 }
 
-// Which GEMM linear_relu's products use. On AVX-512, for float32 problems up to 2^27
-// multiply-adds, the project's kernels outrun MKL (no call overhead, bias and ReLU in registers);
-// larger problems need BLAS's cache blocking; other CPUs / dtypes were not measured. The blocked
-// kernel packs W^T per forward call, which costs more than a product of fewer than
-// kNativeMinForwardRows rows. Below that, the dot-product kernel reads W in place and wins where
-// each dot product is long enough to repay its lane reduction (K >= kDotMinDepthPerRow * M); the
-// rest go to BLAS. The backward's GEMMs (no W^T to pack) take the blocked kernel from
-// kNativeMinBackwardRows rows (benchmarks/results/NOTES.md has the grids).
+// Which GEMM linear_relu's products use. The project's kernels (AVX-512, float32; other CPUs /
+// dtypes were not measured) have no call overhead and keep bias and ReLU in registers, but no
+// cache blocking and a simple split across threads, so they win on small problems only: measured
+// against MKL on two machines (benchmarks/results/NOTES.md has the grids), on a 2-core Xeon the
+// blocked kernel lost from about 2^23 multiply-adds (forward+backward 0.60-0.93x stock where BLAS
+// held 0.97-1.11x), on a 2-vCPU EPYC whose two threads share one core's throughput it won up to
+// 2^27. The bounds below are the Xeon's, so that the fused op is not slower than stock's BLAS
+// GEMMs on either:
+// - forward, at least kNativeMinForwardRows rows: the blocked kernel up to kNativeMaxForwardMacs
+//   (it packs W^T per call, which costs more than a product of fewer rows);
+// - forward, fewer rows: the dot-product kernel, which reads W in place, where each dot product is
+//   long enough to repay its lane reduction (K >= kDotMinDepthPerRow * M) and the outputs are not
+//   many short dot products (N <= kDotMaxColumnsPerDepth * K: 1 x 120 -> 4096 ran 0.74x stock);
+// - backward (no W^T to pack): the blocked kernel from kNativeMinBackwardRows rows up to
+//   kNativeMaxBackwardMacs, with the same limit on N / K (4 x 120 -> 4096 ran 0.59x);
+// - everything else: BLAS (at::mm / at::addmm, as stock).
 // LIGHTNET_OPS_CPU_GEMM=native|dot|blas overrides the choice (dot: the forward only; tests cover
 // each, and float64).
 constexpr int64_t kNativeMinForwardRows = 64;
+constexpr int64_t kNativeMaxForwardMacs = int64_t(1) << 22;
 constexpr int64_t kNativeMinBackwardRows = 4;
+constexpr int64_t kNativeMaxBackwardMacs = int64_t(1) << 21;
 constexpr int64_t kDotMinDepthPerRow = 32;
+constexpr int64_t kDotMaxColumnsPerDepth = 8;
 
 std::optional<Gemm> forced_gemm(bool forward) {
   const char* env = std::getenv("LIGHTNET_OPS_CPU_GEMM");
@@ -156,20 +167,21 @@ std::optional<Gemm> forced_gemm(bool forward) {
   return std::nullopt;
 }
 
-bool project_gemm_pays(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, int64_t K) {
-  return input.scalar_type() == at::kFloat && isa == cpu::Isa::kAvx512 && M * N * K <= (int64_t(1) << 27);
+bool project_gemm_runs(const at::Tensor& input, cpu::Isa isa) {
+  return input.scalar_type() == at::kFloat && isa == cpu::Isa::kAvx512;
 }
 
 Gemm forward_gemm(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, int64_t K) {
   if (const auto forced = forced_gemm(true)) return *forced;
-  if (!project_gemm_pays(input, isa, M, N, K)) return Gemm::kBlas;
-  if (M >= kNativeMinForwardRows) return Gemm::kNative;
-  return K >= kDotMinDepthPerRow * M ? Gemm::kDot : Gemm::kBlas;
+  if (!project_gemm_runs(input, isa)) return Gemm::kBlas;
+  if (M >= kNativeMinForwardRows) return M * N * K <= kNativeMaxForwardMacs ? Gemm::kNative : Gemm::kBlas;
+  return K >= kDotMinDepthPerRow * M && N <= kDotMaxColumnsPerDepth * K ? Gemm::kDot : Gemm::kBlas;
 }
 
 bool use_native_gemm_backward(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, int64_t K) {
   if (const auto forced = forced_gemm(false)) return *forced == Gemm::kNative;
-  return project_gemm_pays(input, isa, M, N, K) && M >= kNativeMinBackwardRows;
+  return project_gemm_runs(input, isa) && M >= kNativeMinBackwardRows && M * N * K <= kNativeMaxBackwardMacs &&
+         N <= kDotMaxColumnsPerDepth * K;
 }
 
 // out[i, :] = relu(out[i, :] + bias) in place; bias may be null.
