@@ -82,15 +82,17 @@ bool use_span_grad_weight(const ConvPoolShape& s, int64_t elem_size) {
 }
 
 // ATen path's forward by Winograd: vectorised over channels, so at least 64 bytes of input and
-// output channels; and at least 2 * C output tiles (pooled elements) per batch, since the weight
+// output channels; and at least 4 * C output tiles (pooled elements) per batch, since the weight
 // transform (C * K per call) does not shrink with the batch while the GEMM savings (tiles * C * K)
-// do: with fewer tiles oneDNN's convolution is faster (benchmarks/results/NOTES.md).
+// do: with fewer tiles oneDNN's convolution is faster (benchmarks/results/NOTES.md; about 3 * C
+// tiles, batch 1 64 -> 64 on 28x28 and batch 2 128 -> 128 on 28x28: 0.88-1.01x stock by
+// Winograd, 1.01-1.30x by oneDNN on a 2-core Xeon).
 bool use_aten_winograd(const ConvPoolShape& s, int64_t elem_size) {
   if (!winograd_geometry(s)) return false;
   if (const int forced = env_choice("LIGHTNET_OPS_CPU_ATEN_FORWARD", "winograd", "conv"); forced >= 0) {
     return forced == 1;
   }
-  return s.C * elem_size >= 64 && s.K * elem_size >= 64 && s.N * s.PH * s.PW >= 2 * s.C;
+  return s.C * elem_size >= 64 && s.K * elem_size >= 64 && s.N * s.PH * s.PW >= 4 * s.C;
 }
 
 // ATen path's backward by the scatter kernels: vectorised over input channels, so at least a
