@@ -66,8 +66,8 @@ std::vector<int64_t> ints(PyObject* seq, const char* what) {
 
 // _C.convnet_forward(input, conv_weights, conv_biases, conv_params, linear_weights, linear_biases):
 // the op lightnet_ops::convnet_forward's kernel called without torch.ops' boxed call, whose
-// conversion of the argument lists costs a few microseconds, a tenth of LightNet's whole forward
-// at batch 1. The layers' ops still go through the dispatcher (autograd, dispatch modes and the
+// conversion of the argument lists cost about 7 us, a fifth of LightNet's whole forward at
+// batch 1. The layers' ops still go through the dispatcher (autograd, dispatch modes and the
 // profiler see them as with torch.ops). No __torch_function__ handling: the caller
 // (LightNet._one_call_args) passes plain tensors and parameters only, outside torch function
 // modes, tracing and TorchDynamo.

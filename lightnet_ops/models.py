@@ -6,6 +6,7 @@ the same default initialisation, so state dicts load either way and seeded const
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Optional
 
@@ -115,9 +116,10 @@ class LightNet(nn.Module):
 _PLAIN = (nn.Parameter, torch.Tensor)
 
 
+@functools.cache
 def _convnet_forward():
     """The extension module's direct entry to convnet_forward (csrc/ops.cpp: the same kernel without
-    torch.ops' boxed call), or the op where the module lacks it."""
+    torch.ops' boxed call), or the op where the module lacks it. Looked up once: forward calls it."""
     return getattr(sys.modules.get(f"{__package__}._C"), "convnet_forward", None) or \
         torch.ops.lightnet_ops.convnet_forward
 
