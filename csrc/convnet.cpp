@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "lightnet_ops/convnet.h"
+#include "lightnet_ops/op_handles.h"
 
 TORCH_LIBRARY_FRAGMENT(lightnet_ops, m) {
   // conv_params: 13 ints per conv stage: stride, padding, dilation, pool_kernel_size, pool_stride,
@@ -27,27 +28,13 @@ namespace {
 
 constexpr int64_t kConvParams = 13;
 
-using ConvPoolSignature = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::IntArrayRef, c10::IntArrayRef,
-    c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, bool, c10::IntArrayRef, bool);
-using LinearReLUSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&);
-
-bool needs_grad(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  return at::GradMode::is_enabled() &&
-         (input.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->requires_grad()));
-}
-
 }  // namespace
 
 at::Tensor convnet_forward(const at::Tensor& input, at::TensorList conv_weights,
                            const c10::List<std::optional<at::Tensor>>& conv_biases, at::IntArrayRef conv_params,
                            at::TensorList linear_weights, const c10::List<std::optional<at::Tensor>>& linear_biases) {
-  static const auto conv_pool = c10::Dispatcher::singleton()
-                                    .findSchemaOrThrow("lightnet_ops::conv2d_relu_maxpool2d", "")
-                                    .typed<ConvPoolSignature>();
-  static const auto linear_relu = c10::Dispatcher::singleton()
-                                      .findSchemaOrThrow("lightnet_ops::linear_relu", "")
-                                      .typed<LinearReLUSignature>();
+  const auto& conv_pool = conv_pool_op();
+  const auto& linear_relu = linear_relu_op();
   const int64_t convs = static_cast<int64_t>(conv_weights.size());
   const int64_t linears = static_cast<int64_t>(linear_weights.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(conv_biases.size()) == convs && conv_params.size() == size_t(convs * kConvParams),

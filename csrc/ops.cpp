@@ -2,15 +2,21 @@
 // (csrc/<op>.cpp, a TORCH_LIBRARY_FRAGMENT with the same text as its contract,
 // lightnet_ops/ops/<op>.py); device kernels register implementations in csrc/cpu/*.cpp and
 // csrc/cuda/*.cu; the fakes come from the contracts.
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
 #include <Python.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <vector>
 
 #include "lightnet_ops/convnet.h"
+#include "lightnet_ops/op_handles.h"
 
 namespace {
 
@@ -93,10 +99,145 @@ PyObject* convnet_forward_entry(PyObject* /*module*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// ---- The functional ops' direct entries --------------------------------------------------------
+// _C.linear_relu and _C.conv2d_relu_maxpool2d are the functional API's first try
+// (lightnet_ops/api/<op>.py). They call the op through its typed dispatcher handle, so autograd,
+// dispatch modes and the profiler see the same op as through torch.ops; what they skip is torch.ops'
+// boxed call and the Python wrapper's argument handling, which together cost more host time than
+// one F.conv2d / F.linear call. They take only the plain case and return None for everything else,
+// which the Python API then handles (normalising, checking, resolving the backend) as before:
+//  - backend "auto" or "cpu", with every tensor a torch.Tensor or nn.Parameter (no subclass that
+//    could define __torch_function__) on the CPU, and a float32 / float64 input (what "auto"
+//    resolves to the cpu backend for: lightnet_ops/backend_registry.py);
+//  - no Python-level dispatch that the Python API does itself (python_level_dispatch());
+//  - int parameters given as ints or pairs of ints, the conv's padding not a string, ceil_mode a
+//    bool, the conv's input 3-D or 4-D and the linear's input 2-D.
+// Bad values in that form (shapes, sizes, dtypes) reach the op, whose C++ checks raise the same
+// errors as through torch.ops. TorchDynamo cannot trace these calls: the Python API does not try
+// them while compiling.
+
+// Whether something the Python API handles in Python is active: a torch function mode, a
+// torch.jit.trace, a torch.func transform or CPU autocast.
+bool python_level_dispatch() {
+  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
+  return at::impl::torch_function_mode_enabled() || torch::jit::tracer::isTracing() ||
+         included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode) || at::autocast::is_autocast_enabled(at::kCPU);
+}
+
+// The tensor behind a plain CPU tensor or parameter, or nullptr for anything else.
+const at::Tensor* plain_cpu_tensor(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj)) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  return t.is_cpu() ? &t : nullptr;
+}
+
+bool float_or_double(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+}
+
+// backend "auto" or "cpu" (a str).
+bool cpu_backend_requested(PyObject* backend) {
+  return PyUnicode_CheckExact(backend) && (PyUnicode_CompareWithASCIIString(backend, "auto") == 0 ||
+                                           PyUnicode_CompareWithASCIIString(backend, "cpu") == 0);
+}
+
+// An int parameter as the op takes it: `k` -> (k, k), a list or tuple of two ints -> itself.
+// false for any other form (the Python API normalises those, or raises).
+bool int_pair(PyObject* obj, std::array<int64_t, 2>& out) {
+  if (PyLong_CheckExact(obj)) {
+    out[0] = out[1] = PyLong_AsLongLong(obj);
+  } else if ((PyTuple_CheckExact(obj) || PyList_CheckExact(obj)) && PySequence_Fast_GET_SIZE(obj) == 2) {
+    PyObject** items = PySequence_Fast_ITEMS(obj);
+    if (!PyLong_CheckExact(items[0]) || !PyLong_CheckExact(items[1])) return false;
+    out[0] = PyLong_AsLongLong(items[0]);
+    out[1] = PyLong_AsLongLong(items[1]);
+  } else {
+    return false;
+  }
+  if (PyErr_Occurred()) {  // an int beyond int64: the Python API reports it
+    PyErr_Clear();
+    return false;
+  }
+  return true;
+}
+
+PyObject* not_taken() { Py_RETURN_NONE; }
+
+// _C.linear_relu(input, weight, bias, backend) -> output, or None where the call is not the plain case.
+PyObject* linear_relu_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 4, "_C.linear_relu: expected 4 arguments (input, weight, bias, backend), got ", nargs);
+  const at::Tensor* input = plain_cpu_tensor(args[0]);
+  const at::Tensor* weight = plain_cpu_tensor(args[1]);
+  const at::Tensor* bias = args[2] == Py_None ? nullptr : plain_cpu_tensor(args[2]);
+  if (input == nullptr || weight == nullptr || (bias == nullptr && args[2] != Py_None) || input->dim() != 2 ||
+      !float_or_double(*input) || (bias != nullptr && bias->dim() == 0) || !cpu_backend_requested(args[3]) ||
+      python_level_dispatch()) {
+    return not_taken();
+  }
+  const std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(*bias) : std::nullopt;
+  at::Tensor out;
+  {
+    GilRelease no_gil;
+    out = lightnet_ops::linear_relu_op().call(*input, *weight, b);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+// _C.conv2d_relu_maxpool2d(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride,
+// pool_padding, ceil_mode, backend) -> output, or None where the call is not the plain case. The
+// arguments are the functional API's own (pool_stride None means pool_kernel_size).
+PyObject* conv2d_relu_maxpool2d_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 11, "_C.conv2d_relu_maxpool2d: expected 11 arguments, got ", nargs);
+  const at::Tensor* input = plain_cpu_tensor(args[0]);
+  const at::Tensor* weight = plain_cpu_tensor(args[1]);
+  const at::Tensor* bias = args[2] == Py_None ? nullptr : plain_cpu_tensor(args[2]);
+  if (input == nullptr || weight == nullptr || (bias == nullptr && args[2] != Py_None) ||
+      (input->dim() != 3 && input->dim() != 4) || !float_or_double(*input) ||
+      (args[9] != Py_True && args[9] != Py_False) || !cpu_backend_requested(args[10]) || python_level_dispatch()) {
+    return not_taken();
+  }
+  std::array<int64_t, 2> stride, padding, dilation, pool_kernel, pool_stride, pool_padding;
+  if (!int_pair(args[3], stride) || !int_pair(args[4], padding) || !int_pair(args[5], dilation) ||
+      !int_pair(args[6], pool_kernel) || !int_pair(args[8], pool_padding)) {
+    return not_taken();
+  }
+  if (args[7] == Py_None) {
+    pool_stride = pool_kernel;
+  } else if (!int_pair(args[7], pool_stride)) {
+    return not_taken();
+  }
+  const bool ceil_mode = args[9] == Py_True;
+  const std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(*bias) : std::nullopt;
+  const bool unbatched = input->dim() == 3;
+  at::Tensor out;
+  {
+    GilRelease no_gil;
+    const at::Tensor x = unbatched ? input->unsqueeze(0) : *input;
+    out = std::get<0>(lightnet_ops::conv_pool_op().call(x, *weight, b, stride, padding, dilation, pool_kernel,
+                                                         pool_stride, lightnet_ops::needs_grad(x, *weight, b),
+                                                         pool_padding, ceil_mode));
+    if (unbatched) out = out.squeeze(0);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef module_methods[] = {
     {"convnet_forward", convnet_forward_entry, METH_VARARGS,
      "convnet_forward(input, conv_weights, conv_biases, conv_params, linear_weights, linear_biases): "
      "torch.ops.lightnet_ops.convnet_forward without the boxed call (plain tensors only)."},
+    {"linear_relu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(linear_relu_entry)), METH_FASTCALL,
+     "linear_relu(input, weight, bias, backend): torch.ops.lightnet_ops.linear_relu without the boxed call, "
+     "or None where the call is not the plain case."},
+    {"conv2d_relu_maxpool2d",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(conv2d_relu_maxpool2d_entry)), METH_FASTCALL,
+     "conv2d_relu_maxpool2d(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, "
+     "pool_padding, ceil_mode, backend): the output without torch.ops' boxed call, or None where the call is "
+     "not the plain case."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -104,7 +245,7 @@ PyMethodDef module_methods[] = {
 
 extern "C" {
 // `import lightnet_ops._C` loads this shared library, which runs the registrations of every file.
-// The module's one Python function is the fast entry above; everything else is a registered op.
+// The module's Python functions are the direct entries above; everything else is a registered op.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   return PyModule_Create(&module_def);

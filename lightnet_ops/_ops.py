@@ -115,6 +115,14 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"lightnet_ops::{op_name}", dispatch_key)
 
 
+def direct_entry(name: str) -> Any:
+    """The extension module's function `name` (csrc/ops.cpp: an op's entry without torch.ops' boxed
+    call), or None without a loaded extension or where the module lacks it."""
+    if not EXTENSION_AVAILABLE:
+        return None
+    return getattr(importlib.import_module(f"{__package__}._C"), name, None)
+
+
 # Fixed once the extension is loaded: TorchDynamo calls it at trace time and keeps the answer as a
 # constant (the dispatcher query itself cannot be traced), as torch.compiler.assume_constant_result does.
 has_kernel._dynamo_marked_constant = True  # type: ignore[attr-defined]

@@ -7,7 +7,6 @@ the same default initialisation, so state dicts load either way and seeded const
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Optional
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_state
 
+from . import _ops
 from . import backend_registry as registry
 from .modules import Conv2dReLUMaxPool2d, LinearReLU
 
@@ -120,8 +120,7 @@ _PLAIN = (nn.Parameter, torch.Tensor)
 def _convnet_forward():
     """The extension module's direct entry to convnet_forward (csrc/ops.cpp: the same kernel without
     torch.ops' boxed call), or the op where the module lacks it. Looked up once: forward calls it."""
-    return getattr(sys.modules.get(f"{__package__}._C"), "convnet_forward", None) or \
-        torch.ops.lightnet_ops.convnet_forward
+    return _ops.direct_entry("convnet_forward") or torch.ops.lightnet_ops.convnet_forward
 
 
 def _stage_params(conv: Conv2dReLUMaxPool2d) -> list[int]:

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.compiler import is_compiling
 
+from .. import _ops
 from .. import backend_registry as registry
 from .._shapes import IntPair, pair
 from ..autograd import function_for
@@ -34,6 +36,11 @@ __all__ = ["conv2d_relu_maxpool2d", "conv2d_relu_maxpool2d_normalized", "Conv2dR
 #: (The argmax is an output, not hidden state, because torch.func transforms need every tensor that backward
 #: uses to pass through ``setup_context``.)
 Conv2dReLUMaxPool2dFunction: type[torch.autograd.Function] = function_for(conv_op.NAME, forward_ad=True)
+
+# The extension's direct entry (csrc/ops.cpp): the op without torch.ops' boxed call for plain CPU
+# tensors and int (pair) parameters, None (the Python path handles it) for anything else; TorchDynamo
+# cannot trace it.
+_direct_conv2d_relu_maxpool2d = _ops.direct_entry(conv_op.NAME)
 
 
 def _same_padding(input: torch.Tensor, weight: torch.Tensor, stride: list[int],
@@ -81,8 +88,13 @@ def conv2d_relu_maxpool2d(
     Returns:
         (N, K, PH, PW), or (K, PH, PW) for unbatched input.
     """
+    if _direct_conv2d_relu_maxpool2d is not None and not is_compiling():
+        out = _direct_conv2d_relu_maxpool2d(input, weight, bias, stride, padding, dilation, pool_kernel_size,
+                                            pool_stride, pool_padding, ceil_mode, backend)
+        if out is not None:
+            return out
     pool_k = pair(pool_kernel_size, "pool_kernel_size")
-    return conv2d_relu_maxpool2d_normalized(
+    return _conv2d_relu_maxpool2d_python(
         input, weight, bias, pair(stride, "stride"), padding if isinstance(padding, str) else pair(padding, "padding"),
         pair(dilation, "dilation"), pool_k, pool_k if pool_stride is None else pair(pool_stride, "pool_stride"),
         pair(pool_padding, "pool_padding"), ceil_mode, backend,
@@ -96,6 +108,22 @@ def conv2d_relu_maxpool2d_normalized(
 ) -> torch.Tensor:
     """conv2d_relu_maxpool2d with its int parameters already pairs (sequences of two ints; padding may
     be "valid" or "same"), as the modules keep them: their per-call host path skips the normalisation."""
+    if _direct_conv2d_relu_maxpool2d is not None and not is_compiling():
+        out = _direct_conv2d_relu_maxpool2d(input, weight, bias, stride, padding, dilation, pool_kernel_size,
+                                            pool_stride, pool_padding, ceil_mode, backend)
+        if out is not None:
+            return out
+    return _conv2d_relu_maxpool2d_python(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride,
+                                         pool_padding, ceil_mode, backend)
+
+
+def _conv2d_relu_maxpool2d_python(
+    input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: list[int],
+    padding: list[int] | str, dilation: list[int], pool_kernel_size: list[int], pool_stride: list[int],
+    pool_padding: list[int], ceil_mode: bool, backend: str,
+) -> torch.Tensor:
+    """The calls the direct entry does not take: checks, autocast, string padding, backend resolution,
+    the Python autograd.Function where one is needed."""
     if not isinstance(ceil_mode, bool):
         raise TypeError(f"conv2d_relu_maxpool2d: ceil_mode must be a bool, got {ceil_mode!r}")
     if not isinstance(input, torch.Tensor):

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.compiler import is_compiling
 
+from .. import _ops
 from .. import backend_registry as registry
 from ..autograd import function_for
 from ..fuse_spec import LINEAR, RELU, Link, Pattern, TensorOf, adopt_parameters
@@ -27,6 +29,10 @@ __all__ = ["linear_relu", "LinearReLU", "LinearReLUFunction"]
 
 #: ``apply(input, weight, bias, backend)`` returns the output (M, out_features), for 2-D input.
 LinearReLUFunction: type[torch.autograd.Function] = function_for(linear_op.NAME, forward_ad=True)
+
+# The extension's direct entry (csrc/ops.cpp): the op without torch.ops' boxed call for plain 2-D CPU
+# tensors, None (the call below handles it) for anything else; TorchDynamo cannot trace it.
+_direct_linear_relu = _ops.direct_entry(linear_op.NAME)
 
 
 def linear_relu(
@@ -47,6 +53,10 @@ def linear_relu(
     Returns:
         (*, out_features).
     """
+    if _direct_linear_relu is not None and not is_compiling():
+        out = _direct_linear_relu(input, weight, bias, backend)
+        if out is not None:
+            return out
     if isinstance(input, torch.Tensor):
         if torch._C._is_any_autocast_enabled():
             input, weight, bias = _autocast(input, weight, bias)
