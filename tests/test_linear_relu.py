@@ -283,20 +283,38 @@ def test_cpu_gemm_paths_and_instruction_sets(monkeypatch, gemm, isa, case):
         pytest.skip(f"this CPU lacks {isa}: checked its fallback to {expected_isa(isa)} only")
 
 
+# (rows, depth, cols, forward GEMM, backward GEMM) under each set of bounds (forward_gemm /
+# use_native_gemm_backward in csrc/cpu/linear_relu.cpp, float32 on AVX-512 CPUs).
+GEMM_RULES = {
+    # BLAS tuned for the CPU (MKL on Intel): the forward's blocked kernel packs W^T per call, so below
+    # 64 rows the forward takes the dot-product kernel where K >= 32 * rows and N <= 8 * K, BLAS
+    # elsewhere; from 64 rows the blocked kernel up to 2^22 multiply-adds. The backward's GEMMs take
+    # the blocked kernel from 4 rows up to 2^21 multiply-adds with N <= 8 * K. BLAS everywhere else.
+    "tuned": [
+        (1, 96, 40, "dot", "blas"), (3, 96, 40, "dot", "blas"), (4, 96, 40, "blas", "native"),
+        (8, 576, 40, "dot", "native"), (18, 576, 40, "dot", "native"), (19, 576, 40, "blas", "native"),
+        (63, 4096, 40, "dot", "blas"), (64, 96, 40, "native", "native"), (1, 96, 769, "blas", "blas"),
+        (1, 96, 768, "dot", "blas"), (4, 96, 769, "blas", "blas"), (128, 512, 64, "native", "blas"),
+        (128, 513, 64, "blas", "blas")],
+    # Generic BLAS (MKL elsewhere): from 64 rows the blocked kernel up to 2^33 multiply-adds, a narrow
+    # layer (K * N < 2^16) up to 2^22; below 64 rows the dot kernel where N <= 8 * K and K >= 32 * rows
+    # or, below 8 rows, K * N <= 2^14; else the blocked kernel from 8 rows where N <= 8 * K. The
+    # backward: the blocked kernel from 4 rows up to 2^28, with N <= 8 * K below 16 rows.
+    "generic": [
+        (4, 96, 40, "dot", "native"), (7, 128, 128, "dot", "native"), (7, 129, 128, "blas", "native"),
+        (8, 120, 84, "native", "native"), (8, 100, 801, "blas", "blas"), (16, 100, 801, "blas", "native"),
+        (1, 96, 769, "blas", "blas"), (40, 1280, 64, "dot", "native"), (64, 120, 84, "native", "native"),
+        (416, 120, 84, "native", "native"), (417, 120, 84, "blas", "native"), (64, 256, 256, "native", "native")],
+}
+
+
 @pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
-@pytest.mark.parametrize("rows, depth, cols, forward_gemm, backward_gemm", [
-    (1, 96, 40, "dot", "blas"), (3, 96, 40, "dot", "blas"), (4, 96, 40, "blas", "native"), (8, 576, 40, "dot", "native"),
-    (18, 576, 40, "dot", "native"), (19, 576, 40, "blas", "native"), (63, 4096, 40, "dot", "blas"),
-    (64, 96, 40, "native", "native"), (1, 96, 769, "blas", "blas"), (1, 96, 768, "dot", "blas"),
-    (4, 96, 769, "blas", "blas"), (128, 512, 64, "native", "blas"), (128, 513, 64, "blas", "blas")])
-def test_cpu_gemm_rule_by_rows(rows, depth, cols, forward_gemm, backward_gemm):
-    # The rule (forward_gemm / use_native_gemm_backward, float32 on AVX-512 CPUs): the forward's
-    # blocked kernel packs W^T per call, so below 64 rows the forward takes the dot-product kernel
-    # where K >= 32 * rows and N <= 8 * K, BLAS elsewhere; from 64 rows the blocked kernel up to
-    # 2^22 multiply-adds. The backward's GEMMs take the blocked kernel from 4 rows up to 2^21
-    # multiply-adds with N <= 8 * K. BLAS everywhere else.
+@pytest.mark.parametrize("blas, rows, depth, cols, forward_gemm, backward_gemm",
+                         [(blas, *case) for blas, cases in GEMM_RULES.items() for case in cases])
+def test_cpu_gemm_rule_by_rows(monkeypatch, blas, rows, depth, cols, forward_gemm, backward_gemm):
     if expected_isa("avx512") != "avx512":
         pytest.skip("the project's GEMMs are chosen on AVX-512 CPUs only")
+    monkeypatch.setenv("LIGHTNET_OPS_CPU_BLAS", blas)
     x, w, b = (torch.randn(rows, depth, requires_grad=True), torch.randn(cols, depth, requires_grad=True),
                torch.randn(cols, requires_grad=True))
     lo.linear_relu(x, w, b, backend="cpu").sum().backward()

@@ -134,28 +134,31 @@ void native_gemm(const cpu::GemmArgs<T>& g, cpu::Isa isa, bool parallel, Gemm ge
 
 // Which GEMM linear_relu's products use. The project's kernels (AVX-512, float32; other CPUs /
 // dtypes were not measured) have no call overhead and keep bias and ReLU in registers, but no
-// cache blocking and a simple split across threads, so they win on small problems only: measured
-// against MKL on two machines (benchmarks/results/NOTES.md has the grids), on a 2-core Xeon the
-// blocked kernel lost from about 2^23 multiply-adds (forward+backward 0.60-0.93x stock where BLAS
-// held 0.97-1.11x), on a 2-vCPU EPYC whose two threads share one core's throughput it won up to
-// 2^27. The bounds below are the Xeon's, so that the fused op is not slower than stock's BLAS
-// GEMMs on either:
-// - forward, at least kNativeMinForwardRows rows: the blocked kernel up to kNativeMaxForwardMacs
-//   (it packs W^T per call, which costs more than a product of fewer rows);
+// cache blocking and a simple split across threads. Which side wins depends on the BLAS: torch's
+// x86 builds call MKL, which runs its tuned code on Intel CPUs only. Measured against stock on
+// three machines (benchmarks/results/NOTES.md has the grids), the bounds come in two sets:
+//
+// On Intel CPUs (2-core Xeon), MKL is fast and the project's kernels win on small problems only:
+// - forward, at least 64 rows: the blocked kernel up to 2^22 multiply-adds (it packs W^T per
+//   call, which costs more than a product of fewer rows);
 // - forward, fewer rows: the dot-product kernel, which reads W in place, where each dot product is
-//   long enough to repay its lane reduction (K >= kDotMinDepthPerRow * M) and the outputs are not
-//   many short dot products (N <= kDotMaxColumnsPerDepth * K: 1 x 120 -> 4096 ran 0.74x stock);
-// - backward (no W^T to pack): the blocked kernel from kNativeMinBackwardRows rows up to
-//   kNativeMaxBackwardMacs, with the same limit on N / K (4 x 120 -> 4096 ran 0.59x);
-// - everything else: BLAS (at::mm / at::addmm, as stock).
+//   long enough to repay its lane reduction (K >= 32 * M) and the outputs are not many short dot
+//   products (N <= 8 * K: 1 x 120 -> 4096 ran 0.74x stock);
+// - backward (no W^T to pack): the blocked kernel from 4 rows up to 2^21 multiply-adds, with
+//   N <= 8 * K (4 x 120 -> 4096 ran 0.59x);
+// On other CPUs (AMD EPYC), MKL's small and skinny products are slow (8 x 84 -> 10 took 7 us) and
+// the project's kernels win far more widely:
+// - forward, at least 64 rows: the blocked kernel up to 2^33 multiply-adds, except a narrow
+//   layer (K * N < 2^16) beyond 2^22 (1024 x 120 -> 84 ran 0.89x);
+// - forward, fewer rows: the dot-product kernel where N <= 8 * K and K >= 32 * M, or for a small
+//   layer (K * N <= 2^14) below 8 rows; else the blocked kernel from 8 rows where N <= 8 * K;
+// - backward: the blocked kernel from 4 rows up to 2^28 multiply-adds, with N <= 8 * K below 16
+//   rows (4.3G multiply-adds ran 0.64-0.98x).
+// Everything else, and other dtypes / instruction sets: BLAS (at::mm / at::addmm, as stock).
 // LIGHTNET_OPS_CPU_GEMM=native|dot|blas overrides the choice (dot: the forward only; tests cover
-// each, and float64).
-constexpr int64_t kNativeMinForwardRows = 64;
-constexpr int64_t kNativeMaxForwardMacs = int64_t(1) << 22;
-constexpr int64_t kNativeMinBackwardRows = 4;
-constexpr int64_t kNativeMaxBackwardMacs = int64_t(1) << 21;
+// each, and float64); LIGHTNET_OPS_CPU_BLAS=tuned|generic overrides which set of bounds applies.
 constexpr int64_t kDotMinDepthPerRow = 32;
-constexpr int64_t kDotMaxColumnsPerDepth = 8;
+constexpr int64_t kMaxColumnsPerDepth = 8;
 
 std::optional<Gemm> forced_gemm(bool forward) {
   const char* env = std::getenv("LIGHTNET_OPS_CPU_GEMM");
@@ -167,6 +170,13 @@ std::optional<Gemm> forced_gemm(bool forward) {
   return std::nullopt;
 }
 
+// Whether BLAS runs code tuned for this CPU: an Intel CPU (MKL's own), unless
+// LIGHTNET_OPS_CPU_BLAS=tuned|generic says otherwise (read per call, so that a test can switch it).
+bool blas_tuned_for_this_cpu() {
+  if (const int forced = cpu::env_choice("LIGHTNET_OPS_CPU_BLAS", "tuned", "generic"); forced >= 0) return forced == 1;
+  return cpu::cpu_is_intel();
+}
+
 bool project_gemm_runs(const at::Tensor& input, cpu::Isa isa) {
   return input.scalar_type() == at::kFloat && isa == cpu::Isa::kAvx512;
 }
@@ -174,14 +184,27 @@ bool project_gemm_runs(const at::Tensor& input, cpu::Isa isa) {
 Gemm forward_gemm(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, int64_t K) {
   if (const auto forced = forced_gemm(true)) return *forced;
   if (!project_gemm_runs(input, isa)) return Gemm::kBlas;
-  if (M >= kNativeMinForwardRows) return M * N * K <= kNativeMaxForwardMacs ? Gemm::kNative : Gemm::kBlas;
-  return K >= kDotMinDepthPerRow * M && N <= kDotMaxColumnsPerDepth * K ? Gemm::kDot : Gemm::kBlas;
+  const int64_t macs = M * N * K;
+  const bool not_wide = N <= kMaxColumnsPerDepth * K;
+  if (blas_tuned_for_this_cpu()) {
+    if (M >= 64) return macs <= (int64_t(1) << 22) ? Gemm::kNative : Gemm::kBlas;
+    return K >= kDotMinDepthPerRow * M && not_wide ? Gemm::kDot : Gemm::kBlas;
+  }
+  if (M >= 64) {
+    const bool narrow = K * N < (int64_t(1) << 16);
+    return macs <= (int64_t(1) << (narrow ? 22 : 33)) ? Gemm::kNative : Gemm::kBlas;
+  }
+  if (not_wide && (K >= kDotMinDepthPerRow * M || (M < 8 && K * N <= (int64_t(1) << 14)))) return Gemm::kDot;
+  return M >= 8 && not_wide ? Gemm::kNative : Gemm::kBlas;
 }
 
 bool use_native_gemm_backward(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, int64_t K) {
   if (const auto forced = forced_gemm(false)) return *forced == Gemm::kNative;
-  return project_gemm_runs(input, isa) && M >= kNativeMinBackwardRows && M * N * K <= kNativeMaxBackwardMacs &&
-         N <= kDotMaxColumnsPerDepth * K;
+  if (!project_gemm_runs(input, isa) || M < 4) return false;
+  const int64_t macs = M * N * K;
+  const bool not_wide = N <= kMaxColumnsPerDepth * K;
+  if (blas_tuned_for_this_cpu()) return macs <= (int64_t(1) << 21) && not_wide;
+  return macs <= (int64_t(1) << 28) && (not_wide || M >= 16);
 }
 
 // out[i, :] = relu(out[i, :] + bias) in place; bias may be null.

@@ -81,5 +81,18 @@ inline Isa cpu_isa() {
 #endif
 }
 
+// Whether this is an Intel CPU (the CPUID vendor), whose BLAS (MKL) runs its own tuned code.
+inline bool cpu_is_intel() {
+#if LIGHTNET_OPS_X86_DISPATCH
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") > 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
+
 }  // namespace cpu
 }  // namespace lightnet_ops
