@@ -296,15 +296,15 @@ GEMM_RULES = {
         (63, 4096, 40, "dot", "blas"), (64, 96, 40, "native", "native"), (1, 96, 769, "blas", "blas"),
         (1, 96, 768, "dot", "blas"), (4, 96, 769, "blas", "blas"), (128, 512, 64, "native", "blas"),
         (128, 513, 64, "blas", "blas")],
-    # Generic BLAS (MKL elsewhere): from 64 rows the blocked kernel up to 2^33 multiply-adds, a narrow
-    # layer (K * N < 2^16) up to 2^22; below 64 rows the dot kernel where N <= 8 * K and K >= 32 * rows
-    # or, below 8 rows, K * N <= 2^14; else the blocked kernel from 8 rows where N <= 8 * K. The
-    # backward: the blocked kernel from 4 rows up to 2^28, with N <= 8 * K below 16 rows.
+    # Generic BLAS (MKL elsewhere): from 64 rows the blocked kernel up to 2^33 multiply-adds; below
+    # 64 rows the dot kernel where N <= 8 * K and K >= 32 * rows or, below 8 rows, K * N <= 2^14;
+    # else the blocked kernel from 8 rows where N <= 8 * K. The backward: the blocked kernel from
+    # 4 rows up to 2^28, with N <= 8 * K below 16 rows.
     "generic": [
         (4, 96, 40, "dot", "native"), (7, 128, 128, "dot", "native"), (7, 129, 128, "blas", "native"),
         (8, 120, 84, "native", "native"), (8, 100, 801, "blas", "blas"), (16, 100, 801, "blas", "native"),
         (1, 96, 769, "blas", "blas"), (40, 1280, 64, "dot", "native"), (64, 120, 84, "native", "native"),
-        (416, 120, 84, "native", "native"), (417, 120, 84, "blas", "native"), (64, 256, 256, "native", "native")],
+        (1024, 120, 84, "native", "native"), (1024, 512, 512, "native", "native"), (1024, 512, 513, "native", "blas")],
 }
 
 
@@ -357,6 +357,19 @@ def test_cpu_project_gemms_are_bitwise_deterministic_across_thread_counts(monkey
     for got in grads[1:]:
         for g, want in zip(got, grads[0]):
             assert torch.equal(g, want)
+
+
+def test_cpu_blocked_gemm_split_into_row_chunks_matches_stock(monkeypatch):
+    # With few column blocks (N = 84: three blocks of 32 columns) the blocked GEMM splits the rows
+    # into chunks across the threads too; row tails of every length end the chunks.
+    monkeypatch.setenv("LIGHTNET_OPS_CPU_GEMM", "native")
+    torch.manual_seed(6)
+    for rows in (64, 203):
+        x, w, b = (torch.randn(rows, 37, dtype=torch.float64), torch.randn(84, 37, dtype=torch.float64),
+                   torch.randn(84, dtype=torch.float64))
+        want = F.relu(F.linear(x, w, b))
+        for got in results_per_thread_count(lambda: torch.ops.lightnet_ops.linear_relu(x, w, b), (1, 2, 3)):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_cpu_backward_is_deterministic_across_thread_counts():

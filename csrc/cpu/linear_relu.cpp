@@ -117,8 +117,15 @@ GemmKernel<T> gemm_kernel(cpu::Isa isa, Gemm gemm) {
   return {&cpu::isa_default::gemm_column_blocks<T>, cpu::isa_default::gemm_block_columns<T>()};
 }
 
-// The GEMM on the calling thread (parallel = false) or split by column blocks across the threads,
-// at least about 2^18 multiply-adds per task (below that, waking a thread costs what it saves).
+// Rows per chunk when native_gemm splits the rows too: a chunk repacks its blocks' W^T panels, a
+// small cost next to this many rows of products.
+constexpr int64_t kMinChunkRows = 32;
+
+// The GEMM on the calling thread (parallel = false) or split across the threads, at least about
+// 2^18 multiply-adds per task (below that, waking a thread costs what it saves). Tasks are column
+// blocks; with few blocks (N of a few vectors) the rows are split into chunks too, so that no thread
+// idles (3 blocks on 2 threads left one idle a third of the time: 1024 x 1000 -> 84 ran 0.88x stock).
+// Each output is computed whole by one task either way, so the split does not change results.
 template <typename T>
 void native_gemm(const cpu::GemmArgs<T>& g, cpu::Isa isa, bool parallel, Gemm gemm = Gemm::kNative) {
   const GemmKernel<T> kernel = gemm_kernel<T>(isa, gemm);
@@ -127,9 +134,25 @@ void native_gemm(const cpu::GemmArgs<T>& g, cpu::Isa isa, bool parallel, Gemm ge
     kernel.run(g, 0, blocks);
     return;
   }
-  const int64_t block_macs = std::max<int64_t>(1, g.M * g.K * kernel.block_columns);
-  const int64_t grain = std::max<int64_t>(1, ((int64_t(1) << 18) + block_macs - 1) / block_macs);
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { kernel.run(g, b0, b1); });
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = blocks >= 4 * threads ? 1 : std::clamp<int64_t>(g.M / kMinChunkRows, 1, threads);
+  const int64_t chunk_rows = (g.M + chunks - 1) / chunks;
+  const int64_t task_macs = std::max<int64_t>(1, chunk_rows * g.K * kernel.block_columns);
+  const int64_t grain = std::max<int64_t>(1, ((int64_t(1) << 18) + task_macs - 1) / task_macs);
+  // Task t is column block t % blocks of row chunk t / blocks: a thread's consecutive tasks share
+  // a chunk, and run as one call per chunk.
+  at::parallel_for(0, chunks * blocks, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1;) {
+      const int64_t chunk = t / blocks, b0 = t % blocks, b1 = std::min(blocks, b0 + (t1 - t));
+      cpu::GemmArgs<T> part = g;
+      const int64_t row0 = chunk * chunk_rows;
+      part.M = std::min(g.M, row0 + chunk_rows) - row0;
+      part.a = g.a + row0 * g.a_row;
+      part.c = g.c + row0 * g.ldc;
+      if (part.M > 0) kernel.run(part, b0, b1);
+      t += b1 - b0;
+    }
+  });
 }
 
 // Which GEMM linear_relu's products use. The project's kernels (AVX-512, float32; other CPUs /
@@ -148,8 +171,8 @@ void native_gemm(const cpu::GemmArgs<T>& g, cpu::Isa isa, bool parallel, Gemm ge
 //   N <= 8 * K (4 x 120 -> 4096 ran 0.59x);
 // On other CPUs (AMD EPYC), MKL's small and skinny products are slow (8 x 84 -> 10 took 7 us) and
 // the project's kernels win far more widely:
-// - forward, at least 64 rows: the blocked kernel up to 2^33 multiply-adds, except a narrow
-//   layer (K * N < 2^16) beyond 2^22 (1024 x 120 -> 84 ran 0.89x);
+// - forward, at least 64 rows: the blocked kernel up to 2^33 multiply-adds (4096 x 1024 -> 4096,
+//   2^34, ran 1.13x against BLAS's 1.08x: the bound is where the measurements stop);
 // - forward, fewer rows: the dot-product kernel where N <= 8 * K and K >= 32 * M, or for a small
 //   layer (K * N <= 2^14) below 8 rows; else the blocked kernel from 8 rows where N <= 8 * K;
 // - backward: the blocked kernel from 4 rows up to 2^28 multiply-adds, with N <= 8 * K below 16
@@ -190,10 +213,7 @@ Gemm forward_gemm(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, i
     if (M >= 64) return macs <= (int64_t(1) << 22) ? Gemm::kNative : Gemm::kBlas;
     return K >= kDotMinDepthPerRow * M && not_wide ? Gemm::kDot : Gemm::kBlas;
   }
-  if (M >= 64) {
-    const bool narrow = K * N < (int64_t(1) << 16);
-    return macs <= (int64_t(1) << (narrow ? 22 : 33)) ? Gemm::kNative : Gemm::kBlas;
-  }
+  if (M >= 64) return macs <= (int64_t(1) << 33) ? Gemm::kNative : Gemm::kBlas;
   if (not_wide && (K >= kDotMinDepthPerRow * M || (M < 8 && K * N <= (int64_t(1) << 14)))) return Gemm::kDot;
   return M >= 8 && not_wide ? Gemm::kNative : Gemm::kBlas;
 }
