@@ -19,6 +19,10 @@ TORCH_LIBRARY_FRAGMENT(lightnet_ops, m) {
   m.def(
       "linear_relu_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor output, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor)");
+  // Plain linear (no ReLU) for calls that record no gradient: convnet_forward's last stage in
+  // inference, through the CPU GEMMs' rules (csrc/cpu/linear_relu.cpp); elsewhere at::linear. It has
+  // no autograd kernel: callers use it only where nothing requires grad or carries a tangent.
+  m.def("_linear_no_grad(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 namespace lightnet_ops {
@@ -108,6 +112,12 @@ struct LinearReLUFunction {
 
 TORCH_LIBRARY_IMPL(lightnet_ops, Autograd, m) {
   m.impl("linear_relu", &autograd::AutogradOp<LinearReLUFunction>::kernel);
+}
+
+// Every backend without its own kernel (CUDA, Meta for fake tensors): stock's linear.
+TORCH_LIBRARY_IMPL(lightnet_ops, CompositeExplicitAutograd, m) {
+  m.impl("_linear_no_grad", [](const at::Tensor& input, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias) { return at::linear(input, weight, bias); });
 }
 
 }  // namespace lightnet_ops

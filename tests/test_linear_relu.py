@@ -372,6 +372,37 @@ def test_cpu_blocked_gemm_split_into_row_chunks_matches_stock(monkeypatch):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("gemm", ["native", "dot", "blas", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows, depth, cols, bias", [(1, 84, 10, True), (8, 84, 10, False), (70, 33, 21, True)])
+def test_cpu_linear_no_grad_is_stock_linear(monkeypatch, gemm, dtype, rows, depth, cols, bias):
+    # _linear_no_grad (convnet_forward's last stage in inference): F.linear through the same GEMMs and
+    # rules as linear_relu, without the ReLU; negative outputs stay.
+    if gemm is not None:
+        monkeypatch.setenv("LIGHTNET_OPS_CPU_GEMM", gemm)
+    torch.manual_seed(7)
+    x, w = torch.randn(rows, depth, dtype=dtype), torch.randn(cols, depth, dtype=dtype)
+    b = torch.randn(cols, dtype=dtype) if bias else None
+    got = torch.ops.lightnet_ops._linear_no_grad(x, w, b)
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert (want < 0).any()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want.to(dtype), rtol=tol, atol=tol)
+    if gemm is not None:
+        assert parse_run(torch.ops.lightnet_ops._cpu_linear_last_run()[0])["gemm"] == gemm
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+def test_linear_no_grad_checks_and_fakes():
+    x, w, b = torch.randn(3, 5), torch.randn(4, 5), torch.randn(4)
+    torch.library.opcheck(torch.ops.lightnet_ops._linear_no_grad.default, (x, w, b))
+    with pytest.raises(ValueError, match="_linear_no_grad: input has 5 features but weight expects 6"):
+        torch.ops.lightnet_ops._linear_no_grad(x, torch.randn(4, 6), b)
+    meta = torch.ops.lightnet_ops._linear_no_grad(x.to("meta"), w.to("meta"), b.to("meta"))
+    assert meta.shape == (3, 4) and meta.device.type == "meta"
+
+
 def test_cpu_backward_is_deterministic_across_thread_counts():
     # The bias gradient is summed in fixed row blocks and the GEMMs may run side by side or split:
     # the result must not depend on how many threads ran it.

@@ -160,7 +160,8 @@ def _layer_by_layer(net: lo.LightNet) -> lo.LightNet:
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_one_call_forward_equals_layer_by_layer(dtype, batch):
     # convnet_forward calls the same ops with the same arguments: outputs, gradients and the
-    # autograd graph's fused nodes are those of the layer-by-layer forward, bit for bit.
+    # autograd graph's fused nodes are those of the layer-by-layer forward, bit for bit (inference:
+    # see below).
     one = _seeded(lo.LightNet, 5, backend="cpu").to(dtype)
     layers = _layer_by_layer(_seeded(lo.LightNet, 5, backend="cpu").to(dtype))
     x = torch.randn(batch, 1, 32, 32, dtype=dtype)
@@ -177,7 +178,12 @@ def test_one_call_forward_equals_layer_by_layer(dtype, batch):
     for (n, p1), (_, p2) in zip(one.named_parameters(), layers.named_parameters()):
         assert torch.equal(p1.grad, p2.grad), n
     with torch.no_grad():
-        assert torch.equal(one(x), layers(x))
+        # In inference the last stage (a plain linear) runs the project's GEMMs where they beat BLAS
+        # (float32, csrc/cpu/linear_relu.cpp): the same products, summed in another order.
+        if dtype == torch.float64:
+            assert torch.equal(one(x), layers(x))
+        else:
+            torch.testing.assert_close(one(x), layers(x), rtol=1e-5, atol=1e-5)
 
 
 @needs_extension
@@ -198,6 +204,11 @@ def test_one_call_forward_matches_stock_in_float64_with_second_derivatives_and_t
     with fwAD.dual_level():
         out_f = fwAD.unpack_dual(fused(fwAD.make_dual(x.detach(), t))).tangent
         out_s = fwAD.unpack_dual(stock(fwAD.make_dual(x.detach(), t))).tangent
+    torch.testing.assert_close(out_f, out_s, rtol=1e-9, atol=1e-11)
+    # ... also where no gradient is recorded: the tangent alone keeps the last stage on at::linear
+    args = fused._one_call_args(x)
+    with torch.no_grad(), fwAD.dual_level():
+        out_f = fwAD.unpack_dual(torch.ops.lightnet_ops.convnet_forward(fwAD.make_dual(x.detach(), t), *args)).tangent
     torch.testing.assert_close(out_f, out_s, rtol=1e-9, atol=1e-11)
 
 

@@ -286,9 +286,11 @@ void gate_and_sum(const scalar_t* grad, const scalar_t* output, scalar_t* gated,
   }
 }
 
-at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  check_linear_relu("linear_relu", input, weight, bias);
-  check_cpu_dtype(input, "linear_relu");
+// relu(input @ weight^T + bias), or without the ReLU (relu = false: _linear_no_grad).
+at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                      bool relu, const char* op) {
+  check_linear_relu(op, input, weight, bias);
+  check_cpu_dtype(input, op);
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
@@ -296,23 +298,33 @@ at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight, co
   const Gemm gemm = forward_gemm(input, isa, M, N, K);
   last_forward = LinearRun{gemm, isa, false};
   if (gemm != Gemm::kBlas) {
-    // out = relu(X @ W^T + bias), the bias and ReLU applied in registers.
+    // out = epilogue(X @ W^T + bias), the bias and ReLU applied in registers.
     const at::Tensor x = input.contiguous(), w = weight.contiguous();
     at::Tensor out = at::empty({M, N}, input.options());
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_relu_cpu_native", [&] {
       native_gemm<scalar_t>({x.const_data_ptr<scalar_t>(), K, 1, w.const_data_ptr<scalar_t>(), K, true,
                              out.mutable_data_ptr<scalar_t>(), N, M, N, K,
-                             has_bias ? b.const_data_ptr<scalar_t>() : nullptr, true},
+                             has_bias ? b.const_data_ptr<scalar_t>() : nullptr, relu},
                             isa, true, gemm);
     });
     return out;
   }
+  if (!relu) return has_bias ? at::addmm(b, input, weight.t()) : at::mm(input, weight.t());
   at::Tensor out = at::mm(input, weight.t());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_relu_cpu", [&] {
     bias_relu_inplace<scalar_t>(out.mutable_data_ptr<scalar_t>(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
                                 out.size(0), out.size(1));
   });
   return out;
+}
+
+at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return linear_cpu(input, weight, bias, true, "linear_relu");
+}
+
+at::Tensor linear_no_grad_cpu(const at::Tensor& input, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias) {
+  return linear_cpu(input, weight, bias, false, "_linear_no_grad");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at::Tensor& grad_output,
@@ -395,6 +407,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at
 
 TORCH_LIBRARY_IMPL(lightnet_ops, CPU, m) {
   m.impl("linear_relu", &linear_relu_cpu);
+  m.impl("_linear_no_grad", &linear_no_grad_cpu);
   m.impl("linear_relu_backward", &linear_relu_backward_cpu);
 }
 

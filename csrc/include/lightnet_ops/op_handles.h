@@ -34,6 +34,13 @@ inline const c10::TypedOperatorHandle<LinearReLUSignature>& linear_relu_op() {
   return op;
 }
 
+// _linear_no_grad(input, weight, bias) -> output: a plain linear for calls that record no gradient.
+inline const c10::TypedOperatorHandle<LinearReLUSignature>& linear_no_grad_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lightnet_ops::_linear_no_grad", "").typed<LinearReLUSignature>();
+  return op;
+}
+
 // Whether backward may follow the call (grad mode on and some input requiring grad): the conv's
 // need_argmax, as the Python API computes it.
 inline bool needs_grad(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
