@@ -296,7 +296,7 @@ GEMM_RULES = {
         (63, 4096, 40, "dot", "blas"), (64, 96, 40, "native", "native"), (1, 96, 769, "blas", "blas"),
         (1, 96, 768, "dot", "blas"), (4, 96, 769, "blas", "blas"), (128, 512, 64, "native", "blas"),
         (128, 513, 64, "blas", "blas")],
-    # Generic BLAS (MKL elsewhere): from 64 rows the blocked kernel up to 2^33 multiply-adds; below
+    # Generic BLAS (MKL elsewhere): from 64 rows the blocked kernel up to 2^34 multiply-adds; below
     # 64 rows the dot kernel where N <= 8 * K and K >= 32 * rows or, below 8 rows, K * N <= 2^14;
     # else the blocked kernel from 8 rows where N <= 8 * K. The backward: the blocked kernel from
     # 4 rows up to 2^28, with N <= 8 * K below 16 rows.

@@ -171,8 +171,8 @@ void native_gemm(const cpu::GemmArgs<T>& g, cpu::Isa isa, bool parallel, Gemm ge
 //   N <= 8 * K (4 x 120 -> 4096 ran 0.59x);
 // On other CPUs (AMD EPYC), MKL's small and skinny products are slow (8 x 84 -> 10 took 7 us) and
 // the project's kernels win far more widely:
-// - forward, at least 64 rows: the blocked kernel up to 2^33 multiply-adds (4096 x 1024 -> 4096,
-//   2^34, ran 1.13x against BLAS's 1.08x: the bound is where the measurements stop);
+// - forward, at least 64 rows: the blocked kernel up to 2^34 multiply-adds (4096 x 1024 -> 4096,
+//   2^34, ran 1.13-1.16x against BLAS's 1.08x: the bound is where the measurements stop);
 // - forward, fewer rows: the dot-product kernel where N <= 8 * K and K >= 32 * M, or for a small
 //   layer (K * N <= 2^14) below 8 rows; else the blocked kernel from 8 rows where N <= 8 * K;
 // - backward: the blocked kernel from 4 rows up to 2^28 multiply-adds, with N <= 8 * K below 16
@@ -213,7 +213,7 @@ Gemm forward_gemm(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, i
     if (M >= 64) return macs <= (int64_t(1) << 22) ? Gemm::kNative : Gemm::kBlas;
     return K >= kDotMinDepthPerRow * M && not_wide ? Gemm::kDot : Gemm::kBlas;
   }
-  if (M >= 64) return macs <= (int64_t(1) << 33) ? Gemm::kNative : Gemm::kBlas;
+  if (M >= 64) return macs <= (int64_t(1) << 34) ? Gemm::kNative : Gemm::kBlas;
   if (not_wide && (K >= kDotMinDepthPerRow * M || (M < 8 && K * N <= (int64_t(1) << 14)))) return Gemm::kDot;
   return M >= 8 && not_wide ? Gemm::kNative : Gemm::kBlas;
 }
