@@ -1,9 +1,10 @@
 // convnet_forward: a stack of conv2d_relu_maxpool2d stages, a flatten and linear stages (linear_relu,
 // then a plain linear) in one call, as lo.LightNet's forward runs them. It calls the registered ops
 // through the dispatcher (a CompositeImplicitAutograd kernel), so autograd, tangents, dispatch modes
-// and the profiler see exactly the ops the module-by-module forward calls; what it removes is the
-// Python between the layers (module calls, argument handling, one boxed call per layer), which
-// is most of a small batch's time on the CPU.
+// and the profiler see the ops the module-by-module forward calls (the last, plain linear stage as
+// lightnet_ops::_linear_no_grad, which is aten::linear wherever autograd records it); what it
+// removes is the Python between the layers (module calls, argument handling, one boxed call per
+// layer), which is most of a small batch's time on the CPU.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -28,9 +29,6 @@ namespace {
 
 constexpr int64_t kConvParams = 13;
 
-// A forward-mode tangent at the default level (torch.autograd.forward_ad.dual_level).
-bool has_tangent(const at::Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }
-
 }  // namespace
 
 at::Tensor convnet_forward(const at::Tensor& input, at::TensorList conv_weights,
@@ -54,15 +52,10 @@ at::Tensor convnet_forward(const at::Tensor& input, at::TensorList conv_weights,
   }
   x = x.flatten(1);
   for (int64_t i = 0; i + 1 < linears; ++i) x = linear_relu.call(x, linear_weights[i], linear_biases.get(i));
-  // The last stage is a plain linear: the project's GEMMs (csrc/cpu/linear_relu.cpp) where nothing
-  // records a gradient or carries a tangent (stock's BLAS took 7 us for LightNet's 8 x 84 -> 10 on
-  // an EPYC), else at::linear for its autograd.
-  const at::Tensor& weight = linear_weights[linears - 1];
-  const std::optional<at::Tensor> bias = linear_biases.get(linears - 1);
-  if (needs_grad(x, weight, bias) || has_tangent(x) || has_tangent(weight) || (bias && has_tangent(*bias))) {
-    return at::linear(x, weight, bias);
-  }
-  return linear_no_grad_op().call(x, weight, bias);
+  // The last stage is a plain linear: _linear_no_grad, which is at::linear wherever a gradient or
+  // tangent is recorded and otherwise runs the project's CPU GEMMs (stock's BLAS took 7 us for
+  // LightNet's 8 x 84 -> 10 on an EPYC).
+  return linear_no_grad_op().call(x, linear_weights[linears - 1], linear_biases.get(linears - 1));
 }
 
 }  // namespace lightnet_ops

@@ -9,6 +9,7 @@
 
 #include "lightnet_ops/autograd_op.h"
 #include "lightnet_ops/composite.h"
+#include "lightnet_ops/op_handles.h"
 
 // The same schema text as the contract (tests/test_contracts.py compares them).
 TORCH_LIBRARY_FRAGMENT(lightnet_ops, m) {
@@ -19,9 +20,8 @@ TORCH_LIBRARY_FRAGMENT(lightnet_ops, m) {
   m.def(
       "linear_relu_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor output, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor)");
-  // Plain linear (no ReLU) for calls that record no gradient: convnet_forward's last stage in
-  // inference, through the CPU GEMMs' rules (csrc/cpu/linear_relu.cpp); elsewhere at::linear. It has
-  // no autograd kernel: callers use it only where nothing requires grad or carries a tangent.
+  // F.linear (no ReLU), internal: convnet_forward's last stage. Where no gradient or tangent is
+  // recorded it runs the CPU GEMMs' rules (csrc/cpu/linear_relu.cpp); everywhere else, at::linear.
   m.def("_linear_no_grad(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
 }
 
@@ -110,8 +110,18 @@ struct LinearReLUFunction {
 
 }  // namespace
 
+// _linear_no_grad's autograd: at::linear (with its own autograd) when a gradient or tangent is
+// recorded, else the device kernel below autograd.
+at::Tensor linear_no_grad_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias) {
+  if (records_autograd(input, weight, bias)) return at::linear(input, weight, bias);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return linear_no_grad_op().call(input, weight, bias);
+}
+
 TORCH_LIBRARY_IMPL(lightnet_ops, Autograd, m) {
   m.impl("linear_relu", &autograd::AutogradOp<LinearReLUFunction>::kernel);
+  m.impl("_linear_no_grad", &linear_no_grad_autograd);
 }
 
 // Every backend without its own kernel (CUDA, Meta for fake tensors): stock's linear.

@@ -164,23 +164,40 @@ bool int_pair(PyObject* obj, std::array<int64_t, 2>& out) {
 
 PyObject* not_taken() { Py_RETURN_NONE; }
 
+// The tensor operands shared by both entries, (input, weight, bias) = args[0..2].
+struct Operands {
+  const at::Tensor* input = nullptr;
+  const at::Tensor* weight = nullptr;
+  std::optional<at::Tensor> bias;
+};
+
+// Fills `ops` and returns true where the operands and the backend are the plain case: plain CPU
+// tensors (bias None or one), a float32 / float64 input, backend "auto" or "cpu", and no
+// Python-level dispatch active.
+bool plain_operands(PyObject* const* args, PyObject* backend, Operands& ops) {
+  ops.input = plain_cpu_tensor(args[0]);
+  ops.weight = plain_cpu_tensor(args[1]);
+  if (ops.input == nullptr || ops.weight == nullptr || !float_or_double(*ops.input)) return false;
+  if (args[2] != Py_None) {
+    const at::Tensor* bias = plain_cpu_tensor(args[2]);
+    if (bias == nullptr) return false;
+    ops.bias = *bias;
+  }
+  return cpu_backend_requested(backend) && !python_level_dispatch();
+}
+
 // _C.linear_relu(input, weight, bias, backend) -> output, or None where the call is not the plain case.
 PyObject* linear_relu_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(nargs == 4, "_C.linear_relu: expected 4 arguments (input, weight, bias, backend), got ", nargs);
-  const at::Tensor* input = plain_cpu_tensor(args[0]);
-  const at::Tensor* weight = plain_cpu_tensor(args[1]);
-  const at::Tensor* bias = args[2] == Py_None ? nullptr : plain_cpu_tensor(args[2]);
-  if (input == nullptr || weight == nullptr || (bias == nullptr && args[2] != Py_None) || input->dim() != 2 ||
-      !float_or_double(*input) || (bias != nullptr && bias->dim() == 0) || !cpu_backend_requested(args[3]) ||
-      python_level_dispatch()) {
+  Operands ops;
+  if (!plain_operands(args, args[3], ops) || ops.input->dim() != 2 || (ops.bias && ops.bias->dim() == 0)) {
     return not_taken();
   }
-  const std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(*bias) : std::nullopt;
   at::Tensor out;
   {
     GilRelease no_gil;
-    out = lightnet_ops::linear_relu_op().call(*input, *weight, b);
+    out = lightnet_ops::linear_relu_op().call(*ops.input, *ops.weight, ops.bias);
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS
@@ -192,12 +209,9 @@ PyObject* linear_relu_entry(PyObject* /*module*/, PyObject* const* args, Py_ssiz
 PyObject* conv2d_relu_maxpool2d_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(nargs == 11, "_C.conv2d_relu_maxpool2d: expected 11 arguments, got ", nargs);
-  const at::Tensor* input = plain_cpu_tensor(args[0]);
-  const at::Tensor* weight = plain_cpu_tensor(args[1]);
-  const at::Tensor* bias = args[2] == Py_None ? nullptr : plain_cpu_tensor(args[2]);
-  if (input == nullptr || weight == nullptr || (bias == nullptr && args[2] != Py_None) ||
-      (input->dim() != 3 && input->dim() != 4) || !float_or_double(*input) ||
-      (args[9] != Py_True && args[9] != Py_False) || !cpu_backend_requested(args[10]) || python_level_dispatch()) {
+  Operands ops;
+  if (!plain_operands(args, args[10], ops) || (ops.input->dim() != 3 && ops.input->dim() != 4) ||
+      (args[9] != Py_True && args[9] != Py_False)) {
     return not_taken();
   }
   std::array<int64_t, 2> stride, padding, dilation, pool_kernel, pool_stride, pool_padding;
@@ -211,14 +225,14 @@ PyObject* conv2d_relu_maxpool2d_entry(PyObject* /*module*/, PyObject* const* arg
     return not_taken();
   }
   const bool ceil_mode = args[9] == Py_True;
-  const std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(*bias) : std::nullopt;
-  const bool unbatched = input->dim() == 3;
+  const bool unbatched = ops.input->dim() == 3;
   at::Tensor out;
   {
     GilRelease no_gil;
-    const at::Tensor x = unbatched ? input->unsqueeze(0) : *input;
-    out = std::get<0>(lightnet_ops::conv_pool_op().call(x, *weight, b, stride, padding, dilation, pool_kernel,
-                                                         pool_stride, lightnet_ops::needs_grad(x, *weight, b),
+    const at::Tensor x = unbatched ? ops.input->unsqueeze(0) : *ops.input;
+    const at::Tensor& w = *ops.weight;
+    out = std::get<0>(lightnet_ops::conv_pool_op().call(x, w, ops.bias, stride, padding, dilation, pool_kernel,
+                                                         pool_stride, lightnet_ops::needs_grad(x, w, ops.bias),
                                                          pool_padding, ceil_mode));
     if (unbatched) out = out.squeeze(0);
   }

@@ -207,20 +207,44 @@ def test_entries_decline_under_tracing_and_transforms():
     assert seen == [None] * 6
 
 
-def test_entry_errors_are_the_ops():
-    # Values of the right form reach the op, whose C++ checks raise what torch.ops raises.
+def test_entry_errors_are_the_ops(monkeypatch):
+    # Values of the right form reach the op, whose C++ checks raise what the Python path raises.
     x, w, b = _linear_args(torch.float32, requires_grad=False)
-    with pytest.raises(ValueError, match="input has 7 features but weight expects 6"):
-        _linear_entry()(x, w[:, :6], b, "auto")
-    with pytest.raises(ValueError, match="input has 7 features but weight expects 6"):
-        OPS.linear_relu(x, w[:, :6], b)
     cx, cw, cb = _conv_args(dtype=torch.float32, requires_grad=False)
-    for call in (lambda: _conv_entry()(cx, cw, cb, 0, 0, 1, 2, None, 0, False, "auto"),
-                 lambda: lo.conv2d_relu_maxpool2d(cx, cw, cb, stride=0)):
-        with pytest.raises(ValueError, match="stride"):
+    calls = {
+        "linear": (lambda: lo.linear_relu(x, w[:, :6], b), "input has 7 features but weight expects 6"),
+        "conv stride": (lambda: lo.conv2d_relu_maxpool2d(cx, cw, cb, stride=0), None),
+        "conv channels": (lambda: lo.conv2d_relu_maxpool2d(cx, cw[:, :2], cb), None),
+    }
+    for name, (call, message) in calls.items():
+        with pytest.raises(ValueError) as direct:
             call()
+        with monkeypatch.context() as m:
+            m.setattr(linear_api, "_direct_linear_relu", None)
+            m.setattr(conv_api, "_direct_conv2d_relu_maxpool2d", None)
+            with pytest.raises(ValueError) as python_path:
+                call()
+        assert str(direct.value) == str(python_path.value), name
+        if message is not None:
+            assert message in str(direct.value)
     with pytest.raises(TypeError, match="expected 4 arguments"):
         _linear_entry()(x, w, b)
+
+
+def test_entries_carry_tangents():
+    import torch.autograd.forward_ad as fwAD
+    x, w, b = _linear_args(requires_grad=False)
+    cx, cw, cb = _conv_args(requires_grad=False)
+    tx, tcx = torch.randn_like(x), torch.randn_like(cx)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(_linear_entry()(fwAD.make_dual(x, tx), w, b, "auto")).tangent
+        want = fwAD.unpack_dual(torch.relu(torch.nn.functional.linear(fwAD.make_dual(x, tx), w, b))).tangent
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        got = fwAD.unpack_dual(_conv_entry()(fwAD.make_dual(cx, tcx), cw, cb, 1, 0, 1, 2, None, 0, False,
+                                             "auto")).tangent
+        want = fwAD.unpack_dual(torch.nn.functional.max_pool2d(torch.relu(torch.nn.functional.conv2d(
+            fwAD.make_dual(cx, tcx), cw, cb)), 2)).tangent
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_entries_take_the_plain_form_of_the_declined_cases():

@@ -359,9 +359,11 @@ def test_cpu_project_gemms_are_bitwise_deterministic_across_thread_counts(monkey
             assert torch.equal(g, want)
 
 
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
 def test_cpu_blocked_gemm_split_into_row_chunks_matches_stock(monkeypatch):
-    # With few column blocks (N = 84: three blocks of 32 columns) the blocked GEMM splits the rows
-    # into chunks across the threads too; row tails of every length end the chunks.
+    # With few column blocks (N = 84: six blocks of 16 float64 columns with AVX-512, fewer than four
+    # per thread) the blocked GEMM splits the rows into chunks across the threads too; row tails of
+    # every length end the chunks.
     monkeypatch.setenv("LIGHTNET_OPS_CPU_GEMM", "native")
     torch.manual_seed(6)
     for rows in (64, 203):
@@ -401,6 +403,29 @@ def test_linear_no_grad_checks_and_fakes():
         torch.ops.lightnet_ops._linear_no_grad(x, torch.randn(4, 6), b)
     meta = torch.ops.lightnet_ops._linear_no_grad(x.to("meta"), w.to("meta"), b.to("meta"))
     assert meta.shape == (3, 4) and meta.device.type == "meta"
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_no_grad_is_at_linear_where_autograd_records(dtype):
+    # Where a gradient or tangent is recorded, and for what the project's kernels do not take
+    # (a 0-d bias, leading dimensions), the op is at::linear itself.
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(8)
+    x, w, b = (torch.randn(3, 5, dtype=dtype, requires_grad=True), torch.randn(4, 5, dtype=dtype),
+               torch.randn(4, dtype=dtype, requires_grad=True))
+    got, want = torch.ops.lightnet_ops._linear_no_grad(x, w, b), F.linear(x, w, b)
+    assert torch.equal(got, want) and got.grad_fn is not None
+    g = torch.randn_like(got)
+    assert all(torch.equal(p, q) for p, q in zip(torch.autograd.grad(got, (x, b), g),
+                                                 torch.autograd.grad(want, (x, b), g)))
+    t = torch.randn_like(x)
+    with torch.no_grad(), fwAD.dual_level():
+        got = fwAD.unpack_dual(torch.ops.lightnet_ops._linear_no_grad(fwAD.make_dual(x.detach(), t), w, None))
+        assert torch.equal(got.tangent, F.linear(t, w))
+        assert torch.equal(torch.ops.lightnet_ops._linear_no_grad(x, w, b[0]), F.linear(x, w, b[0]))
+        x3 = torch.randn(2, 3, 5, dtype=dtype)
+        assert torch.equal(torch.ops.lightnet_ops._linear_no_grad(x3, w, b), F.linear(x3, w, b))
 
 
 def test_cpu_backward_is_deterministic_across_thread_counts():

@@ -178,6 +178,8 @@ void native_gemm(const cpu::GemmArgs<T>& g, cpu::Isa isa, bool parallel, Gemm ge
 // - backward: the blocked kernel from 4 rows up to 2^28 multiply-adds, with N <= 8 * K below 16
 //   rows (4.3G multiply-adds ran 0.64-0.98x).
 // Everything else, and other dtypes / instruction sets: BLAS (at::mm / at::addmm, as stock).
+// Both sets were measured on 2-core VMs; a many-core CPU may favour BLAS's cache blocking and
+// thread split at smaller sizes than these bounds.
 // LIGHTNET_OPS_CPU_GEMM=native|dot|blas overrides the choice (dot: the forward only; tests cover
 // each, and float64); LIGHTNET_OPS_CPU_BLAS=tuned|generic overrides which set of bounds applies.
 constexpr int64_t kDotMinDepthPerRow = 32;
@@ -322,9 +324,13 @@ at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight, co
   return linear_cpu(input, weight, bias, true, "linear_relu");
 }
 
+// _linear_no_grad: the project's GEMMs for what they take (2-D float32 / float64 input, a 1-D
+// bias or none); anything else as at::linear does it (leading dimensions, a 0-d bias, other dtypes).
 at::Tensor linear_no_grad_cpu(const at::Tensor& input, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias) {
-  return linear_cpu(input, weight, bias, false, "_linear_no_grad");
+  const bool plain = input.dim() == 2 && (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble) &&
+                     (!bias.has_value() || !bias->defined() || bias->dim() == 1);
+  return plain ? linear_cpu(input, weight, bias, false, "_linear_no_grad") : at::linear(input, weight, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward_cpu(const at::Tensor& grad_output,

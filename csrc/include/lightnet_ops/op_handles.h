@@ -34,7 +34,8 @@ inline const c10::TypedOperatorHandle<LinearReLUSignature>& linear_relu_op() {
   return op;
 }
 
-// _linear_no_grad(input, weight, bias) -> output: a plain linear for calls that record no gradient.
+// _linear_no_grad(input, weight, bias) -> output: F.linear, through the project's CPU GEMMs where no
+// gradient or tangent is recorded.
 inline const c10::TypedOperatorHandle<LinearReLUSignature>& linear_no_grad_op() {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("lightnet_ops::_linear_no_grad", "").typed<LinearReLUSignature>();
@@ -46,6 +47,15 @@ inline const c10::TypedOperatorHandle<LinearReLUSignature>& linear_no_grad_op() 
 inline bool needs_grad(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   return at::GradMode::is_enabled() &&
          (input.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->requires_grad()));
+}
+
+// A forward-mode tangent at the default level (torch.autograd.forward_ad.dual_level).
+inline bool has_tangent(const at::Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }
+
+// Whether a call must record autograd: backward may follow, or some input carries a tangent.
+inline bool records_autograd(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return needs_grad(input, weight, bias) || has_tangent(input) || has_tangent(weight) ||
+         (bias.has_value() && bias->defined() && has_tangent(*bias));
 }
 
 }  // namespace lightnet_ops
