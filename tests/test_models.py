@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import lightnet_ops as lo
-from conftest import autograd_node_names, ran_fused_backwards
+from conftest import autograd_node_names, env_vars as env, ran_fused_backwards, results_per_thread_count
 from seed_model import SeedLightNet  # the seed tutorial's class, verbatim
 
 
@@ -329,3 +329,139 @@ def test_one_call_forward_takes_plain_parameters_only():
     stock = lo.StockLightNet()
     stock.load_state_dict(net.state_dict())
     torch.testing.assert_close(net(x), stock(x), rtol=1e-5, atol=1e-6)
+
+
+# ---- inference in one parallel region (csrc/convnet.cpp) ---------------------------------------
+
+def _last_run() -> str:
+    return torch.ops.lightnet_ops._cpu_convnet_last_run()
+
+
+def _per_op(net: lo.LightNet, x: torch.Tensor) -> torch.Tensor:
+    """LightNet's inference forward as convnet_forward's per-op path calls the ops."""
+    ops = torch.ops.lightnet_ops
+
+    def conv(m, x):
+        return ops.conv2d_relu_maxpool2d(x, m.weight, m.bias, [1, 1], [0, 0], [1, 1], [2, 2], [2, 2], False,
+                                         [0, 0], False)[0]
+
+    h = conv(net.conv2, conv(net.conv1, x)).flatten(1)
+    h = ops.linear_relu(ops.linear_relu(h, net.fc1.weight, net.fc1.bias), net.fc2.weight, net.fc2.bias)
+    return ops._linear_no_grad(h, net.fc3.weight, net.fc3.bias)
+
+
+def _assert_bitwise(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_extension
+@pytest.mark.parametrize("batch", [1, 2, 3, 8, 33, 70])
+def test_one_region_inference_is_the_per_op_forward_bitwise(batch):
+    # Each thread runs every layer on its own slice of the samples, with the kernels (and kernel
+    # choices, made for the whole batch) of the ops: the result is theirs bit for bit, whatever the
+    # thread count, the slices (33 and 70 cross the 32-sample steps) or the non-finite samples that
+    # the Winograd conv hands to its direct kernel.
+    net = _seeded(lo.LightNet, 11, backend="cpu").eval()
+    x = torch.randn(batch, 1, 32, 32)
+    x[0, 0, 3, 4] = float("nan")
+    x[-1, 0, 10, 10] = float("inf")
+    with torch.no_grad():
+        expected = _per_op(net, x)
+        outs = results_per_thread_count(lambda: (net(x), _last_run()))
+    for out, run in outs:
+        assert run == "one-region"
+        _assert_bitwise(out, expected)
+    with torch.inference_mode():
+        _assert_bitwise(net(x), expected)
+        assert _last_run() == "one-region"
+    with torch.no_grad(), env(LIGHTNET_OPS_CPU_CONVNET="per-op"):
+        _assert_bitwise(net(x), expected)
+        assert _last_run() == "per-op"
+
+
+@needs_extension
+def test_one_region_inference_in_float64_with_the_project_gemms():
+    # float64 linears run BLAS by the rule (per-op path); forced onto the project's GEMMs they can
+    # run in the region too, with the same result as the ops.
+    net = _seeded(lo.LightNet, 12, backend="cpu").double().eval()
+    x = torch.randn(5, 1, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        net(x)
+        assert _last_run() == "per-op"
+        with env(LIGHTNET_OPS_CPU_GEMM="native"):
+            expected = _per_op(net, x)
+            _assert_bitwise(net(x), expected)
+            assert _last_run() == "one-region"
+        torch.testing.assert_close(expected, _seeded(lo.StockLightNet, 12).double()(x), rtol=1e-12, atol=1e-13)
+
+
+@needs_extension
+def test_one_region_inference_only_where_nothing_observes_the_ops():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import torch.autograd.forward_ad as fwAD
+
+    net = _seeded(lo.LightNet, 13, backend="cpu").eval()
+    x = torch.randn(4, 1, 32, 32)
+    args = net._one_call_args(x)
+    op = torch.ops.lightnet_ops.convnet_forward
+    with torch.no_grad():
+        expected = _per_op(net, x)
+    y = op(x, *args)  # grad mode, parameters requiring grad: the ops record autograd
+    assert _last_run() == "per-op" and y.grad_fn is not None
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        _assert_bitwise(op(x, *args), expected)
+    assert _last_run() == "per-op"
+    assert any("conv2d_relu_maxpool2d" in e.name for e in prof.events())
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Recorder() as rec:
+        _assert_bitwise(op(x, *args), expected)
+    assert _last_run() == "per-op" and any("linear_relu" in o for o in rec.ops), rec.ops
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        op(x, *args)
+    assert _last_run() == "per-op"
+    with torch.no_grad(), fwAD.dual_level():
+        fwAD.unpack_dual(op(fwAD.make_dual(x, torch.randn_like(x)), *args))
+    assert _last_run() == "per-op"
+    conv_w, conv_b, params, lin_w, lin_b = args
+    ceil_mode = list(params)
+    ceil_mode[12] = 1  # conv1's ceil_mode (same shape on 30x30): the composite pool
+    with torch.no_grad():
+        op(x, conv_w, conv_b, ceil_mode, lin_w, lin_b)
+        assert _last_run() == "per-op"
+        with env(LIGHTNET_OPS_CPU_CONV_PATH="aten"):  # a conv the ATen path runs: not per sample
+            op(x, *args)
+            assert _last_run() == "per-op"
+        with env(LIGHTNET_OPS_CPU_GEMM="blas"):  # a linear by BLAS
+            op(x, *args)
+            assert _last_run() == "per-op"
+        op(x.transpose(2, 3), *args)  # a non-contiguous input
+        assert _last_run() == "per-op"
+        op(x, *args)
+        assert _last_run() == "one-region"
+
+
+@needs_extension
+@pytest.mark.parametrize("bad", ["features", "channels", "dtype"])
+def test_one_region_inference_errors_like_the_ops(bad):
+    # What the region's preparation rejects runs per op, which raises the op's own error.
+    net = lo.LightNet(backend="cpu").eval()
+    x = {"features": torch.randn(2, 1, 28, 28),  # flattens to 400 features, fc1 expects 576
+         "channels": torch.randn(2, 3, 32, 32),
+         "dtype": torch.randn(2, 1, 32, 32, dtype=torch.float64)}[bad]
+    args = net._one_call_args(torch.randn(2, 1, 32, 32))
+    op = torch.ops.lightnet_ops.convnet_forward
+    errors = []
+    for mode in ("per-op", "one-region"):
+        with torch.no_grad(), env(LIGHTNET_OPS_CPU_CONVNET=mode), pytest.raises((ValueError, TypeError)) as info:
+            op(x, *args)
+        errors.append((type(info.value), str(info.value).split("\n")[0]))
+    assert errors[0] == errors[1], errors

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -49,48 +50,72 @@ std::pair<FwdFn<T>, FwdFn<T>> forward_kernels(Isa isa, int64_t KB) {
   return {&isa_default::direct_forward_range<T, 4>, &isa_default::direct_winograd_forward_range<T, 4>};
 }
 
+// A prepared call's state: the packed weights and the kernel; DirectForward::run reads it from any
+// thread while the samples run.
 template <typename T>
-ConvForwardRun direct_forward_launch(const ConvPoolShape& s, const ConvForwardPlan& plan, const at::Tensor& input,
-                                     const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out,
-                                     at::Tensor& argmax, bool need_argmax) {
-  ConvForwardRun run{plan, plan.path, 0};
-  const std::shared_ptr<const Direct> geometry = cached_direct(s, plan.channel_block);
-  const Direct& d = *geometry;
-  std::vector<T> wpk(d.Kpad * d.CRS), bpk(d.Kpad);
-  pack_weight<T>(d, weight.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr, wpk.data(),
-                 bpk.data());
+struct DirectForwardState {
+  std::shared_ptr<const Direct> geometry;
+  std::vector<T> wpk, bpk, wino_u;
   std::atomic<int64_t> fallback_samples{0};
-  DirectFwdArgs<T> a{&d, input.const_data_ptr<T>(), wpk.data(), bpk.data(), out.mutable_data_ptr<T>(),
-                     need_argmax ? argmax.mutable_data_ptr<uint8_t>() : nullptr};
+  DirectFwdArgs<T> args{};
+  FwdFn<T> fn = nullptr;
+};
+
+template <typename T>
+std::shared_ptr<DirectForwardState<T>> prepare(const ConvPoolShape& s, const ConvForwardPlan& plan,
+                                               const at::Tensor& input, const at::Tensor& weight,
+                                               const at::Tensor& bias, at::Tensor& out, at::Tensor& argmax,
+                                               bool need_argmax, ConvForwardRun& run) {
+  auto st = std::make_shared<DirectForwardState<T>>();
+  st->geometry = cached_direct(s, plan.channel_block);
+  const Direct& d = *st->geometry;
+  st->wpk.resize(d.Kpad * d.CRS);
+  st->bpk.resize(d.Kpad);
+  pack_weight<T>(d, weight.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr, st->wpk.data(),
+                 st->bpk.data());
+  st->args = DirectFwdArgs<T>{&d, input.const_data_ptr<T>(), st->wpk.data(), st->bpk.data(), out.mutable_data_ptr<T>(),
+                              need_argmax ? argmax.mutable_data_ptr<uint8_t>() : nullptr};
   const auto [direct_fn, winograd_fn] = forward_kernels<T>(plan.isa, d.KB);
-  FwdFn<T> fn = direct_fn;
+  st->fn = direct_fn;
   // The weights are finite (the plan checked); their transform can still overflow: then the whole
   // call takes the direct kernel.
-  const std::vector<T> wino_u =
-      plan.path == ConvForward::kDirectWinograd ? direct_winograd_weights<T>(s, weight) : std::vector<T>();
-  if (!wino_u.empty()) {
-    a.wino_u = wino_u.data();
-    a.bias = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
-    a.fallback_samples = &fallback_samples;
-    fn = winograd_fn;
+  if (plan.path == ConvForward::kDirectWinograd) st->wino_u = direct_winograd_weights<T>(s, weight);
+  if (!st->wino_u.empty()) {
+    st->args.wino_u = st->wino_u.data();
+    st->args.bias = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+    st->args.fallback_samples = &st->fallback_samples;
+    st->fn = winograd_fn;
   } else {
     run.ran = ConvForward::kDirect;
   }
-  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
-  run.fallback_samples = fallback_samples.load();
-  return run;
+  return st;
 }
 
 }  // namespace
 
+DirectForward::DirectForward(const ConvPoolShape& s, const ConvForwardPlan& plan, const at::Tensor& input,
+                             const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out, at::Tensor& argmax,
+                             bool need_argmax)
+    : run_{plan, plan.path, 0} {
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_maxpool2d_cpu_direct", [&] {
+    auto st = prepare<scalar_t>(s, plan, input, weight, bias, out, argmax, need_argmax, run_);
+    samples_ = [st](int64_t begin, int64_t end) { st->fn(st->args, begin, end); };
+    fallback_samples_ = [st] { return st->fallback_samples.load(); };
+  });
+}
+
+ConvForwardRun DirectForward::result() const {
+  ConvForwardRun run = run_;
+  run.fallback_samples = fallback_samples_();
+  return run;
+}
+
 ConvForwardRun run_direct_forward(const ConvPoolShape& s, const ConvForwardPlan& plan, const at::Tensor& input,
                                   const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out, at::Tensor& argmax,
                                   bool need_argmax) {
-  ConvForwardRun run;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_maxpool2d_cpu_direct", [&] {
-    run = direct_forward_launch<scalar_t>(s, plan, input, weight, bias, out, argmax, need_argmax);
-  });
-  return run;
+  const DirectForward forward(s, plan, input, weight, bias, out, argmax, need_argmax);
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) { forward.run(begin, end); });
+  return forward.result();
 }
 
 }  // namespace cpu

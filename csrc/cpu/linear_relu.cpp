@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include "lightnet_ops/linear_relu.h"
+#include "lightnet_ops/cpu_linear.h"
 #include "lightnet_ops/cpu_simd.h"
 #include "lightnet_ops/window_math.h"
 
@@ -117,6 +119,16 @@ GemmKernel<T> gemm_kernel(cpu::Isa isa, Gemm gemm) {
   return {&cpu::isa_default::gemm_column_blocks<T>, cpu::isa_default::gemm_block_columns<T>()};
 }
 
+// The problem restricted to C's rows [row0, row1).
+template <typename T>
+cpu::GemmArgs<T> rows_of(const cpu::GemmArgs<T>& g, int64_t row0, int64_t row1) {
+  cpu::GemmArgs<T> part = g;
+  part.M = row1 - row0;
+  part.a = g.a + row0 * g.a_row;
+  part.c = g.c + row0 * g.ldc;
+  return part;
+}
+
 // Rows per chunk when native_gemm splits the rows too: a chunk repacks its blocks' W^T panels, a
 // small cost next to this many rows of products.
 constexpr int64_t kMinChunkRows = 32;
@@ -144,11 +156,8 @@ void native_gemm(const cpu::GemmArgs<T>& g, cpu::Isa isa, bool parallel, Gemm ge
   at::parallel_for(0, chunks * blocks, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1;) {
       const int64_t chunk = t / blocks, b0 = t % blocks, b1 = std::min(blocks, b0 + (t1 - t));
-      cpu::GemmArgs<T> part = g;
       const int64_t row0 = chunk * chunk_rows;
-      part.M = std::min(g.M, row0 + chunk_rows) - row0;
-      part.a = g.a + row0 * g.a_row;
-      part.c = g.c + row0 * g.ldc;
+      const cpu::GemmArgs<T> part = rows_of(g, row0, std::min(g.M, row0 + chunk_rows));
       if (part.M > 0) kernel.run(part, b0, b1);
       t += b1 - b0;
     }
@@ -319,6 +328,38 @@ at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight, const c
   });
   return out;
 }
+
+}  // namespace
+
+std::function<void(int64_t, int64_t)> prepare_linear_rows(const at::Tensor& input, const at::Tensor& weight,
+                                                          const std::optional<at::Tensor>& bias, bool relu,
+                                                          at::Tensor& out) {
+  const char* op = relu ? "linear_relu" : "_linear_no_grad";
+  check_linear_relu(op, input, weight, bias);
+  check_cpu_dtype(input, op);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
+  if (!input.is_contiguous() || !weight.is_contiguous() || (has_bias && !bias->is_contiguous()) ||
+      !out.is_contiguous() || out.sizes() != at::IntArrayRef{M, N} || out.scalar_type() != input.scalar_type()) {
+    return {};
+  }
+  const cpu::Isa isa = cpu::cpu_isa();
+  const Gemm gemm = forward_gemm(input, isa, M, N, K);
+  if (gemm == Gemm::kBlas) return {};
+  last_forward = LinearRun{gemm, isa, false};
+  std::function<void(int64_t, int64_t)> rows;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_relu_cpu_rows", [&] {
+    const cpu::GemmArgs<scalar_t> g{input.const_data_ptr<scalar_t>(), K, 1, weight.const_data_ptr<scalar_t>(), K, true,
+                                    out.mutable_data_ptr<scalar_t>(), N, M, N, K,
+                                    has_bias ? bias->const_data_ptr<scalar_t>() : nullptr, relu};
+    const GemmKernel<scalar_t> kernel = gemm_kernel<scalar_t>(isa, gemm);
+    const int64_t blocks = (N + kernel.block_columns - 1) / kernel.block_columns;
+    rows = [g, kernel, blocks](int64_t begin, int64_t end) { kernel.run(rows_of(g, begin, end), 0, blocks); };
+  });
+  return rows;
+}
+
+namespace {
 
 at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   return linear_cpu(input, weight, bias, true, "linear_relu");

@@ -11,6 +11,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <tuple>
 #include <vector>
 
@@ -32,6 +33,26 @@ using ConvGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 ConvForwardRun run_direct_forward(const ConvPoolShape& s, const ConvForwardPlan& plan, const at::Tensor& input,
                               const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out, at::Tensor& argmax,
                               bool need_argmax);
+
+// The direct path's forward prepared for one call (weights packed, Winograd weights transformed,
+// kernel chosen), for a caller that splits the samples itself: run(begin, end) computes samples
+// [begin, end) on the calling thread, from any thread, in any order. run_direct_forward is this and
+// a parallel_for over the samples; convnet_forward's inference (csrc/convnet.cpp) runs several
+// layers' forwards sample by sample in one parallel region. input / weight / bias (contiguous),
+// out and argmax must outlive it.
+class DirectForward {
+ public:
+  DirectForward(const ConvPoolShape& s, const ConvForwardPlan& plan, const at::Tensor& input, const at::Tensor& weight,
+                const at::Tensor& bias, at::Tensor& out, at::Tensor& argmax, bool need_argmax);
+  void run(int64_t begin, int64_t end) const { samples_(begin, end); }
+  // What ran, once every sample has.
+  ConvForwardRun result() const;
+
+ private:
+  ConvForwardRun run_;
+  std::function<void(int64_t, int64_t)> samples_;
+  std::function<int64_t()> fallback_samples_;
+};
 
 // conv_winograd_forward.cpp. ATen path, Winograd F(2x2, 3x3): each 2x2 / stride-2 pool window is
 // one output tile; 16 GEMMs per block of tiles, the pool fused into the output transform. Returns
