@@ -240,6 +240,180 @@ PyObject* conv2d_relu_maxpool2d_entry(PyObject* /*module*/, PyObject* const* arg
   END_HANDLE_TH_ERRORS
 }
 
+// ---- LightNet's forward ------------------------------------------------------------------------
+// _C.lightnet_forward(net, x): LightNet.forward's one call of convnet_forward, with the checks of
+// LightNet._one_call_args made here on the modules' own dicts instead of in Python, where they
+// cost about 5 us per forward (a fifth of the batch-1 forward). None wherever one does not pass,
+// or where a value is not in the form __init__ leaves it (then forward runs _one_call_args, which
+// decides for itself). The classes come once from models.py (_C.set_lightnet_classes).
+// TorchDynamo cannot trace the call: forward does not try it while compiling.
+
+struct LightNetClasses {
+  PyObject* conv = nullptr;         // Conv2dReLUMaxPool2d
+  PyObject* linear_relu = nullptr;  // LinearReLU
+  PyObject* linear = nullptr;       // nn.Linear
+  PyObject* module_state = nullptr;  // the torch.nn.modules.module module (the global hooks)
+} lightnet_classes;
+
+// The attribute names the checks read, interned once.
+enum Name {
+  kModules, kParameters, kForwardPreHooks, kForwardHooks, kBackwardPreHooks, kBackwardHooks, kBackend, kWeight,
+  kBias, kStride, kPadding, kDilation, kPoolKernelSize, kPoolStride, kPoolPadding, kCeilMode, kConv1, kConv2,
+  kFc1, kFc2, kFc3, kGlobalForwardPreHooks, kGlobalForwardHooks, kGlobalBackwardPreHooks, kGlobalBackwardHooks,
+  kNameCount
+};
+
+PyObject* name(Name n) {
+  static const std::array<PyObject*, kNameCount> names = [] {
+    const char* text[kNameCount] = {"_modules", "_parameters", "_forward_pre_hooks", "_forward_hooks",
+                                    "_backward_pre_hooks", "_backward_hooks", "backend", "weight", "bias", "stride",
+                                    "padding", "dilation", "pool_kernel_size", "pool_stride", "pool_padding",
+                                    "ceil_mode", "conv1", "conv2", "fc1", "fc2", "fc3", "_global_forward_pre_hooks",
+                                    "_global_forward_hooks", "_global_backward_pre_hooks",
+                                    "_global_backward_hooks"};
+    std::array<PyObject*, kNameCount> out{};
+    for (int i = 0; i < kNameCount; ++i) out[i] = PyUnicode_InternFromString(text[i]);
+    return out;
+  }();
+  return names[n];
+}
+
+// A module's instance dict, held while this lives; entries are borrowed from it.
+class InstanceDict {
+ public:
+  explicit InstanceDict(PyObject* obj) : dict_(PyObject_GenericGetDict(obj, nullptr)) {
+    if (dict_ == nullptr) PyErr_Clear();
+  }
+  ~InstanceDict() { Py_XDECREF(dict_); }
+  InstanceDict(const InstanceDict&) = delete;
+  InstanceDict& operator=(const InstanceDict&) = delete;
+  // The entry (borrowed), or nullptr.
+  PyObject* operator[](Name n) const { return dict_ != nullptr ? PyDict_GetItem(dict_, name(n)) : nullptr; }
+
+ private:
+  PyObject* dict_;
+};
+
+bool empty_dict(PyObject* obj) { return obj != nullptr && PyDict_Check(obj) && PyDict_GET_SIZE(obj) == 0; }
+
+// A LightNet layer as __init__ made it: exactly `cls`, no hooks; weight and bias plain CPU tensors
+// (bias None allowed), appended to the lists.
+bool plain_layer(const InstanceDict& d, std::vector<at::Tensor>& weights,
+                 c10::List<std::optional<at::Tensor>>& biases) {
+  if (!empty_dict(d[kForwardPreHooks]) || !empty_dict(d[kForwardHooks]) || !empty_dict(d[kBackwardPreHooks]) ||
+      !empty_dict(d[kBackwardHooks])) {
+    return false;
+  }
+  PyObject* params = d[kParameters];
+  if (params == nullptr || !PyDict_Check(params)) return false;
+  PyObject* weight = PyDict_GetItem(params, name(kWeight));
+  PyObject* bias = PyDict_GetItem(params, name(kBias));
+  const at::Tensor* w = weight != nullptr ? plain_cpu_tensor(weight) : nullptr;
+  if (w == nullptr || bias == nullptr) return false;
+  weights.push_back(*w);
+  if (bias == Py_None) {
+    biases.push_back(std::nullopt);
+    return true;
+  }
+  const at::Tensor* b = plain_cpu_tensor(bias);
+  if (b == nullptr) return false;
+  biases.push_back(*b);
+  return true;
+}
+
+// A fused layer's backend, "auto" or "cpu" with a float32 / float64 input: what
+// backend_registry.resolve takes to the cpu backend's kernels (other dtypes: Python resolves them,
+// to the reference backend or to its error).
+bool fused_backend(const InstanceDict& d, const at::Tensor& x) {
+  PyObject* backend = d[kBackend];
+  return backend != nullptr && cpu_backend_requested(backend) && float_or_double(x);
+}
+
+// A conv layer's 13 convnet_forward parameters (stride, padding, dilation, pool_kernel_size,
+// pool_stride, pool_padding as tuples of two ints, ceil_mode a bool), appended to `params`.
+bool conv_stage_params(const InstanceDict& d, std::vector<int64_t>& params) {
+  for (Name n : {kStride, kPadding, kDilation, kPoolKernelSize, kPoolStride, kPoolPadding}) {
+    PyObject* pair = d[n];
+    std::array<int64_t, 2> v;
+    if (pair == nullptr || !PyTuple_CheckExact(pair) || !int_pair(pair, v)) return false;
+    params.insert(params.end(), v.begin(), v.end());
+  }
+  PyObject* ceil_mode = d[kCeilMode];
+  if (ceil_mode != Py_True && ceil_mode != Py_False) return false;
+  params.push_back(ceil_mode == Py_True ? 1 : 0);
+  return true;
+}
+
+// No global module hook (torch.nn.modules.module's four registries).
+bool no_global_hooks() {
+  for (Name n : {kGlobalForwardPreHooks, kGlobalForwardHooks, kGlobalBackwardPreHooks, kGlobalBackwardHooks}) {
+    PyObject* hooks = PyObject_GetAttr(lightnet_classes.module_state, name(n));
+    if (hooks == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    const bool empty = empty_dict(hooks);
+    Py_DECREF(hooks);
+    if (!empty) return false;
+  }
+  return true;
+}
+
+PyObject* lightnet_forward_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 2, "_C.lightnet_forward: expected 2 arguments (net, x), got ", nargs);
+  PyObject* x_obj = args[1];
+  if (lightnet_classes.conv == nullptr || Py_TYPE(x_obj) != reinterpret_cast<PyTypeObject*>(THPVariableClass)) {
+    return not_taken();
+  }
+  const at::Tensor& x = THPVariable_Unpack(x_obj);
+  // Autocast on any device (an autocast key dropped from the thread's excluded set), as
+  // _one_call_args' torch._C._is_any_autocast_enabled().
+  const c10::DispatchKeySet excluded = c10::impl::tls_local_dispatch_key_set().excluded_;
+  if (!x.is_cpu() || x.dim() != 4 || python_level_dispatch() ||
+      (excluded & c10::default_excluded_set) != c10::default_excluded_set || !no_global_hooks()) {
+    return not_taken();
+  }
+  const InstanceDict net(args[0]);
+  PyObject* modules = net[kModules];
+  if (modules == nullptr || !PyDict_Check(modules)) return not_taken();
+  std::vector<at::Tensor> conv_weights, linear_weights;
+  c10::List<std::optional<at::Tensor>> conv_biases, linear_biases;
+  std::vector<int64_t> conv_params;
+  const std::array<std::pair<Name, PyObject*>, 5> layers = {
+      {{kConv1, lightnet_classes.conv}, {kConv2, lightnet_classes.conv}, {kFc1, lightnet_classes.linear_relu},
+       {kFc2, lightnet_classes.linear_relu}, {kFc3, lightnet_classes.linear}}};
+  for (const auto& [layer, cls] : layers) {
+    PyObject* m = PyDict_GetItem(modules, name(layer));
+    if (m == nullptr || reinterpret_cast<PyObject*>(Py_TYPE(m)) != cls) return not_taken();
+    const InstanceDict d(m);
+    const bool conv = cls == lightnet_classes.conv;
+    if (cls != lightnet_classes.linear && !fused_backend(d, x)) return not_taken();
+    if (conv ? !plain_layer(d, conv_weights, conv_biases) || !conv_stage_params(d, conv_params)
+             : !plain_layer(d, linear_weights, linear_biases)) {
+      return not_taken();
+    }
+  }
+  at::Tensor out;
+  {
+    GilRelease no_gil;
+    out = lightnet_ops::convnet_forward(x, conv_weights, conv_biases, conv_params, linear_weights, linear_biases);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+// _C.set_lightnet_classes(Conv2dReLUMaxPool2d, LinearReLU, nn.Linear, torch.nn.modules.module): the
+// classes and module lightnet_forward checks against (strong references, kept for the process).
+PyObject* set_lightnet_classes(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 4, "_C.set_lightnet_classes: expected 4 arguments, got ", nargs);
+  for (Py_ssize_t i = 0; i < 4; ++i) Py_INCREF(args[i]);
+  lightnet_classes = {args[0], args[1], args[2], args[3]};
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef module_methods[] = {
     {"convnet_forward", convnet_forward_entry, METH_VARARGS,
      "convnet_forward(input, conv_weights, conv_biases, conv_params, linear_weights, linear_biases): "
@@ -252,6 +426,12 @@ PyMethodDef module_methods[] = {
      "conv2d_relu_maxpool2d(input, weight, bias, stride, padding, dilation, pool_kernel_size, pool_stride, "
      "pool_padding, ceil_mode, backend): the output without torch.ops' boxed call, or None where the call is "
      "not the plain case."},
+    {"lightnet_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lightnet_forward_entry)),
+     METH_FASTCALL,
+     "lightnet_forward(net, x): LightNet's forward in one convnet_forward call with _one_call_args' checks made "
+     "in C++, or None where one does not pass."},
+    {"set_lightnet_classes", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(set_lightnet_classes)),
+     METH_FASTCALL, "set_lightnet_classes(conv, linear_relu, linear, module_state): for lightnet_forward."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -60,6 +60,12 @@ class LightNet(nn.Module):
         self.fc3 = nn.Linear(84, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _LIGHTNET_FORWARD is not None and not torch.compiler.is_compiling():
+            # _one_call_args' checks and the one call, in C++ (csrc/ops.cpp): they cost about a
+            # fifth of the batch-1 forward in Python. None: a check did not pass there.
+            out = _LIGHTNET_FORWARD(self, x)
+            if out is not None:
+                return out
         args = self._one_call_args(x)
         if args is not None:
             # The same ops in the same order, called from C++ (csrc/convnet.cpp): a small batch spends
@@ -131,3 +137,15 @@ def _stage_params(conv: Conv2dReLUMaxPool2d) -> list[int]:
 
 _LIGHTNET_LAYERS = (("conv1", Conv2dReLUMaxPool2d), ("conv2", Conv2dReLUMaxPool2d), ("fc1", LinearReLU),
                     ("fc2", LinearReLU), ("fc3", nn.Linear))
+
+
+def _lightnet_forward_entry():
+    """The extension module's lightnet_forward (csrc/ops.cpp), given the classes it checks against;
+    None without the extension."""
+    entry = _ops.direct_entry("lightnet_forward")
+    if entry is not None:
+        _ops.direct_entry("set_lightnet_classes")(Conv2dReLUMaxPool2d, LinearReLU, nn.Linear, _module_state)
+    return entry
+
+
+_LIGHTNET_FORWARD = _lightnet_forward_entry()

@@ -3,6 +3,8 @@ dicts both ways (also with the seed tutorial's own class), forward/backward pari
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -465,3 +467,91 @@ def test_one_region_inference_errors_like_the_ops(bad):
             op(x, *args)
         errors.append((type(info.value), str(info.value).split("\n")[0]))
     assert errors[0] == errors[1], errors
+
+
+# ---- _C.lightnet_forward: _one_call_args' checks in C++ (csrc/ops.cpp) --------------------------
+
+def _agree(net, x) -> bool:
+    """Asserts that the C++ entry takes the one call exactly where _one_call_args does, with the
+    same result; returns whether it took it."""
+    from lightnet_ops import _C
+
+    out = _C.lightnet_forward(net, x)
+    args = net._one_call_args(x)
+    assert (out is None) == (args is None), (out is None, args is None)
+    if out is not None:
+        _assert_bitwise(out, torch.ops.lightnet_ops.convnet_forward(x, *args))
+    return out is not None
+
+
+@needs_extension
+def test_lightnet_forward_entry_decides_like_one_call_args():
+    from torch.overrides import TorchFunctionMode
+
+    from lightnet_ops import _C
+    from lightnet_ops.backend_registry import BackendUnavailableError, ReferenceFallbackWarning
+
+    net = _seeded(lo.LightNet, 14, backend="cpu")
+    x = torch.randn(3, 1, 32, 32)
+    assert _agree(net, x)
+    assert _agree(_seeded(lo.LightNet, 14).double(), x.double())
+    # Other dtypes are left to Python: "auto" resolves them to the reference backend (no one call),
+    # "cpu" to its error
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReferenceFallbackWarning)  # the fallback's notice
+        assert not _agree(lo.LightNet().half(), x.half())
+    half = lo.LightNet(backend="cpu").half()
+    assert _C.lightnet_forward(half, x.half()) is None
+    with pytest.raises(BackendUnavailableError, match="supports float32 and float64"):
+        half(x.half())
+    with torch.no_grad():
+        assert _agree(net, x)
+    assert not _agree(net, x[0]) and not _agree(net, x.to("meta"))
+    assert not _agree(net, nn.Parameter(x))  # not exactly a Tensor
+    assert not _agree(lo.LightNet(backend="reference"), x)
+    class PassThrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    for ctx in (torch.autocast("cpu", dtype=torch.bfloat16), PassThrough()):
+        with ctx:
+            assert not _agree(net, x)
+    seen = []
+    torch.func.vmap(lambda s: seen.append(_agree(net, s.unsqueeze(0))) or s)(x)
+    assert seen == [False]
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda m, args: None)
+    try:
+        assert not _agree(net, x)
+    finally:
+        handle.remove()
+    for name in ("conv1", "conv2", "fc1", "fc2", "fc3"):
+        hooked = _seeded(lo.LightNet, 14, backend="cpu")
+        getattr(hooked, name).register_forward_hook(lambda m, args, out: None)
+        assert not _agree(hooked, x), name
+        replaced = _seeded(lo.LightNet, 14, backend="cpu")
+        setattr(replaced, name, nn.Identity())
+        assert not _agree(replaced, x), name
+    no_bias = _seeded(lo.LightNet, 14, backend="cpu")
+    no_bias.fc1.bias = None
+    no_bias.conv2.register_parameter("bias", None)
+    assert _agree(no_bias, x)
+    on_meta = _seeded(lo.LightNet, 14, backend="cpu")
+    on_meta.fc2.to("meta")
+    assert not _agree(on_meta, x)
+    odd_ceil = _seeded(lo.LightNet, 14, backend="cpu")
+    odd_ceil.conv1.ceil_mode = 0  # not a bool: the modules' path normalises it
+    assert not _agree(odd_ceil, x)
+
+
+@needs_extension
+def test_lightnet_forward_entry_leaves_unusual_forms_to_python():
+    # A value not in the form __init__ leaves it (a list for a pair) is left to _one_call_args,
+    # which still takes the one call: same output as the stock model either way.
+    from lightnet_ops import _C
+
+    net = _seeded(lo.LightNet, 15, backend="cpu")
+    stock = _seeded(lo.StockLightNet, 15)
+    x = torch.randn(2, 1, 32, 32)
+    net.conv1.stride = [1, 1]
+    assert _C.lightnet_forward(net, x) is None and net._one_call_args(x) is not None
+    torch.testing.assert_close(net(x), stock(x), rtol=1e-5, atol=1e-6)
