@@ -454,3 +454,22 @@ def test_module_matches_nn_linear():
     torch.testing.assert_close(mod(x), F.relu(ref(x)))
     assert repr(mod) == "LinearReLU(in_features=20, out_features=7, bias=True)"
     assert lo.LinearReLU(3, 2, bias=False).bias is None
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("cols", [4, 8, 13, 120])
+def test_cpu_dot_gemm_rows_do_not_depend_on_the_tiling(isa, cols):
+    # The dot-product GEMM tiles 1 or 2 rows by 8 columns (AVX-512) and more rows by 4: every output
+    # is the same lane-wise dot product reduced by the same tree, so a row's result is the same bits
+    # alone, in a pair or in a batch of 7, and close to stock.
+    x = torch.randn(7, 200)
+    w = torch.randn(cols, 200)
+    b = torch.randn(cols)
+    with env_vars(LIGHTNET_OPS_CPU_GEMM="dot", LIGHTNET_OPS_CPU_ISA=isa):
+        batch = lo.linear_relu(x, w, b, backend="cpu")
+        assert parse_run(torch.ops.lightnet_ops._cpu_linear_last_run()[0])["gemm"] == "dot"
+        singles = torch.cat([lo.linear_relu(x[i:i + 1], w, b, backend="cpu") for i in range(7)])
+        pairs = torch.cat([lo.linear_relu(x[i:i + 2], w, b, backend="cpu") for i in range(0, 7, 2)])
+    assert torch.equal(batch, singles) and torch.equal(batch, pairs)
+    torch.testing.assert_close(batch, torch.relu(torch.nn.functional.linear(x, w, b)), rtol=1e-5, atol=1e-4)
