@@ -1020,3 +1020,32 @@ def test_cpu_direct_rule(case, forward_path, backward_path):
     backward_kind = "direct" if backward["path"] == "direct" else "aten"  # the ATen backward: scatter or dense
     assert (forward["path"], backward_kind) == (forward_path, backward_path), (forward, backward)
     check_cpu_parity_float64_and_float32(case, f"rule/{case.name}")
+
+
+@pytest.mark.skipif("cpu" not in lo.backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("variant", ["winograd", "direct"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_direct_forward_repacks_weights_whenever_a_value_changes(variant, dtype):
+    # The direct forward keeps each thread's recently packed weights and reuses them only while
+    # every byte of the weight and bias is unchanged: edits that bump no version counter (through
+    # .data), a new tensor with the same values, and more layers than the cache holds.
+    layers = [lo.Conv2dReLUMaxPool2d(6, 16, 3, backend="cpu").to(dtype) for _ in range(6)]
+    x = torch.randn(2, 6, 15, 15, dtype=dtype)
+    edits = [
+        lambda m: None,
+        lambda m: m.weight.data[0, 0, 0, 0].add_(1.0),
+        lambda m: m.bias.data[3].sub_(2.0),
+        lambda m: m.weight.data.mul_(-1.0),
+        lambda m: setattr(m, "weight", torch.nn.Parameter(m.weight.detach().clone())),
+        lambda m: m.register_parameter("bias", None),
+        lambda m: m.weight.data[15, 5, 2, 2].add_(0.5),
+    ]
+    with torch.no_grad(), env_vars(LIGHTNET_OPS_CPU_DIRECT_FORWARD=variant):
+        for edit in edits:
+            for m in layers:
+                edit(m)
+                want = F.max_pool2d(F.relu(F.conv2d(x, m.weight, m.bias)), 2)
+                for _ in range(2):
+                    torch.testing.assert_close(m(x), want, **({"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {}))
+                    forward, _ = cpu_conv_last_run()
+                    assert forward["path"] == f"direct-{variant}" if variant == "winograd" else forward["path"] == "direct"
