@@ -52,6 +52,10 @@ constexpr int64_t kConvParams = 13;
 // step's rows would repay less well (LightNet at batch 256 ran slower with linear layers by step).
 constexpr int64_t kSamplesPerStep = 32;
 
+// The multiply-adds from which the CPU GEMMs split a product across threads (native_gemm's task
+// size in csrc/cpu/linear_relu.cpp).
+constexpr int64_t kMinSplitMacs = int64_t(1) << 18;
+
 // Whether the last convnet_forward on this thread ran in one region (the _cpu_convnet_last_run
 // debug op: "one-region", "per-op", or "" before any call).
 thread_local const char* last_run = "";
@@ -100,6 +104,18 @@ std::optional<at::Tensor> inference_in_one_region(const at::Tensor& input, at::T
     if (!plain_cpu(linear_weights[i], dtype) || !plain_bias(linear_biases.get(i))) return std::nullopt;
   }
   const int64_t N = input.size(0);
+  // The linear layers first (shapes only): a layer BLAS would run ends the attempt before anything
+  // is allocated or packed. With fewer samples than threads the region leaves threads idle, where
+  // an op would split a large layer by columns: such batches take the region only while every
+  // linear layer is below the per-op split (about 2^18 multiply-adds: LightNet's fc1 at batch 1
+  // is about 2^16).
+  const bool few_samples = N < at::get_num_threads();
+  for (const at::Tensor& weight : linear_weights) {
+    if (weight.dim() != 2 || !linear_rows_would_run(dtype, N, weight.size(0), weight.size(1)) ||
+        (few_samples && N * weight.size(0) * weight.size(1) >= kMinSplitMacs)) {
+      return std::nullopt;
+    }
+  }
   // Deques: the layers hold pointers into these elements, which must not move as more are added.
   std::deque<at::Tensor> keep;  // contiguous operands and the activations, alive until the region ends
   std::deque<cpu::DirectForward> convs;

@@ -272,7 +272,10 @@ PyObject* name(Name n) {
                                     "_global_forward_hooks", "_global_backward_pre_hooks",
                                     "_global_backward_hooks"};
     std::array<PyObject*, kNameCount> out{};
-    for (int i = 0; i < kNameCount; ++i) out[i] = PyUnicode_InternFromString(text[i]);
+    for (int i = 0; i < kNameCount; ++i) {
+      out[i] = PyUnicode_InternFromString(text[i]);
+      TORCH_INTERNAL_ASSERT(out[i] != nullptr, "lightnet_forward: could not intern ", text[i]);
+    }
     return out;
   }();
   return names[n];
@@ -409,7 +412,9 @@ PyObject* set_lightnet_classes(PyObject* /*module*/, PyObject* const* args, Py_s
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(nargs == 4, "_C.set_lightnet_classes: expected 4 arguments, got ", nargs);
   for (Py_ssize_t i = 0; i < 4; ++i) Py_INCREF(args[i]);
+  const LightNetClasses old = lightnet_classes;
   lightnet_classes = {args[0], args[1], args[2], args[3]};
+  for (PyObject* obj : {old.conv, old.linear_relu, old.linear, old.module_state}) Py_XDECREF(obj);
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }

@@ -353,32 +353,59 @@ def _per_op(net: lo.LightNet, x: torch.Tensor) -> torch.Tensor:
 
 
 def _assert_bitwise(a: torch.Tensor, b: torch.Tensor) -> None:
-    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    """The same bits (a signed zero or a NaN's payload included)."""
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64}[a.dtype]
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+
+
+# The region takes a stack only where every linear layer runs the project's GEMMs, which the rule
+# picks for float32 on AVX-512 CPUs (fewer shapes on Intel's); forced, they run on any CPU.
+REGION_GEMMS = ["native", "dot"]
 
 
 @needs_extension
+@pytest.mark.parametrize("gemm", [None, *REGION_GEMMS])
 @pytest.mark.parametrize("batch", [1, 2, 3, 8, 33, 70])
-def test_one_region_inference_is_the_per_op_forward_bitwise(batch):
+def test_one_region_inference_is_the_per_op_forward_bitwise(batch, gemm):
     # Each thread runs every layer on its own slice of the samples, with the kernels (and kernel
     # choices, made for the whole batch) of the ops: the result is theirs bit for bit, whatever the
     # thread count, the slices (33 and 70 cross the 32-sample steps) or the non-finite samples that
-    # the Winograd conv hands to its direct kernel.
+    # the Winograd conv hands to its direct kernel. Unforced (None), the rule decides whether the
+    # region runs on this CPU; the result is the per-op forward's either way.
     net = _seeded(lo.LightNet, 11, backend="cpu").eval()
     x = torch.randn(batch, 1, 32, 32)
     x[0, 0, 3, 4] = float("nan")
     x[-1, 0, 10, 10] = float("inf")
-    with torch.no_grad():
+    overrides = {"LIGHTNET_OPS_CPU_GEMM": gemm} if gemm else {}
+    with torch.no_grad(), env(**overrides):
         expected = _per_op(net, x)
         outs = results_per_thread_count(lambda: (net(x), _last_run()))
-    for out, run in outs:
-        assert run == "one-region"
-        _assert_bitwise(out, expected)
-    with torch.inference_mode():
-        _assert_bitwise(net(x), expected)
-        assert _last_run() == "one-region"
-    with torch.no_grad(), env(LIGHTNET_OPS_CPU_CONVNET="per-op"):
-        _assert_bitwise(net(x), expected)
-        assert _last_run() == "per-op"
+        for out, run in outs:
+            assert run == "one-region" or (gemm is None and run == "per-op"), run
+            _assert_bitwise(out, expected)
+        with torch.inference_mode():
+            _assert_bitwise(net(x), expected)
+            assert _last_run() == outs[0][1]
+        with env(LIGHTNET_OPS_CPU_CONVNET="per-op"):
+            _assert_bitwise(net(x), expected)
+            assert _last_run() == "per-op"
+
+
+@needs_extension
+def test_one_region_inference_leaves_large_layers_of_small_batches_to_the_ops():
+    # With fewer samples than threads, a linear layer an op would split across threads (from about
+    # 2^18 multiply-adds) sends the stack per op; from as many samples as threads it runs in the
+    # region.
+    net = _seeded(lo.LightNet, 16, backend="cpu", input_size=64).eval()  # fc1: 3136 -> 120
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad(), env(LIGHTNET_OPS_CPU_GEMM="dot"):
+        runs = results_per_thread_count(lambda: (net(x[:1]), _last_run(), net(x), _last_run()), (1, 2, 3))
+        for threads, (one, run_one, two, run_two) in zip((1, 2, 3), runs):
+            assert run_one == ("one-region" if threads == 1 else "per-op"), threads
+            assert run_two == ("per-op" if threads == 3 else "one-region"), threads
+            _assert_bitwise(one, _per_op(net, x[:1]))
+            _assert_bitwise(two, _per_op(net, x))
 
 
 @needs_extension
@@ -399,13 +426,18 @@ def test_one_region_inference_in_float64_with_the_project_gemms():
 
 @needs_extension
 def test_one_region_inference_only_where_nothing_observes_the_ops():
-    from torch.utils._python_dispatch import TorchDispatchMode
-    import torch.autograd.forward_ad as fwAD
-
     net = _seeded(lo.LightNet, 13, backend="cpu").eval()
     x = torch.randn(4, 1, 32, 32)
     args = net._one_call_args(x)
     op = torch.ops.lightnet_ops.convnet_forward
+    with env(LIGHTNET_OPS_CPU_GEMM="native"):
+        _only_where_nothing_observes(net, x, args, op)
+
+
+def _only_where_nothing_observes(net, x, args, op):
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import torch.autograd.forward_ad as fwAD
+
     with torch.no_grad():
         expected = _per_op(net, x)
     y = op(x, *args)  # grad mode, parameters requiring grad: the ops record autograd
@@ -528,6 +560,9 @@ def test_lightnet_forward_entry_decides_like_one_call_args():
         hooked = _seeded(lo.LightNet, 14, backend="cpu")
         getattr(hooked, name).register_forward_hook(lambda m, args, out: None)
         assert not _agree(hooked, x), name
+        backward_hooked = _seeded(lo.LightNet, 14, backend="cpu")
+        getattr(backward_hooked, name).register_full_backward_hook(lambda m, gi, go: None)
+        assert not _agree(backward_hooked, x), name
         replaced = _seeded(lo.LightNet, 14, backend="cpu")
         setattr(replaced, name, nn.Identity())
         assert not _agree(replaced, x), name

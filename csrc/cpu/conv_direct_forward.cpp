@@ -59,9 +59,10 @@ struct PackedWeights {
   std::vector<T> wpk, bpk, wino_u;
 };
 
-// Weights of at most this many elements are kept in packed_weights' cache (an entry holds their
-// copy and packed forms, about four times the weights: a few MiB per thread at most).
-constexpr int64_t kMaxCachedWeights = int64_t(1) << 16;
+// Weights of at most this many elements are kept in packed_weights' cache (LightNet's conv2 has
+// 864). An entry holds their copy and packed forms, about four times the weights: at most about
+// 0.5 MiB per entry (float64), 2 MiB per thread and dtype.
+constexpr int64_t kMaxCachedWeights = int64_t(1) << 14;
 
 // The packed weights of a call, from a small per-thread cache: packing and the Winograd transform
 // cost about a microsecond per layer, as much as a batch-1 kernel of a small layer, and inference

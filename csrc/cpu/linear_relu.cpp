@@ -211,13 +211,11 @@ bool blas_tuned_for_this_cpu() {
   return cpu::cpu_is_intel();
 }
 
-bool project_gemm_runs(const at::Tensor& input, cpu::Isa isa) {
-  return input.scalar_type() == at::kFloat && isa == cpu::Isa::kAvx512;
-}
+bool project_gemm_runs(at::ScalarType dtype, cpu::Isa isa) { return dtype == at::kFloat && isa == cpu::Isa::kAvx512; }
 
-Gemm forward_gemm(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, int64_t K) {
+Gemm forward_gemm(at::ScalarType dtype, cpu::Isa isa, int64_t M, int64_t N, int64_t K) {
   if (const auto forced = forced_gemm(true)) return *forced;
-  if (!project_gemm_runs(input, isa)) return Gemm::kBlas;
+  if (!project_gemm_runs(dtype, isa)) return Gemm::kBlas;
   const int64_t macs = M * N * K;
   const bool not_wide = N <= kMaxColumnsPerDepth * K;
   if (blas_tuned_for_this_cpu()) {
@@ -231,7 +229,7 @@ Gemm forward_gemm(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, i
 
 bool use_native_gemm_backward(const at::Tensor& input, cpu::Isa isa, int64_t M, int64_t N, int64_t K) {
   if (const auto forced = forced_gemm(false)) return *forced == Gemm::kNative;
-  if (!project_gemm_runs(input, isa) || M < 4) return false;
+  if (!project_gemm_runs(input.scalar_type(), isa) || M < 4) return false;
   const int64_t macs = M * N * K;
   const bool not_wide = N <= kMaxColumnsPerDepth * K;
   if (blas_tuned_for_this_cpu()) return macs <= (int64_t(1) << 21) && not_wide;
@@ -306,7 +304,7 @@ at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight, const c
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
   const cpu::Isa isa = cpu::cpu_isa();
-  const Gemm gemm = forward_gemm(input, isa, M, N, K);
+  const Gemm gemm = forward_gemm(input.scalar_type(), isa, M, N, K);
   last_forward = LinearRun{gemm, isa, false};
   if (gemm != Gemm::kBlas) {
     // out = epilogue(X @ W^T + bias), the bias and ReLU applied in registers.
@@ -331,6 +329,10 @@ at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight, const c
 
 }  // namespace
 
+bool linear_rows_would_run(at::ScalarType dtype, int64_t M, int64_t N, int64_t K) {
+  return forward_gemm(dtype, cpu::cpu_isa(), M, N, K) != Gemm::kBlas;
+}
+
 std::function<void(int64_t, int64_t)> prepare_linear_rows(const at::Tensor& input, const at::Tensor& weight,
                                                           const std::optional<at::Tensor>& bias, bool relu,
                                                           at::Tensor& out) {
@@ -344,7 +346,7 @@ std::function<void(int64_t, int64_t)> prepare_linear_rows(const at::Tensor& inpu
     return {};
   }
   const cpu::Isa isa = cpu::cpu_isa();
-  const Gemm gemm = forward_gemm(input, isa, M, N, K);
+  const Gemm gemm = forward_gemm(input.scalar_type(), isa, M, N, K);
   if (gemm == Gemm::kBlas) return {};
   last_forward = LinearRun{gemm, isa, false};
   std::function<void(int64_t, int64_t)> rows;

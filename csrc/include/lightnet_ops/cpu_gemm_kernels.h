@@ -247,7 +247,7 @@ void gemm_dot_column_blocks(const GemmArgs<T>& g, int64_t jb0, int64_t jb1) {
     // One or two rows with 32 registers: two whole blocks per tile. A 1 x 4 tile's four
     // accumulators leave the loop bound by its five loads per step; 1 x 8 loads nine per eight
     // products. The same dot products, summed in the same order.
-    if (kVecBytes == 64 && g.M <= 2 && jb + 1 < jb1 && j0 + 2 * kDotCols <= g.N) {
+    if (kVecBytes == 64 && (g.M == 1 || g.M == 2) && jb + 1 < jb1 && j0 + 2 * kDotCols <= g.N) {
       if (g.M == 1) {
         dot_tile<T, 1, 2 * kDotCols>(g.a, g.a_row, g.b + j0 * g.ldb, g.ldb, g.K, g.c + j0, g.ldc, bias, g.relu);
       } else {

@@ -11,6 +11,10 @@
 
 namespace lightnet_ops {
 
+// Whether prepare_linear_rows would prepare rows (not BLAS) for M rows of a K -> N layer of this
+// dtype, under the current overrides: the cheap question to ask before preparing anything else.
+bool linear_rows_would_run(at::ScalarType dtype, int64_t M, int64_t N, int64_t K);
+
 // rows(begin, end) computes rows [begin, end) of out = relu?(input @ weight^T + bias) on the
 // calling thread, by the project GEMM the op itself would run for all of input's rows (so each
 // output equals the op's bitwise: a kernel computes every output whole, whatever the row split).
