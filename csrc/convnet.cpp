@@ -68,15 +68,14 @@ bool plain_cpu(const at::Tensor& t, at::ScalarType dtype) {
          t.scalar_type() == dtype && !(at::GradMode::is_enabled() && t.requires_grad()) && !has_tangent(t);
 }
 
-// Nothing that must see each layer's op: the thread's dispatch keys are the defaults (no
-// TorchDispatchMode, torch.func transform, JIT tracer, nor autocast enabled), and no RecordFunction
+// Nothing that must see each layer's op: the thread's included dispatch keys are the defaults (no
+// TorchDispatchMode, torch.func transform or JIT tracer), no autocast, and no RecordFunction
 // observer (the profiler) is registered.
 bool unobserved() {
-  const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
   // torch.inference_mode() leaves ADInplaceOrView out of the included keys.
   const c10::DispatchKeySet view(c10::DispatchKey::ADInplaceOrView);
-  return (tls.included_ - view) == (c10::default_included_set - view) &&
-         (tls.excluded_ & c10::default_excluded_set) == c10::default_excluded_set && !at::hasCallbacks();
+  return (c10::impl::tls_local_dispatch_key_set().included_ - view) == (c10::default_included_set - view) &&
+         !any_autocast_enabled() && !at::hasCallbacks();
 }
 
 // The inference forward in one parallel region, or nullopt where the per-op forward must run: any

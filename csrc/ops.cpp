@@ -370,11 +370,9 @@ PyObject* lightnet_forward_entry(PyObject* /*module*/, PyObject* const* args, Py
     return not_taken();
   }
   const at::Tensor& x = THPVariable_Unpack(x_obj);
-  // Autocast on any device (an autocast key dropped from the thread's excluded set), as
-  // _one_call_args' torch._C._is_any_autocast_enabled().
-  const c10::DispatchKeySet excluded = c10::impl::tls_local_dispatch_key_set().excluded_;
-  if (!x.is_cpu() || x.dim() != 4 || python_level_dispatch() ||
-      (excluded & c10::default_excluded_set) != c10::default_excluded_set || !no_global_hooks()) {
+  // Autocast on any device, as _one_call_args' torch._C._is_any_autocast_enabled().
+  if (!x.is_cpu() || x.dim() != 4 || python_level_dispatch() || lightnet_ops::any_autocast_enabled() ||
+      !no_global_hooks()) {
     return not_taken();
   }
   const InstanceDict net(args[0]);

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <optional>
 #include <tuple>
@@ -56,6 +57,13 @@ inline bool has_tangent(const at::Tensor& t) { return t._fw_grad(/*level=*/0).de
 inline bool records_autograd(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   return needs_grad(input, weight, bias) || has_tangent(input) || has_tangent(weight) ||
          (bias.has_value() && bias->defined() && has_tangent(*bias));
+}
+
+// Whether autocast is on for any device: an autocast key dropped from the thread's excluded keys
+// (torch._C._is_any_autocast_enabled()).
+inline bool any_autocast_enabled() {
+  const c10::DispatchKeySet excluded = c10::impl::tls_local_dispatch_key_set().excluded_;
+  return (excluded & c10::default_excluded_set) != c10::default_excluded_set;
 }
 
 }  // namespace lightnet_ops
